@@ -1,0 +1,28 @@
+"""peftkit: fine-tune pretrained Transformers with any strategy behind one interface.
+
+The public API is loaded lazily, so `import peftkit.errors` (and a CLI call that fails on
+bad input) does not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "RunConfig": "peftkit.config",
+    "RunResult": "peftkit.run",
+    "train": "peftkit.run",
+    "apply_strategy": "peftkit.strategies",
+    "register": "peftkit.strategies",
+    "Strategy": "peftkit.strategies",
+}
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'peftkit' has no attribute '{name}'")

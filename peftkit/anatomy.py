@@ -1,0 +1,87 @@
+"""Where things are in a task model: the layer stack, the layers' parts, and the task head.
+
+One generic mechanism for every architecture: the layer stack is the `nn.ModuleList` with
+`config.num_hidden_layers` entries; the head is every top-level child that is not the base
+model (`classifier` for BERT, `score` for Llama); parameters registered before the stack are
+the embeddings, those after it (final norm, pooler) sit on top of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+REGIONS = ("embeddings", "layer", "top", "head")
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Names of the parts of a task model, computed once from the module tree."""
+
+    layers_prefix: str          # e.g. "bert.encoder.layer"
+    num_layers: int
+    head_modules: tuple[str, ...]   # e.g. ("classifier",)
+    embedding_params: frozenset[str]
+    layer_linear_suffixes: tuple[str, ...]  # Linear paths inside one layer, e.g. "attention.self.query"
+
+    def layer_index(self, param_name: str) -> int | None:
+        """The index of the layer a parameter belongs to, or None outside the stack."""
+        match = re.match(re.escape(self.layers_prefix) + r"\.(\d+)\.", param_name)
+        return int(match.group(1)) if match else None
+
+    def is_head(self, param_name: str) -> bool:
+        return any(param_name == h or param_name.startswith(h + ".") for h in self.head_modules)
+
+    def region(self, param_name: str) -> str:
+        """One of REGIONS: where in the model this parameter sits."""
+        if self.is_head(param_name):
+            return "head"
+        if self.layer_index(param_name) is not None:
+            return "layer"
+        return "embeddings" if param_name in self.embedding_params else "top"
+
+
+def inspect_model(model: nn.Module) -> Anatomy:
+    """Find the layer stack, embeddings and head of a (not yet wrapped) task model."""
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if num_layers is not None:
+        stacks = [(n, m) for n, m in stacks if len(m) == num_layers]
+    if not stacks:
+        raise PeftkitError(
+            f"cannot find the layer stack of {type(model).__name__}: looked for an nn.ModuleList "
+            f"with config.num_hidden_layers={num_layers} entries"
+        )
+    prefix, stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+    base_name = getattr(model, "base_model_prefix", "")
+    head = tuple(
+        name for name, child in model.named_children()
+        if name != base_name and any(True for _ in child.parameters())
+    )
+    if not head:
+        raise PeftkitError(f"cannot find the task head of {type(model).__name__}: no top-level module besides '{base_name}'")
+
+    embeddings, seen_stack = set(), False
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix + "."):
+            seen_stack = True
+        elif not seen_stack and not any(name.startswith(h + ".") for h in head):
+            embeddings.add(name)
+
+    suffixes = tuple(
+        name for name, module in stack[0].named_modules()
+        if name and _is_linear(module)
+    )
+    return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' 4/8-bit layers subclass it) and GPT-2's transposed Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))

@@ -1,0 +1,179 @@
+"""The `peftkit` command line: train, eval, predict, strategies.
+
+Every flag maps onto a RunConfig field; a recipe gives the starting values, flags override
+it and `--set key=value` overrides both. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from peftkit.errors import PeftkitError
+
+# bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional hub kernel is missing.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Fine-tune pretrained Transformers with any strategy behind one interface.",
+)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn a PeftkitError into `error: ...` on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PeftkitError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for peftkit's own lines and the progress bar."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags and --set override it."),
+    set_: list[str] = typer.Option([], "--set", help="key=value override, e.g. --set r=16 or --set epochs=2."),
+    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or alias (minilm, smollm2-135m, tiny-bert, tiny-llama)."),
+    task: Optional[str] = typer.Option(None, help="Built-in task: sst2 or rte."),
+    strategy: Optional[str] = typer.Option(None, help="Strategy name; `peftkit strategies` lists them."),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl (or PEFTKIT_DATA_DIR)."),
+    train_file: Optional[Path] = typer.Option(None, help="Own training data (.jsonl, .csv, .parquet)."),
+    validation_file: Optional[Path] = typer.Option(None, help="Own validation data."),
+    text_column: Optional[list[str]] = typer.Option(None, help="Text column; give it twice for a sentence pair."),
+    label_column: Optional[str] = typer.Option(None, help="Label column (strings or integers)."),
+    max_train_samples: Optional[int] = typer.Option(None, help="Use the first N training examples."),
+    max_eval_samples: Optional[int] = typer.Option(None, help="Use the first N validation examples."),
+    max_length: Optional[int] = typer.Option(None, help="Truncate inputs to N tokens."),
+    epochs: Optional[float] = typer.Option(None, help="Training epochs."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate (default: the strategy's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per optimizer micro-step."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-steps per optimizer step."),
+    lr_scheduler: Optional[str] = typer.Option(None, help="linear, cosine, constant or constant_with_warmup."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps spent warming up."),
+    early_stopping_patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Fine-tune one model with one strategy on one task."""
+    from peftkit.config import apply_overrides, load_recipe, make_config
+
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    current = values.get("strategy")
+    if strategy is not None and strategy != (current.get("name") if isinstance(current, dict) else current):
+        values["strategy"] = strategy  # another strategy: the recipe's options do not carry over
+    flags = dict(
+        model=model, task=task, data_dir=data_dir, train_file=train_file,
+        validation_file=validation_file, text_columns=text_column or None, label_column=label_column,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, max_length=max_length,
+        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
+        warmup_ratio=warmup_ratio, early_stopping_patience=early_stopping_patience, seed=seed,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, output_dir=output_dir,
+        overwrite=overwrite or None,
+    )
+    values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    config = make_config(apply_overrides(values, set_))
+    _quiet_libraries()
+    from peftkit.run import train as run_training
+
+    result = run_training(config)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    typer.echo(f"saved {result.output_dir} | {metrics}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    run: Path = typer.Option(..., help="A run directory written by `peftkit train`."),
+    data_dir: Optional[Path] = typer.Option(None, help="Read the task from here instead of the recorded place."),
+) -> None:
+    """Reload a run and recompute its validation metrics."""
+    _quiet_libraries()
+    from peftkit.inference import evaluate_run
+
+    result = evaluate_run(run, data_dir)
+    for name, value in result["metrics"].items():
+        recorded = result["recorded"].get(name)
+        note = f"  (run.json: {recorded:.4f})" if recorded is not None else ""
+        typer.echo(f"{name}: {value:.4f}{note}")
+
+
+@app.command()
+@user_errors
+def predict(
+    texts: list[str] = typer.Argument(..., help="The text to classify (two texts for a sentence-pair task)."),
+    run: Path = typer.Option(..., help="A run directory written by `peftkit train`."),
+) -> None:
+    """Classify text with a trained run: prints the label and its probability."""
+    _quiet_libraries()
+    from peftkit.inference import predict as predict_label
+
+    label, probability = predict_label(run, texts)
+    typer.echo(f"{label}\t{probability:.4f}")
+
+
+@app.command()
+@user_errors
+def strategies(
+    model: Optional[str] = typer.Option(None, help="Also count trainable parameters on this model."),
+) -> None:
+    """List the registered strategies, what they train, their options and (with --model) counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftkit.strategies import STRATEGIES
+
+    table = Table("strategy", "trains", "options", title="peftkit strategies")
+    counts: dict[str, tuple[int, int]] = {}
+    if model:
+        _quiet_libraries()
+        from peftkit.strategy_table import count_for_model
+
+        counts = count_for_model(model)
+        table.add_column("trainable", justify="right")
+        table.add_column("%", justify="right")
+    for name, cls in sorted(STRATEGIES.items()):
+        row = [name, cls.trains, cls.main_options()]
+        if model:
+            trainable, total = counts[name]
+            row += [f"{trainable:,}", f"{100 * trainable / total:.3f}"]
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def main() -> None:
+    app(prog_name="peftkit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

