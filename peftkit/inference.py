@@ -11,7 +11,7 @@ from peftkit.data import load_data
 from peftkit.errors import PeftkitError
 from peftkit.run import load_run
 from peftkit.tasks.classification import tokenize
-from peftkit.train import evaluate
+from peftkit.trainer import evaluate
 
 REPORTED = ("accuracy", "macro_f1", "mcc", "loss")
 
@@ -20,7 +20,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """Reload a run and recompute its validation metrics with the run's own data settings."""
     config, model, tokenizer, record = load_run(run_dir, data_dir=data_dir)
     data = load_data(config)
-    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length)
+    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length, sort=True)
     metrics = evaluate(model, config, eval_set, tokenizer)
     return {"metrics": {k: v for k, v in metrics.items() if k in REPORTED}, "recorded": record["metrics"]}
 

@@ -26,7 +26,7 @@ from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.tasks.classification import tokenize
-from peftkit.train import build_trainer, precision_flags
+from peftkit.trainer import build_trainer, precision_flags
 
 RUN_RECORD = "run.json"
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -69,7 +69,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     trainable, total = count_parameters(model)
 
     train_set = tokenize(data.train, tokenizer, data.text_columns, config.max_length)
-    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length)
+    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length, sort=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
         trainer, keep_best = build_trainer(model, strategy, config, train_set, eval_set, tokenizer, scratch)
         output = trainer.train()

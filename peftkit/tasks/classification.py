@@ -9,9 +9,10 @@ import numpy as np
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int) -> Any:
+def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int, sort: bool = False) -> Any:
     """Token ids per example, truncated, not padded (the collator pads each batch to its
-    longest); a `length` column lets the sampler group examples of similar length."""
+    longest); a `length` column lets the sampler group examples of similar length.
+    `sort=True` orders by length, for evaluation: batches then carry almost no padding."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [batch[c] for c in text_columns]
@@ -21,7 +22,7 @@ def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: 
 
     keep = {"labels"}
     encoded = dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep])
-    return encoded
+    return encoded.sort("length") if sort else encoded
 
 
 class PadToLongest:

@@ -96,6 +96,7 @@ def training_arguments(config: RunConfig, scratch_dir: str) -> TrainingArguments
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
+        disable_tqdm=False,  # transformers hides the bar when its log level is quiet; we want it
         **precision_flags(config.precision),
     )
 

@@ -1,0 +1,30 @@
+"""Shared fixtures: where the real data sets are, and quiet libraries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("PEFTKIT_TEST_DATA_DIR", REPO.parent / "shared" / "data"))
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data sets (../shared/data beside the clone); never copied into the repo."""
+    assert (DATA_DIR / "sst2" / "train.jsonl").is_file(), f"real data sets not found at {DATA_DIR}"
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()

@@ -1,0 +1,122 @@
+"""The command line: bad input gets one line, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from peftkit.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, expected, output_dir):
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+def test_unknown_strategy(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lroa", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "unknown strategy 'lroa' (did you mean 'lora'?)", out)
+
+
+def test_unknown_strategy_option(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--set", "rank=4", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "strategy 'lora' has no option 'rank'", out)
+
+
+def test_typo_in_recipe(tmp_path, data_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-bert\nstrategy: lora\nlearnin_rate: 0.001\n")
+    out = tmp_path / "out"
+    result = invoke("train", "--recipe", recipe, "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "unknown option 'learnin_rate' (did you mean 'learning_rate'?)", out)
+
+
+def test_data_without_label_column(tmp_path, jsonl):
+    rows = [{"text": "fine", "target": 1}]
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--train-file", jsonl("t.jsonl", rows),
+                    "--validation-file", jsonl("v.jsonl", rows), "--output-dir", out)
+    assert_clean_failure(result, "no column 'label'", out)
+
+
+def test_label_outside_label_set(tmp_path, jsonl):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert",
+                    "--train-file", jsonl("t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]),
+                    "--validation-file", jsonl("v.jsonl", [{"text": "c", "label": "meh"}]), "--output-dir", out)
+    assert_clean_failure(result, "label 'meh' is not in the label set", out)
+
+
+def test_model_path_that_does_not_exist(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", tmp_path / "nope", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "does not exist", out)
+
+
+def test_non_empty_output_dir_is_kept(tmp_path, data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = invoke("train", "--model", "tiny-bert", "--data-dir", data_dir, "--output-dir", out)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_eval_of_a_directory_that_is_not_a_run(tmp_path):
+    result = invoke("eval", "--run", tmp_path)
+    assert result.exit_code == 2 and "not a peftkit run" in result.stderr
+
+
+def test_real_process_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", "--strategy", "nope", "--output-dir", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown strategy 'nope'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_strategies_lists_the_registry():
+    result = invoke("strategies")
+    assert result.exit_code == 0
+    for name in ("full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora"):
+        assert name in result.stdout
+
+
+def test_train_eval_predict_through_the_cli(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "bitfit", "--data-dir", data_dir,
+                    "--max-train-samples", 32, "--max-eval-samples", 32, "--epochs", 1, "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert "trainable params:" in result.stdout
+    accuracy = json.loads((out / "run.json").read_text())["metrics"]["accuracy"]
+    evaluated = invoke("eval", "--run", out)
+    assert f"accuracy: {accuracy:.4f}" in evaluated.stdout
+    predicted = invoke("predict", "--run", out, "what a film")
+    assert predicted.exit_code == 0 and predicted.stdout.split("\t")[0] in ("negative", "positive")

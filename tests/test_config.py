@@ -1,0 +1,65 @@
+"""RunConfig: one schema for recipes, flags and the Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
+from peftkit.errors import PeftkitError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_strategy_as_name_or_mapping_normalises_with_defaults():
+    by_name = make_config({"strategy": "lora"})
+    by_map = make_config({"strategy": {"name": "lora", "r": 8}})
+    assert by_name.strategy.options == by_map.strategy.options
+    assert by_map.model_dump()["strategy"] == {"name": "lora", **by_map.strategy.options}
+
+
+def test_overrides_reach_run_fields_and_strategy_options():
+    values = apply_overrides({"strategy": {"name": "lora", "r": 4}}, ["r=16", "strategy.alpha=64", "epochs=2", "target_modules=[query, value]"])
+    config = make_config(values)
+    assert config.strategy.options["r"] == 16 and config.strategy.options["alpha"] == 64
+    assert config.strategy.options["target_modules"] == ["query", "value"]
+    assert config.epochs == 2.0
+
+
+def test_typo_in_recipe_key_suggests_the_field():
+    with pytest.raises(PeftkitError, match="unknown option 'learnin_rate' \\(did you mean 'learning_rate'\\?\\)"):
+        make_config({"learnin_rate": 1e-3})
+
+
+def test_wrong_type_names_the_option():
+    with pytest.raises(PeftkitError, match="option 'epochs'"):
+        make_config({"epochs": "many"})
+
+
+def test_impossible_data_combination():
+    with pytest.raises(PeftkitError, match="validation_file"):
+        make_config({"train_file": "x.csv"})
+
+
+def test_learning_rate_defaults_to_the_strategy():
+    assert make_config({"strategy": "linear-probe"}).lr > make_config({"strategy": "full"}).lr
+
+
+def test_every_recipe_validates():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 9
+    for recipe in recipes:
+        text = recipe.read_text()
+        assert text.startswith(f"# peftkit train --recipe recipes/{recipe.name}"), recipe
+        config = make_config(load_recipe(recipe))
+        assert isinstance(config, RunConfig)
+
+
+def test_unreadable_recipe(tmp_path):
+    with pytest.raises(PeftkitError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(PeftkitError, match="not valid YAML"):
+        load_recipe(bad)

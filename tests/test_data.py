@@ -1,0 +1,82 @@
+"""Data sources: built-in tasks from a local directory, and the user's own files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.config import make_config
+from peftkit.data import load_data
+from peftkit.errors import PeftkitError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sst2_from_local_directory(data_dir):
+    data = load_data(make_config({"task": "sst2", "data_dir": data_dir, "max_train_samples": 100}))
+    assert len(data.train) == 100 and len(data.validation) == 872
+    assert data.text_columns == ["sentence"] and data.label_names == ["negative", "positive"]
+    assert set(data.train["labels"]) == {0, 1}
+
+
+def test_rte_is_a_sentence_pair(data_dir):
+    data = load_data(make_config({"task": "rte", "data_dir": data_dir}))
+    assert data.text_columns == ["sentence1", "sentence2"]
+    assert len(data.train) == 2490 and len(data.validation) == 277
+    assert data.label_names == ["entailment", "not_entailment"]
+
+
+def test_data_dir_from_environment(data_dir, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_DATA_DIR", str(data_dir))
+    assert make_config({"task": "rte"}).data_dir == data_dir
+
+
+def test_custom_csv_with_string_labels(tmp_path):
+    (tmp_path / "train.csv").write_text("review,stars\ngood,pos\nbad,neg\nfine,pos\n")
+    (tmp_path / "dev.csv").write_text("review,stars\nawful,neg\n")
+    config = make_config({"train_file": tmp_path / "train.csv", "validation_file": tmp_path / "dev.csv",
+                          "text_columns": ["review"], "label_column": "stars", "task": None})
+    data = load_data(config)
+    assert data.label_names == ["neg", "pos"]
+    assert data.train["labels"] == [1, 0, 1] and data.validation["labels"] == [0]
+
+
+def test_custom_integer_labels_keep_numeric_order(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 10}, {"text": "b", "label": 2}])
+    dev = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": 2}])
+    data = load_data(make_config({"train_file": train, "validation_file": dev}))
+    assert data.label_names == ["2", "10"] and data.train["labels"] == [1, 0]
+
+
+def test_missing_label_column_is_named(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "y": 1}])
+    with pytest.raises(PeftkitError, match="no column 'label'.*--label-column"):
+        load_data(make_config({"train_file": train, "validation_file": train}))
+
+
+def test_label_outside_the_label_set(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    dev = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": "neutral"}])
+    with pytest.raises(PeftkitError, match="validation row 0: label 'neutral' is not in the label set"):
+        load_data(make_config({"train_file": train, "validation_file": dev}))
+
+
+def test_missing_task_files(tmp_path):
+    with pytest.raises(PeftkitError, match="no train file"):
+        load_data(make_config({"task": "sst2", "data_dir": tmp_path}))
+
+
+def test_unreadable_file(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(PeftkitError, match="cannot read train file"):
+        load_data(make_config({"train_file": bad, "validation_file": bad}))
+
+
+def test_unknown_task():
+    with pytest.raises(PeftkitError, match="unknown task 'mnli'"):
+        load_data(make_config({"task": "mnli"}))

@@ -1,0 +1,90 @@
+"""End to end on a tiny model and real SST-2 rows: train, outputs, reload, eval, predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.inference import evaluate_run, predict
+from peftkit.run import load_run
+
+BASE = {"model": "tiny-bert", "task": "sst2", "max_train_samples": 64, "max_eval_samples": 48,
+        "epochs": 1, "batch_size": 16}
+
+
+def train(tmp_path, data_dir, strategy, **extra):
+    config = {**BASE, "data_dir": data_dir, "strategy": strategy, "output_dir": tmp_path / str(strategy), **extra}
+    return peftkit.train(config)
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(["a gripping , funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("strategy", ["full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora"])
+def test_train_save_reload_gives_identical_results(tmp_path, data_dir, strategy, capsys):
+    result = train(tmp_path, data_dir, strategy)
+    assert "trainable params:" in capsys.readouterr().out
+    record = result.record
+    for key in ("config", "versions", "data", "metrics", "trainable_params", "total_params", "peak_memory_bytes",
+                "train_time_s", "samples_per_s", "tokens_per_s", "size_on_disk_bytes"):
+        assert key in record, key
+    assert record["data"] == {**record["data"], "train_examples": 64, "validation_examples": 48}
+    assert record["peak_memory_bytes"] > 0 and record["tokens_per_s"] > 0
+
+    _, model, tokenizer, _ = load_run(result.output_dir)
+    reproduced = evaluate_run(result.output_dir)["metrics"]
+    assert round(reproduced["accuracy"], 4) == round(record["metrics"]["accuracy"], 4)
+    assert reproduced["loss"] == pytest.approx(record["metrics"]["loss"], abs=1e-5)
+    label, probability = predict(result.output_dir, ["a gripping , funny film"])
+    assert label in ("negative", "positive") and 0.5 <= probability <= 1.0
+    again = load_run(result.output_dir)[1]
+    assert torch.equal(logits(model, tokenizer), logits(again, tokenizer))
+
+
+def test_saved_forms_are_the_smallest_faithful_ones(tmp_path, data_dir):
+    probe = train(tmp_path, data_dir, "linear-probe").output_dir
+    assert set(load_file(probe / "trained_weights.safetensors")) == {"classifier.weight", "classifier.bias"}
+    lora = train(tmp_path, data_dir, "lora").output_dir
+    assert (lora / "adapter_config.json").is_file() and (lora / "adapter_model.safetensors").is_file()
+    full = train(tmp_path, data_dir, "full").output_dir
+    assert (full / "model" / "model.safetensors").is_file()
+    assert json.loads((full / "run.json").read_text())["saved_as"] == "whole-model"
+    for run in (probe, lora, full):
+        assert (run / "tokenizer.json").is_file()
+
+
+def test_id2label_is_saved_with_the_model(tmp_path, data_dir):
+    run = train(tmp_path, data_dir, "full").output_dir
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_early_stopping_stops_and_keeps_the_best(tmp_path, data_dir):
+    result = train(tmp_path, data_dir, "linear-probe", epochs=6, early_stopping_patience=1, learning_rate=1e-9)
+    assert result.record["epochs_trained"] < 6  # a tiny rate cannot improve: stops after one bad epoch
+    assert result.record["best_epoch"] == 1
+
+
+def test_llama_decoder_trains_as_a_classifier(tmp_path, data_dir):
+    result = train(tmp_path, data_dir, "lora", model="tiny-llama")
+    assert result.record["config"]["model"] == "tiny-llama"
+    assert 0 <= result.metrics["accuracy"] <= 1
+
+
+def test_sentence_pair_task(tmp_path, data_dir):
+    result = train(tmp_path, data_dir, "bitfit", task="rte")
+    assert result.record["data"]["text_columns"] == ["sentence1", "sentence2"]
+    label, _ = predict(result.output_dir, ["A man sleeps.", "Someone is asleep."])
+    assert label in ("entailment", "not_entailment")
+
+
+def test_layer_lr_decay_runs_through_training(tmp_path, data_dir):
+    result = train(tmp_path, data_dir, {"name": "partial", "trainable_layers": 1, "layer_lr_decay": 0.8, "head_lr": 1e-2})
+    assert result.record["config"]["strategy"]["head_lr"] == 1e-2
