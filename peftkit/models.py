@@ -123,8 +123,10 @@ def _dequantized_checkpoint(alias: str, gguf_file: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        # The weights are plain floats now: drop the GGUF "quantizer", which refuses to save.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config  # the weights are plain floats now
+            del model.config.quantization_config
         model.save_pretrained(directory)
         AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(directory)
 

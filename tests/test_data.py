@@ -80,3 +80,11 @@ def test_unreadable_file(tmp_path):
 def test_unknown_task():
     with pytest.raises(PeftkitError, match="unknown task 'mnli'"):
         load_data(make_config({"task": "mnli"}))
+
+
+def test_hub_failure_explains_the_local_alternative(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
+    with pytest.raises(PeftkitError, match="cannot download nyu-mll/glue/sst2.*--data-dir"):
+        load_data(make_config({"task": "sst2"}))

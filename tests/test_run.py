@@ -88,3 +88,10 @@ def test_sentence_pair_task(tmp_path, data_dir):
 def test_layer_lr_decay_runs_through_training(tmp_path, data_dir):
     result = train(tmp_path, data_dir, {"name": "partial", "trainable_layers": 1, "layer_lr_decay": 0.8, "head_lr": 1e-2})
     assert result.record["config"]["strategy"]["head_lr"] == 1e-2
+
+
+@pytest.mark.parametrize("strategy", ["full", "qlora"])
+def test_gradient_checkpointing(tmp_path, data_dir, strategy):
+    result = train(tmp_path, data_dir, strategy, gradient_checkpointing=True, max_train_samples=32)
+    assert result.record["config"]["gradient_checkpointing"] is True
+    assert result.record["train_time_s"] > 0
