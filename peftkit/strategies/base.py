@@ -72,15 +72,16 @@ class Strategy:
         save_file(tensors, str(directory / TRAINED_TENSORS))
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
-        """Put the saved weights back onto a freshly loaded base model."""
+        """Apply the strategy to a freshly loaded base, then put the saved tensors back."""
         from safetensors.torch import load_file
 
+        model = self.apply(base)
         tensors = load_file(str(directory / TRAINED_TENSORS))
-        missing = set(tensors) - {n for n, _ in base.named_parameters()}
+        missing = set(tensors) - {n for n, _ in model.named_parameters()}
         if missing:
             raise PeftkitError(f"{directory / TRAINED_TENSORS} has tensors the model lacks: {sorted(missing)[:3]}")
-        base.load_state_dict(tensors, strict=False)
-        return base
+        model.load_state_dict(tensors, strict=False)
+        return model
 
     def options(self) -> dict[str, Any]:
         """The option values, as plain data (for run.json and recipes)."""
