@@ -46,13 +46,13 @@ def row(recipe: Path, record: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", required=True, help="glob of recipe files")
+    parser.add_argument("--recipes", required=True, nargs="+", help="recipe files or globs")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--runs", required=True, type=Path, help="where the runs are written")
     parser.add_argument("--out", required=True, type=Path, help="results path without suffix (.md and .json written)")
     args = parser.parse_args()
 
-    recipes = [Path(p) for p in sorted(glob.glob(args.recipes))]
+    recipes = [Path(p) for pattern in args.recipes for p in sorted(glob.glob(pattern))]
     records = {r.stem: run_recipe(r, args.data_dir, args.runs / r.stem) for r in recipes}
     any_record = next(iter(records.values()))
     command = "python " + shlex.join(sys.argv)

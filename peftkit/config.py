@@ -83,6 +83,7 @@ class RunConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    cache_features: bool = True  # linear-probe: compute the frozen encoder's output once
     # where results go
     output_dir: Path | None = None
     overwrite: bool = False

@@ -26,7 +26,7 @@ from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.tasks.classification import tokenize
-from peftkit.trainer import build_trainer, precision_flags
+from peftkit.trainer import build_trainer, evaluate, precision_flags
 
 RUN_RECORD = "run.json"
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -71,11 +71,11 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     train_set = tokenize(data.train, tokenizer, data.text_columns, config.max_length)
     eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length, sort=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
-        trainer, keep_best = build_trainer(model, strategy, config, train_set, eval_set, tokenizer, scratch)
+        trainer, keep_best = build_trainer(model, strategy, config, train_set, eval_set, tokenizer, scratch, source.path)
         output = trainer.train()
         keep_best.restore()
-        train_time = output.metrics["train_runtime"] - trainer.eval_seconds
-        final = trainer.evaluate()
+        train_time = output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds
+    final = evaluate(model, config, eval_set, tokenizer)  # always the whole model, as saved
     peak = memory.stop()
 
     epochs_done = float(trainer.state.epoch or config.epochs)
@@ -92,7 +92,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "text_columns": data.text_columns,
             "train_tokens_per_epoch": tokens_per_epoch,
         },
-        "metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.removeprefix("eval_") in ("accuracy", "macro_f1", "mcc", "loss")},
+        "metrics": {k: v for k, v in final.items() if k in ("accuracy", "macro_f1", "mcc", "loss")},
+        "cached_features": trainer.setup_seconds > 0,
         "best_epoch": keep_best.best_epoch,
         "epochs_trained": epochs_done,
         "trainable_params": trainable,

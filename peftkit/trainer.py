@@ -8,17 +8,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
+from peftkit.anatomy import inspect_model
 from peftkit.config import RunConfig
+from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cached_head_inputs
 from peftkit.strategies import Strategy
 from peftkit.tasks.classification import PadToLongest, compute_metrics
 
 
 class TimedTrainer(Trainer):
-    """A Trainer that keeps the seconds spent evaluating, so training time can exclude them."""
+    """A Trainer that keeps the seconds spent evaluating, so training time can exclude them,
+    and the seconds of training work done before `train()` (computing cached features)."""
 
     eval_seconds: float = 0.0
+    setup_seconds: float = 0.0
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -71,8 +82,9 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(config: RunConfig, scratch_dir: str) -> TrainingArguments:
+def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None) -> TrainingArguments:
     """TrainingArguments from a RunConfig; checkpoints off (the run saves its own outputs)."""
+    group_by_length = config.group_by_length if group_by_length is None else group_by_length
     return TrainingArguments(
         output_dir=scratch_dir,
         num_train_epochs=config.epochs,
@@ -91,7 +103,7 @@ def training_arguments(config: RunConfig, scratch_dir: str) -> TrainingArguments
         data_seed=config.seed,
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,
         label_names=["labels"],
@@ -109,21 +121,40 @@ def build_trainer(
     eval_dataset: Any,
     tokenizer: Any,
     scratch_dir: str,
+    model_dir: str,
 ) -> tuple[TimedTrainer, KeepBestTrainable]:
-    """The Trainer for this run, and the callback that holds the best weights."""
+    """The Trainer for this run, and the callback that holds the best weights.
+
+    When nothing below the head trains (linear probing) and `cache_features` is on, the
+    Trainer trains the model's own head on cached features instead of the whole model."""
+    collate: Any = PadToLongest(tokenizer)
+    setup_seconds = 0.0
+    on_features = strategy.frozen_below_head and config.cache_features
+    if on_features:
+        start = time.perf_counter()
+        features = [
+            cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size)
+            for split in (train_dataset, eval_dataset)
+        ]
+        setup_seconds = time.perf_counter() - start
+        train_dataset = FeatureDataset(features[0], train_dataset["labels"])
+        eval_dataset = FeatureDataset(features[1], eval_dataset["labels"])
+        model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
+        collate = default_data_collator
     optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience)
     trainer = TimedTrainer(
         model=model,
-        args=training_arguments(config, scratch_dir),
+        args=training_arguments(config, scratch_dir, group_by_length=config.group_by_length and not on_features),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=PadToLongest(tokenizer),
+        data_collator=collate,
         compute_metrics=compute_metrics,
         optimizers=(optimizer, None),
         callbacks=[keep_best],
     )
+    trainer.setup_seconds = setup_seconds
     return trainer, keep_best
 
 

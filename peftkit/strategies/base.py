@@ -45,6 +45,8 @@ class Strategy:
     default_lr: ClassVar[float] = 5e-5
     # "whole-model" (save_pretrained), "trained-tensors" (only requires_grad), or "peft".
     saves: ClassVar[str] = "trained-tensors"
+    # True when nothing below the task head trains: the head can learn from cached features.
+    frozen_below_head: ClassVar[bool] = False
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Return the model ready to train (may be a wrapper such as a PeftModel)."""

@@ -154,6 +154,7 @@ class LinearProbe(Freezing):
 
     trains = "task head only"
     default_lr = 5e-3
+    frozen_below_head = True
 
     def trainable(self, name: str, anatomy: Anatomy) -> bool:
         return anatomy.region(name) == "head"
