@@ -171,6 +171,79 @@ def strategies(
     Console(width=200).print(table)
 
 
+@app.command()
+@user_errors
+def compare(
+    model: str = typer.Option("minilm", help="Model for every run (hub id, directory or alias)."),
+    task: str = typer.Option("sst2", help="Built-in task."),
+    strategies: str = typer.Option(..., help="Comma-separated strategies, e.g. full,lora,bitfit."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    out: Path = typer.Option(..., help="Directory for runs.jsonl, configs, logs and the runs."),
+    recipe_dir: Optional[Path] = typer.Option(None, help="Per-strategy recipes named <model>-<task>-<strategy>.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="key=value for every run."),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl."),
+    retry_failed: bool = typer.Option(False, help="Run again the cells whose last attempt failed."),
+) -> None:
+    """Run every (strategy, seed) in a fresh process; resumable; one JSON line per run."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from peftkit import compare as harness
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise PeftkitError(f"--seeds takes comma-separated integers, got '{seeds}'") from None
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    cells = harness.plan(model, task, names, seed_list, out, recipe_dir, set_, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = harness.read_runs(out)
+    todo = harness.pending(cells, records, retry_failed)
+    harness.forget(out, {c.key for c in todo if c.key in records})
+
+    def table() -> Table:
+        view = Table("strategy", "seed", "status", "accuracy", "train s", "peak MB", title=f"peftkit compare -> {out}")
+        current = harness.read_runs(out)
+        for cell in cells:
+            record = current.get(cell.key)
+            if record is None:
+                view.add_row(cell.strategy, str(cell.seed), "running" if cell is running else "pending", "", "", "")
+            elif record["status"] == "ok":
+                view.add_row(cell.strategy, str(cell.seed), "ok", f"{record['metrics']['accuracy']:.4f}",
+                             f"{record['train_time_s']:.0f}", f"{record['peak_memory_bytes'] / 2**20:.0f}")
+            else:
+                view.add_row(cell.strategy, str(cell.seed), "failed", record["error"][:60], "", "")
+        return view
+
+    running = None
+    with Live(table(), console=Console(), auto_refresh=False) as live:
+        for cell in todo:
+            running = cell
+            live.update(table(), refresh=True)
+            harness.append_run(out, harness.run_cell(cell, out))
+        running = None
+        live.update(table(), refresh=True)
+    failed = [k for k, r in harness.read_runs(out).items() if r["status"] != "ok"]
+    if failed:
+        typer.echo(f"{len(failed)} run(s) failed ({', '.join(failed)}): see {out}/logs; --retry-failed runs them again", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def report(
+    runs_dir: Path = typer.Argument(..., help="A `peftkit compare --out` directory."),
+    metric: str = typer.Option("accuracy", help="accuracy, macro_f1 or mcc."),
+    title: Optional[str] = typer.Option(None, help="Title of the tables and page."),
+) -> None:
+    """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl."""
+    from peftkit.report import write_report
+
+    for path in write_report(runs_dir, metric, title):
+        typer.echo(str(path))
+
+
 def main() -> None:
     app(prog_name="peftkit")
 

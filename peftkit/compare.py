@@ -1,0 +1,137 @@
+"""The comparison harness: a matrix of (strategy, seed) runs, each in a fresh process.
+
+A fresh process per run keeps peak memory honest and lets one crash fail one row, not the
+matrix. Every finished run appends one JSON line to `OUT/runs.jsonl` (flushed and synced);
+re-running the same command skips what is recorded, so a matrix killed at any moment resumes
+without repeating a finished run. Each strategy's hyperparameters come from its own recipe
+(`RECIPE_DIR/<model>-<task>-<strategy>.yaml`) or its own defaults, never from another
+strategy's; `--set` applies to every run, because the user said so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
+from peftkit.errors import PeftkitError
+
+RUNS_FILE = "runs.jsonl"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (strategy, seed) run of the matrix, with its validated configuration."""
+
+    strategy: str
+    seed: int
+    config: RunConfig
+    recipe: Path | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}/seed{self.seed}"
+
+
+def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Path, recipe_dir: Path | None,
+         overrides: list[str], data_dir: Path | None) -> list[Cell]:
+    """Every cell's configuration, validated before anything runs."""
+    cells = []
+    for strategy in strategies:
+        recipe = _recipe_for(recipe_dir, model, task, strategy)
+        values: dict[str, Any] = load_recipe(recipe) if recipe else {"strategy": strategy}
+        for seed in seeds:
+            cell_values = {**values, "model": model, "task": task, "seed": seed, "overwrite": True,
+                           "output_dir": str(out / "runs" / f"{strategy}-seed{seed}")}
+            if data_dir is not None:
+                cell_values["data_dir"] = str(data_dir)
+            config = make_config(apply_overrides(cell_values, overrides))
+            if config.strategy.name != strategy:
+                raise PeftkitError(f"recipe {recipe} trains '{config.strategy.name}', not '{strategy}'")
+            cells.append(Cell(strategy, seed, config, recipe))
+    return cells
+
+
+def _recipe_for(recipe_dir: Path | None, model: str, task: str, strategy: str) -> Path | None:
+    if recipe_dir is None:
+        return None
+    if not recipe_dir.is_dir():
+        raise PeftkitError(f"recipe directory {recipe_dir} does not exist")
+    path = recipe_dir / f"{Path(model).name}-{task}-{strategy}.yaml"
+    return path if path.is_file() else None
+
+
+def read_runs(out: Path) -> dict[str, dict]:
+    """Recorded runs by key; a line cut short by a kill is ignored (it will be re-run)."""
+    records: dict[str, dict] = {}
+    path = out / RUNS_FILE
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[f"{record['strategy']}/seed{record['seed']}"] = record
+    return records
+
+
+def append_run(out: Path, record: dict) -> None:
+    """Append one record as one line, flushed and synced before returning."""
+    path = out / RUNS_FILE
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        _drop_partial_last_line(path)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def forget(out: Path, keys: set[str]) -> None:
+    """Rewrite runs.jsonl without the given runs (failed ones about to be retried), so the
+    file keeps exactly one record per (strategy, seed). Written aside, then renamed."""
+    path = out / RUNS_FILE
+    kept = [r for k, r in read_runs(out).items() if k not in keys]
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    staging.replace(path)
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def run_cell(cell: Cell, out: Path) -> dict:
+    """Train one cell in a fresh `peftkit train` process; the record says ok or failed."""
+    config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
+    log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None}
+    if proc.returncode == 0:
+        run = json.loads((Path(cell.config.output_dir) / "run.json").read_text())
+        return {**base, "status": "ok", "error": None, **run}
+    return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode)}
+
+
+def _last_error(log_path: Path, returncode: int) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ") or "Error" in line]
+    return (errors or lines or [f"exit code {returncode}"])[-1][:500]
+
+
+def pending(cells: list[Cell], records: dict[str, dict], retry_failed: bool) -> list[Cell]:
+    """Cells with no record yet, and failed ones when asked to retry them."""
+    return [c for c in cells if c.key not in records or (retry_failed and records[c.key]["status"] != "ok")]

@@ -1,0 +1,176 @@
+"""Tables and plots from a comparison's `runs.jsonl`: results.md/.csv/.json, three PNG plots
+(task metric vs trainable parameters with the Pareto frontier, peak memory, training time)
+and one self-contained HTML page with the table and the plots embedded."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from peftkit.compare import read_runs
+from peftkit.errors import PeftkitError
+
+MB = 2**20
+
+
+@dataclass
+class Row:
+    """One strategy's runs, aggregated over seeds."""
+
+    strategy: str
+    n: int
+    metric_mean: float
+    metric_std: float
+    trainable_params: int
+    trainable_percent: float
+    peak_memory_mb: float
+    estimate_mb: float | None
+    train_time_s: float
+    samples_per_s: float
+    tokens_per_s: float
+    size_on_disk_mb: float
+
+    @property
+    def estimate_ratio(self) -> float | None:
+        return self.estimate_mb / self.peak_memory_mb if self.estimate_mb else None
+
+
+def aggregate(records: list[dict], metric: str) -> list[Row]:
+    """Successful runs grouped by strategy, in the order strategies first appear."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("status") == "ok":
+            groups.setdefault(record["strategy"], []).append(record)
+    rows = []
+    for strategy, runs in groups.items():
+        values = [r["metrics"][metric] for r in runs]
+        estimates = [r["estimate"]["total_bytes"] / MB for r in runs if r.get("estimate")]
+        rows.append(Row(
+            strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
+            metric_std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            trainable_params=runs[0]["trainable_params"], trainable_percent=runs[0]["trainable_percent"],
+            peak_memory_mb=statistics.mean(r["peak_memory_bytes"] for r in runs) / MB,
+            estimate_mb=statistics.mean(estimates) if estimates else None,
+            train_time_s=statistics.mean(r["train_time_s"] for r in runs),
+            samples_per_s=statistics.mean(r["samples_per_s"] for r in runs),
+            tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
+            size_on_disk_mb=statistics.mean(r["size_on_disk_bytes"] for r in runs) / MB,
+        ))
+    return rows
+
+
+def pareto(rows: list[Row]) -> list[Row]:
+    """Rows no other row beats on both fewer trainable parameters and a higher metric."""
+    frontier, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r.trainable_params, -r.metric_mean)):
+        if row.metric_mean > best:
+            frontier.append(row)
+            best = row.metric_mean
+    return frontier
+
+
+def markdown(rows: list[Row], metric: str, title: str) -> str:
+    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", "n", "peak MB", "estimate MB",
+              "estimate/measured", "train s", "samples/s", "tokens/s", "disk MB"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        ratio = f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-"
+        estimate = f"{r.estimate_mb:.0f}" if r.estimate_mb else "-"
+        lines.append(f"| {r.strategy} | {r.trainable_params:,} | {r.trainable_percent:.3f} | "
+                     f"{r.metric_mean:.4f} ± {r.metric_std:.4f} | {r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
+                     f"{r.train_time_s:.0f} | {r.samples_per_s:.1f} | {r.tokens_per_s:.0f} | {r.size_on_disk_mb:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
+    """Three PNGs, labelled with units."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.errorbar(r.trainable_params, r.metric_mean, yerr=r.metric_std, fmt="o", capsize=4)
+        ax.annotate(r.strategy, (r.trainable_params, r.metric_mean), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    front = pareto(rows)
+    ax.step([r.trainable_params for r in front], [r.metric_mean for r in front], where="post", linestyle="--",
+            color="grey", label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"dev {metric} (mean ± std over seeds)")
+    ax.set_title(f"{metric} vs trainable parameters")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "metric_vs_params.png"))
+
+    for attribute, label, name in (("peak_memory_mb", "peak memory (MB)", "peak_memory.png"),
+                                   ("train_time_s", "training time without evaluation (s)", "train_time.png")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        names = [r.strategy for r in rows]
+        ax.bar(names, [getattr(r, attribute) for r in rows], color="tab:blue", label="measured")
+        if attribute == "peak_memory_mb" and any(r.estimate_mb for r in rows):
+            ax.scatter(names, [r.estimate_mb or float("nan") for r in rows], color="tab:orange", zorder=3, label="estimate")
+            ax.legend()
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split(' (')[0]} per strategy")
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+        paths.append(_save(fig, out / name))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(runs_dir: Path, metric: str = "accuracy", title: str | None = None) -> list[Path]:
+    """Write every report file next to runs.jsonl; returns their paths."""
+    from peftkit.config import METRICS
+
+    if metric not in METRICS:
+        raise PeftkitError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    records = list(read_runs(runs_dir).values())
+    rows = aggregate(records, metric)
+    if not rows:
+        raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
+    first = next(r for r in records if r.get("status") == "ok")
+    title = title or f"{first['config']['model']} on {first['config']['task']}: strategies compared"
+    table = markdown(rows, metric, title)
+    (runs_dir / "results.md").write_text(table)
+    with (runs_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*asdict(rows[0]), "estimate_ratio"])
+        writer.writeheader()
+        writer.writerows({**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows)
+    (runs_dir / "results.json").write_text(json.dumps([{**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows], indent=1) + "\n")
+    images = plots(rows, metric, runs_dir)
+    (runs_dir / "results.html").write_text(_html(title, rows, metric, images))
+    return [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
+
+
+def _html(title: str, rows: list[Row], metric: str, images: list[Path]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("strategy", "trainable", "%", f"{metric}", "n", "peak MB", "estimate MB",
+                                              "est/meas", "train s", "samples/s", "tokens/s", "disk MB"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+            r.strategy, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", f"{r.metric_mean:.4f} ± {r.metric_std:.4f}",
+            r.n, f"{r.peak_memory_mb:.0f}", f"{r.estimate_mb:.0f}" if r.estimate_mb else "-",
+            f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-", f"{r.train_time_s:.0f}", f"{r.samples_per_s:.1f}",
+            f"{r.tokens_per_s:.0f}", f"{r.size_on_disk_mb:.2f}")) + "</tr>"
+        for r in rows)
+    figures = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right}img{max-width:48%;margin:1%}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>{figures}</body></html>\n")

@@ -1,0 +1,105 @@
+"""The comparison harness and its report, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftkit.compare import RUNS_FILE, append_run, plan, read_runs
+from peftkit.errors import PeftkitError
+from peftkit.report import aggregate, pareto, write_report
+
+SMALL = ["--set", "max_train_samples=32", "--set", "max_eval_samples=32", "--set", "epochs=1"]
+
+
+def compare_command(out, data_dir, strategies="bitfit,linear-probe", seeds="0,1", *extra):
+    return [sys.executable, "-m", "peftkit.cli", "compare", "--model", "tiny-bert", "--task", "sst2",
+            "--strategies", strategies, "--seeds", seeds, "--data-dir", str(data_dir), "--out", str(out), *SMALL, *extra]
+
+
+def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(compare_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_runs(out)) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the harness and the run it had started
+    proc.wait()
+    first = read_runs(out)
+    assert 1 <= len(first) < 4, "kill came too late to test resuming"
+
+    subprocess.run(compare_command(out, data_dir), check=True, capture_output=True)
+    lines = [json.loads(line) for line in (out / RUNS_FILE).read_text().splitlines()]
+    keys = [(r["strategy"], r["seed"]) for r in lines]
+    assert sorted(keys) == sorted({("bitfit", 0), ("bitfit", 1), ("linear-probe", 0), ("linear-probe", 1)})
+    assert all(r["status"] == "ok" for r in lines)
+    for key, record in first.items():  # finished before the kill: kept, not re-run
+        assert read_runs(out)[key]["train_time_s"] == record["train_time_s"]
+
+
+def test_failed_run_is_recorded_and_retried_on_request(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    # target modules are only checked against the loaded model, inside the run: one failed row
+    bad = [sys.executable, "-m", "peftkit.cli", "compare", "--model", "tiny-bert", "--task", "sst2", "--strategies", "lora",
+           "--seeds", "0", "--data-dir", str(data_dir), "--out", str(out), *SMALL, "--set", "target_modules=[nowhere]"]
+    subprocess.run(bad, capture_output=True)
+    record = read_runs(out)["lora/seed0"]
+    assert record["status"] == "failed" and record["error"]
+    subprocess.run(bad[:-2] + ["--retry-failed"], check=True, capture_output=True)
+    lines = (out / RUNS_FILE).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"
+
+
+def test_each_strategy_takes_its_own_recipe(tmp_path, data_dir):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny-bert-sst2-full.yaml").write_text("strategy: full\nlearning_rate: 0.00002\n")
+    cells = plan("tiny-bert", "sst2", ["full", "lora"], [0], tmp_path / "o", recipes, [], data_dir)
+    lr = {c.strategy: c.config.lr for c in cells}
+    assert lr["full"] == 2e-5  # from its recipe
+    assert lr["lora"] == 1e-3  # lora's own default, not full's recipe value
+
+
+def test_recipe_for_another_strategy_is_refused(tmp_path, data_dir):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny-bert-sst2-full.yaml").write_text("strategy: lora\n")
+    with pytest.raises(PeftkitError, match="trains 'lora', not 'full'"):
+        plan("tiny-bert", "sst2", ["full"], [0], tmp_path / "o", recipes, [], data_dir)
+
+
+def test_partial_last_line_is_ignored_and_repaired(tmp_path):
+    (tmp_path / RUNS_FILE).write_text('{"strategy": "a", "seed": 0, "status": "ok"}\n{"strategy": "b", "se')
+    assert list(read_runs(tmp_path)) == ["a/seed0"]
+    append_run(tmp_path, {"strategy": "b", "seed": 0, "status": "ok"})
+    assert [json.loads(x)["strategy"] for x in (tmp_path / RUNS_FILE).read_text().splitlines()] == ["a", "b"]
+
+
+def fake(strategy, seed, accuracy, trainable):
+    return {"strategy": strategy, "seed": seed, "status": "ok", "metrics": {"accuracy": accuracy},
+            "trainable_params": trainable, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
+            "train_time_s": 10.0, "samples_per_s": 5.0, "tokens_per_s": 50.0, "size_on_disk_bytes": 2**20,
+            "config": {"model": "m", "task": "t"}, "estimate": {"total_bytes": 2**29}}
+
+
+def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
+    records = [fake("full", 0, 0.90, 10000), fake("full", 1, 0.88, 10000), fake("lora", 0, 0.86, 100),
+               fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000)]
+    rows = {r.strategy: r for r in aggregate(records, "accuracy")}
+    assert rows["full"].n == 2 and rows["full"].metric_mean == pytest.approx(0.89)
+    assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
+    assert rows["full"].estimate_ratio == pytest.approx(0.5)
+    assert [r.strategy for r in pareto(list(rows.values()))] == ["probe", "lora", "full"]
+    for record in records:
+        append_run(tmp_path, record)
+    paths = write_report(tmp_path)
+    assert {p.name for p in paths} >= {"results.md", "results.csv", "results.json", "results.html", "metric_vs_params.png"}
+    assert "0.8900 ± 0.0141" in (tmp_path / "results.md").read_text()
+    assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
