@@ -28,7 +28,7 @@ from peftkit.models import cache_dir
 FORMAT_VERSION = 1
 
 
-def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, head: str) -> str:
+def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, head: str, variant: str = "") -> str:
     """A digest of everything the features depend on. The tokenized dataset's fingerprint
     covers the raw data, the text columns and the tokenization; the tokenizer and maximum
     length are named again so that no fingerprint subtlety can hide a change in them."""
@@ -40,6 +40,7 @@ def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, hea
         "data": dataset._fingerprint,
         "max_length": max_length,
         "head": head,
+        "variant": variant,  # strategy options that change what the head reads (pooling)
     }
     digest.update(json.dumps(parts, sort_keys=True).encode())
     return digest.hexdigest()[:32]
@@ -111,10 +112,10 @@ def _pool(head_input: torch.Tensor, batch: dict[str, torch.Tensor], model: nn.Mo
 
 
 def cached_head_inputs(model: nn.Module, model_dir: str, tokenizer: Any, dataset: Any, collate: Any,
-                       max_length: int, batch_size: int) -> torch.Tensor:
+                       max_length: int, batch_size: int, variant: str = "") -> torch.Tensor:
     """`head_inputs`, read from the cache when an identical computation was stored before."""
     head = inspect_model(model).head_modules[0]
-    key = cache_key(model_dir, tokenizer, dataset, max_length, head)
+    key = cache_key(model_dir, tokenizer, dataset, max_length, head, variant)
     path = cache_dir() / "features" / f"{key}.pt"
     if path.is_file():
         return torch.load(path)

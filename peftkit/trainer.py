@@ -133,7 +133,8 @@ def build_trainer(
     if on_features:
         start = time.perf_counter()
         features = [
-            cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size)
+            cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size,
+                               variant=repr(sorted(strategy.options().items())))
             for split in (train_dataset, eval_dataset)
         ]
         setup_seconds = time.perf_counter() - start

@@ -82,3 +82,37 @@ def test_linear_probe_run_trains_on_cached_features(tmp_path, data_dir):
     assert result.record["cached_features"] is True
     uncached = peftkit.train({**result.record["config"], "cache_features": False, "output_dir": str(tmp_path / "run2")})
     assert uncached.record["cached_features"] is False
+
+
+def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir):
+    import peftkit
+    from peftkit.run import load_run
+    from peftkit.strategies import build_strategy
+
+    source, tokenizer, dataset, _ = setup("tiny-bert", data_dir)
+    torch.manual_seed(0)
+    model = build_strategy("linear-probe", {"pooling": "mean"}).apply(load_for_classification(source, ["a", "b"], tokenizer)).eval()
+    collate = PadToLongest(tokenizer)
+    features = cached_head_inputs(model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="mean")
+    torch.manual_seed(0)
+    plain_model = load_for_classification(source, ["a", "b"], tokenizer)
+    plain = cached_head_inputs(plain_model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="model")
+    assert not torch.equal(features, plain)  # another variant is another cache entry, and other features
+    batch = {k: v for k, v in collate([dataset[i] for i in range(8)]).items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(model.classifier(features[:8]), model(**batch).logits, atol=1e-5, rtol=1e-5)
+    run = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "max_train_samples": 64,
+                         "max_eval_samples": 48, "epochs": 1, "output_dir": tmp_path / "run",
+                         "strategy": {"name": "linear-probe", "pooling": "mean"}})
+    again = [load_run(run.output_dir)[1](**batch).logits for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+
+
+def test_mean_pooling_refuses_per_token_heads():
+    from peftkit.errors import PeftkitError
+    from peftkit.strategies import build_strategy
+
+    source = resolve_model("tiny-llama")
+    model = load_for_classification(source, ["a", "b"], load_tokenizer(source))
+    with pytest.raises(PeftkitError, match="pooling=mean needs a head that reads one vector"):
+        build_strategy("linear-probe", {"pooling": "mean"}).apply(model)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
 from peftkit.anatomy import Anatomy, inspect_model
 from peftkit.errors import PeftkitError
+from peftkit.pooling import MeanPooling
 from peftkit.strategies.base import Strategy, _skips_decay, register
 
 
@@ -150,11 +152,20 @@ def parse_layer_ranges(spec: str | list[int]) -> list[int]:
 @register("linear-probe")
 @dataclasses.dataclass
 class LinearProbe(Freezing):
-    """Only the task head trains; the pretrained model is a frozen feature extractor."""
+    """Only the task head trains; the pretrained model is a frozen feature extractor.
+    `pooling="mean"` feeds the head the mean of the last hidden states (how sentence-embedding
+    models are meant to be read) instead of the model's own pooled vector."""
 
     trains = "task head only"
     default_lr = 5e-3
     frozen_below_head = True
+    pooling: Literal["model", "mean"] = "model"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        model = super().apply(model)
+        if self.pooling == "mean":
+            MeanPooling(model)
+        return model
 
     def trainable(self, name: str, anatomy: Anatomy) -> bool:
         return anatomy.region(name) == "head"
