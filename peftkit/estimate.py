@@ -1,0 +1,235 @@
+"""Analytic peak training memory from a model's config alone (no weights: meta device).
+
+Terms, each computed from the model as the strategy would train it:
+- weights: every stored tensor by dtype; a 4-bit base stores half a byte per value plus its
+  quantization constants (one fp32 absmax per 64-value block, or with double quantization one
+  byte per block plus one fp32 per 256 blocks);
+- gradients: 4 bytes per trainable parameter (fp32, also under mixed precision);
+- optimizer: AdamW's two fp32 states (8 bytes per trainable parameter), 2 bytes for the 8-bit
+  and paged 8-bit variants, none for plain SGD;
+- best weights: peftkit keeps a copy of the trainable tensors at the best evaluation (4 bytes each);
+- activations saved for backward, per token and per layer from the lowest layer that needs
+  gradients: norm inputs, the projection inputs, q/k/v, the feed-forward intermediates (three
+  for gated MLPs, two otherwise), hidden-dropout masks; with gradient checkpointing only each
+  layer's input plus one layer recomputed; per-strategy extras (LoRA's rank-r intermediate and
+  its dropped-out inputs, adapter bottlenecks) and virtual tokens lengthen the sequence;
+- runtime: on CPU, what the process holds besides tensors (allocator, tokenizer, data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.anatomy import inspect_model
+from peftkit.errors import PeftkitError
+from peftkit.strategies import Strategy, build_strategy
+
+GB = 1024**3
+FIT_SIZES_GB = (16, 24, 40, 80)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2, "paged-adamw-8bit": 2, "sgd": 0}
+BLOCK = 64               # bitsandbytes 4-bit block size
+CPU_RUNTIME_BYTES = 300 * 2**20   # measured: resident memory a CPU run adds beyond its tensors
+
+
+@dataclass
+class Estimate:
+    """A memory breakdown in bytes, by term."""
+
+    terms: dict[str, int]
+    trainable_params: int
+    total_params: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.terms.values())
+
+    def fits(self, gigabytes: float) -> bool:
+        return self.total_bytes <= gigabytes * GB
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"terms": self.terms, "total_bytes": self.total_bytes, "trainable_params": self.trainable_params,
+                "total_params": self.total_params, "settings": self.settings}
+
+
+def load_config(model: str) -> Any:
+    """A transformers config from a config.json file, a checkpoint directory, an alias or a hub id."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise PeftkitError(f"model config {path} does not exist: pass a config.json file, a checkpoint or an alias")
+        return AutoConfig.for_model(**_read_json(path))
+    from peftkit.models import resolve_model
+
+    source = resolve_model(model)
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except OSError as err:
+        raise PeftkitError(f"cannot read the config of '{model}': {str(err).splitlines()[0][:160]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PeftkitError(f"cannot read model config {path}: {err}") from None
+
+
+def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16",
+             gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
+             device: str = "cuda") -> Estimate:
+    """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`."""
+    if dtype not in DTYPE_BYTES:
+        raise PeftkitError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_BYTES)}")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZER_BYTES)}")
+    strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
+    config = load_config(model)
+    config.num_labels = num_labels
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    meta = _meta_model(config, strategy)
+    quantized = strategy.quantization_config(torch.float32) is not None
+    weights_dtype = "fp32" if device == "cpu" or dtype == "fp32" else dtype
+
+    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    terms = {
+        "weights": weight_bytes(meta, quantized, DTYPE_BYTES[weights_dtype], getattr(strategy, "double_quant", True)),
+        "gradients": 4 * trainable,
+        "optimizer": OPTIMIZER_BYTES[optimizer] * trainable,
+        "best_weights": 4 * trainable,
+        "activations": activation_bytes(meta, config, strategy, batch_size, seq_len,
+                                        DTYPE_BYTES["fp32" if device == "cpu" else dtype], gradient_checkpointing),
+        "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
+    }
+    total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
+    settings = {"model": model, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+                "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device}
+    return Estimate(terms, trainable, total, settings)
+
+
+def _meta_model(config: Any, strategy: Strategy) -> nn.Module:
+    """The task model on the meta device (no memory), with the strategy applied."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return strategy.apply(AutoModelForSequenceClassification.from_config(config))
+
+
+def _quantizable(name: str, module: nn.Module, head: tuple[str, ...]) -> bool:
+    return isinstance(module, nn.Linear) and not any(name == h or name.startswith(h + ".") for h in head) \
+        and "lora_" not in name and "modules_to_save" not in name and "original_module" not in name
+
+
+def weight_bytes(model: nn.Module, quantized: bool, dtype_bytes: int, double_quant: bool) -> int:
+    """Stored weights; 4-bit linear weights with their quantization constants."""
+    quantized_ids = set()
+    if quantized:
+        head = inspect_model(_unwrap(model)).head_modules
+        for name, module in _unwrap(model).named_modules():
+            if _quantizable(name, module, head) and hasattr(module, "weight"):
+                quantized_ids.add(id(module.weight))
+    total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if id(param) in quantized_ids:
+            blocks = n / BLOCK
+            constants = blocks * 1 + blocks / 256 * 4 if double_quant else blocks * 4
+            total += n / 2 + constants
+        elif param.requires_grad:
+            total += 4 * n  # trained tensors stay fp32 (mixed precision keeps fp32 masters)
+        else:
+            total += dtype_bytes * n
+    return int(total)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
+                     bytes_per_value: int, gradient_checkpointing: bool) -> int:
+    """Tensors saved for backward over one batch."""
+    base = _unwrap(model)
+    anatomy = inspect_model(base)
+    lowest = _lowest_layer_needing_grad(model, anatomy)
+    if lowest is None:  # only the head trains: nothing below it is kept for backward
+        return int(batch_size * config.hidden_size * bytes_per_value)
+    tokens = batch_size * (seq_len + int(getattr(strategy, "num_virtual_tokens", 0) or 0))
+    per_layer = per_token_layer_values(base, config, anatomy) + _strategy_extra_values(model, anatomy)
+    layers = anatomy.num_layers - lowest
+    if gradient_checkpointing:
+        values = tokens * (layers * config.hidden_size + per_layer)
+    else:
+        values = tokens * layers * per_layer
+    dropout_masks = tokens * layers * _hidden_dropouts(config) * config.hidden_size  # bool masks, 1 byte
+    embeddings_out = tokens * config.hidden_size
+    return int((values + embeddings_out) * bytes_per_value + dropout_masks)
+
+
+def per_token_layer_values(model: nn.Module, config: Any, anatomy: Any) -> int:
+    """Values one layer keeps per token for backward (see the module docstring)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * h
+    gated = any(s.endswith("gate_proj") for s in anatomy.layer_linear_suffixes)
+    attention = h + (heads + 2 * kv) * head_dim + h          # q/k/v input, q, k, v, output-projection input
+    norms = 2 * h
+    feed_forward = h + (3 if gated else 2) * intermediate     # input, intermediates
+    return attention + norms + feed_forward
+
+
+def _strategy_extra_values(model: nn.Module, anatomy: Any) -> int:
+    """Per token per layer: LoRA's rank-r outputs and dropped-out inputs, adapter bottlenecks."""
+    extra = 0
+    prefix = f"{anatomy.layers_prefix}.0."
+    for name, module in model.named_modules():
+        if prefix not in name + ".":
+            continue
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
+            extra += lora_a["default"].out_features
+            dropout = module.lora_dropout["default"]
+            if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                extra += lora_a["default"].in_features
+        down = getattr(module, "down", None)
+        if name.endswith(".adapter") and isinstance(down, nn.Linear):
+            extra += 2 * down.out_features
+    return extra
+
+
+def _hidden_dropouts(config: Any) -> int:
+    p = getattr(config, "hidden_dropout_prob", 0.0) or 0.0
+    return 2 if p > 0 else 0
+
+
+def _lowest_layer_needing_grad(model: nn.Module, anatomy: Any) -> int | None:
+    """The lowest layer whose activations backward needs, or None when only the head trains.
+    Trainable tensors outside the base model (virtual tokens) and the embeddings sit at the
+    input (layer 0); a final norm or pooler sits above the last layer."""
+    base_names = {n for n, _ in _unwrap(model).named_parameters()}
+    lowest = None
+    for name, param in model.named_parameters():
+        clean = name.removeprefix("base_model.model.")
+        if not param.requires_grad or "modules_to_save" in clean or anatomy.is_head(clean):
+            continue
+        index = anatomy.layer_index(clean)
+        if index is None:
+            on_top = clean in base_names and anatomy.region(clean) == "top"
+            index = anatomy.num_layers - 1 if on_top else 0
+        lowest = index if lowest is None else min(lowest, index)
+    return lowest
