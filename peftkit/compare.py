@@ -5,7 +5,9 @@ matrix. Every finished run appends one JSON line to `OUT/runs.jsonl` (flushed an
 re-running the same command skips what is recorded, so a matrix killed at any moment resumes
 without repeating a finished run. Each strategy's hyperparameters come from its own recipe
 (`RECIPE_DIR/<model>-<task>-<strategy>.yaml`) or its own defaults, never from another
-strategy's; `--set` applies to every run, because the user said so.
+strategy's; `--set` applies to every run, because the user said so. A label such as
+`adapter-houlsby` names a recipe (`<model>-<task>-adapter-houlsby.yaml`) for one setting of a
+strategy, so one matrix can hold several variants of the same strategy.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Pa
             if data_dir is not None:
                 cell_values["data_dir"] = str(data_dir)
             config = make_config(apply_overrides(cell_values, overrides))
-            if config.strategy.name != strategy:
-                raise PeftkitError(f"recipe {recipe} trains '{config.strategy.name}', not '{strategy}'")
+            name = config.strategy.name
+            if strategy != name and not strategy.startswith(name + "-"):
+                raise PeftkitError(f"recipe {recipe} trains '{name}', which label '{strategy}' does not name")
             cells.append(Cell(strategy, seed, config, recipe))
     return cells
 

@@ -67,11 +67,22 @@ def test_each_strategy_takes_its_own_recipe(tmp_path, data_dir):
     assert lr["lora"] == 1e-3  # lora's own default, not full's recipe value
 
 
+def test_labels_name_variants_of_one_strategy(tmp_path, data_dir):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny-bert-sst2-adapter-houlsby.yaml").write_text("strategy: {name: adapter, variant: houlsby}\n")
+    (recipes / "tiny-bert-sst2-adapter-pfeiffer.yaml").write_text("strategy: {name: adapter, variant: pfeiffer}\n")
+    cells = plan("tiny-bert", "sst2", ["adapter-houlsby", "adapter-pfeiffer"], [0], tmp_path / "o", recipes, [], data_dir)
+    assert [c.config.strategy.options["variant"] for c in cells] == ["houlsby", "pfeiffer"]
+    with pytest.raises(PeftkitError, match="unknown strategy 'adapter-parallel'"):
+        plan("tiny-bert", "sst2", ["adapter-parallel"], [0], tmp_path / "o", recipes, [], data_dir)
+
+
 def test_recipe_for_another_strategy_is_refused(tmp_path, data_dir):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "tiny-bert-sst2-full.yaml").write_text("strategy: lora\n")
-    with pytest.raises(PeftkitError, match="trains 'lora', not 'full'"):
+    with pytest.raises(PeftkitError, match="trains 'lora', which label 'full' does not name"):
         plan("tiny-bert", "sst2", ["full"], [0], tmp_path / "o", recipes, [], data_dir)
 
 
