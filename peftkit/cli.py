@@ -1,4 +1,4 @@
-"""The `peftkit` command line: train, eval, predict, strategies.
+"""The `peftkit` command line: train, eval, predict, merge, strategies, compare, report.
 
 Every flag maps onto a RunConfig field; a recipe gives the starting values, flags override
 it and `--set key=value` overrides both. User errors print one line and exit with code 2.
@@ -144,6 +144,21 @@ def predict(
 
 @app.command()
 @user_errors
+def merge(
+    run: Path = typer.Option(..., help="A run directory written by `peftkit train` (lora, dora, qlora, ia3, peft:<method>)."),
+    output: Path = typer.Option(..., help="Where to write the merged transformers checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace --output if it is not empty."),
+) -> None:
+    """Fold a run's adapter into the base weights and save a plain transformers checkpoint."""
+    _quiet_libraries()
+    from peftkit.merge import merge_run
+
+    note = merge_run(run, output, overwrite)
+    typer.echo(f"merged {note['strategy']['name']} into {note['merged_into']}: {output}")
+
+
+@app.command()
+@user_errors
 def strategies(
     model: Optional[str] = typer.Option(None, help="Also count trainable parameters on this model."),
 ) -> None:
@@ -154,7 +169,7 @@ def strategies(
     from peftkit.strategies import STRATEGIES
 
     table = Table("strategy", "trains", "options", title="peftkit strategies")
-    counts: dict[str, tuple[int, int]] = {}
+    counts: dict[str, tuple[int, int] | None] = {}
     if model:
         _quiet_libraries()
         from peftkit.strategy_table import count_for_model
@@ -164,7 +179,9 @@ def strategies(
         table.add_column("%", justify="right")
     for name, cls in sorted(STRATEGIES.items()):
         row = [name, cls.trains, cls.main_options()]
-        if model:
+        if model and counts[name] is None:
+            row += ["-", "-"]  # cannot train this model with its default options
+        elif model:
             trainable, total = counts[name]
             row += [f"{trainable:,}", f"{100 * trainable / total:.3f}"]
         table.add_row(*row)
@@ -242,6 +259,44 @@ def report(
 
     for path in write_report(runs_dir, metric, title):
         typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def estimate(
+    model: str = typer.Option(..., help="Alias, checkpoint directory, hub id, or a config.json file."),
+    strategy: str = typer.Option(..., help="Strategy name."),
+    set_: list[str] = typer.Option([], "--set", help="Strategy option key=value, e.g. --set r=16."),
+    batch_size: int = typer.Option(4, min=1),
+    seq_len: int = typer.Option(512, min=1),
+    dtype: str = typer.Option("bf16", help="fp32, bf16 or fp16 (weights of frozen parts; activations)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit or sgd."),
+    device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
+) -> None:
+    """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftkit.config import apply_overrides
+    from peftkit.estimate import FIT_SIZES_GB, GB
+    from peftkit.estimate import estimate as compute
+    from peftkit.strategies import build_strategy
+
+    options = apply_overrides({"strategy": strategy}, set_)["strategy"]
+    result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
+                     gradient_checkpointing, optimizer, device=device)
+    table = Table("term", "GiB")
+    for term, value in result.terms.items():
+        table.add_row(term, f"{value / GB:.2f}")
+    table.add_row("total", f"{result.total_bytes / GB:.2f}")
+    console = Console(width=120)
+    console.print(f"{strategy} on {model}: batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
+                  f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")
+    console.print(table)
+    console.print(f"trainable {result.trainable_params:,} of {result.total_params:,} parameters")
+    for size in FIT_SIZES_GB:
+        console.print(f"{size} GB: {'fits' if result.fits(size) else 'does not fit'}")
 
 
 def main() -> None:

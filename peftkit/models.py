@@ -150,6 +150,13 @@ def _tiny_checkpoint(alias: str) -> Path:
     return _cached_checkpoint(alias, write)
 
 
+def load_model_config(source: ModelSource) -> Any:
+    """The source's transformers config: architecture and sizes, no weights (cheap, for checks)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, source)
+
+
 def load_tokenizer(source: ModelSource) -> Any:
     """The source's tokenizer, with a pad token set (decoders often lack one)."""
     from transformers import AutoTokenizer

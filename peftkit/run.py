@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from peftkit.config import RunConfig, make_config
 from peftkit.data import load_data
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
-from peftkit.models import load_for_classification, load_tokenizer, resolve_model
+from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
 from peftkit.tasks.classification import tokenize
 from peftkit.trainer import build_trainer, evaluate, precision_flags
 
@@ -53,6 +53,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
     source = resolve_model(config.model)
+    model_config = load_model_config(source)
+    strategy.check(model_config)
     data = load_data(config)
 
     from transformers import set_seed
@@ -61,6 +63,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = PeakMemory(device).start()
     tokenizer = load_tokenizer(source)
+    strategy.prepare_tokenizer(tokenizer, model_config)
     model = load_for_classification(source, data.label_names, tokenizer, strategy.quantization_config(_compute_dtype(config)))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -83,7 +86,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     record = {
         "config": config.model_dump(mode="json"),
         "learning_rate": config.lr,
-        "versions": _versions(),
+        "versions": package_versions(),
         "device": _device_name(device),
         "data": {
             "train_examples": len(train_set),
@@ -110,14 +113,23 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
 
 
 def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    staging.chmod(0o755)
-    try:
+    def write(staging: Path) -> None:
         strategy.save(model, staging)
         tokenizer.save_pretrained(staging)
         record["size_on_disk_bytes"] = size_on_disk(staging)
         (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+    write_directory(output_dir, write)
+
+
+def write_directory(output_dir: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a fresh staging folder beside `output_dir`, which then replaces it:
+    a failure leaves nothing half-written."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging.chmod(0o755)
+    try:
+        write(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -130,7 +142,8 @@ def _compute_dtype(config: RunConfig) -> torch.dtype:
     return torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else torch.float32
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages that decide a run's numbers."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -157,8 +170,9 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         raise PeftkitError(f"{path} is not valid JSON ({err.msg}); the run is damaged, train it again") from None
 
 
-def load_run(run_dir: Path, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, dict[str, Any]]:
-    """Reload a finished run: (config, model in eval mode, tokenizer, record)."""
+def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, dict[str, Any]]:
+    """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
+    puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
     config = make_config({**record["config"], **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
@@ -166,8 +180,8 @@ def load_run(run_dir: Path, **overrides: Any) -> tuple[RunConfig, nn.Module, Any
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    base = load_for_classification(source, record["data"]["label_names"], tokenizer,
-                                   strategy.quantization_config(_compute_dtype(config)))
+    quantization = strategy.quantization_config(_compute_dtype(config)) if quantized else None
+    base = load_for_classification(source, record["data"]["label_names"], tokenizer, quantization)
     model = strategy.load(base, Path(run_dir))
     model.eval()
     return config, model, tokenizer, record

@@ -47,6 +47,17 @@ class Strategy:
     saves: ClassVar[str] = "trained-tensors"
     # True when nothing below the task head trains: the head can learn from cached features.
     frozen_below_head: ClassVar[bool] = False
+    # Why `peftkit merge` cannot fold this strategy's training into the base weights (None: it can).
+    merge_refusal: ClassVar[str | None] = (
+        "only PEFT adapters (lora, dora, qlora, ia3, peft:<method>) fold into the base weights"
+    )
+
+    def check(self, model_config: Any) -> None:
+        """Reject an impossible (strategy, architecture) pair from the model's transformers
+        config alone, before any weights load. Raises PeftkitError; the default accepts all."""
+
+    def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
+        """Adjust the tokenizer the run trains with and saves (e.g. its padding side)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Return the model ready to train (may be a wrapper such as a PeftModel)."""
@@ -113,9 +124,10 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
     """Validate `options` against the strategy's fields and return the instance."""
     cls = STRATEGIES.get(name)
     if cls is None:
+        own = sorted(n for n in STRATEGIES if not n.startswith("peft:"))
         raise PeftkitError(
-            f"unknown strategy '{name}'{did_you_mean(name, STRATEGIES)}; "
-            f"choose one of: {', '.join(sorted(STRATEGIES))}"
+            f"unknown strategy '{name}'{did_you_mean(name, STRATEGIES)}; choose one of: {', '.join(own)}, "
+            "or peft:<method> for any other PEFT method (`peftkit strategies` lists them)"
         )
     options = dict(options or {})
     valid = [f.name for f in dataclasses.fields(cls)]

@@ -2,30 +2,29 @@
 
 `target_modules="auto"` means every linear projection inside a transformer layer (attention
 and MLP) of whatever architecture is loaded, found by `inspect_model`; the task head always
-trains (PEFT's `modules_to_save`).
+trains (PEFT's `modules_to_save`). Applying, saving, reloading and merging are `PeftStrategy`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from peftkit.anatomy import inspect_model
-from peftkit.strategies.base import Strategy, register
+from peftkit.strategies.base import register
+from peftkit.strategies.peft_base import PeftStrategy, layer_targets
 
 
 @register("lora")
 @dataclasses.dataclass
-class LoRA(Strategy):
+class LoRA(PeftStrategy):
     """Low-rank updates on the attention/MLP projections (Hu et al. 2021)."""
 
     trains = "low-rank adapters + head"
     default_lr = 1e-3
-    saves = "peft"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -36,36 +35,16 @@ class LoRA(Strategy):
     def peft_config(self, model: nn.Module) -> Any:
         from peft import LoraConfig, TaskType
 
-        anatomy = inspect_model(model)
-        targets = list(anatomy.layer_linear_suffixes) if self.target_modules == "auto" else self.target_modules
         return LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=targets,
+            target_modules=layer_targets(model, self.target_modules),
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
-            modules_to_save=list(anatomy.head_modules),
+            modules_to_save=list(inspect_model(model).head_modules),
         )
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
-
-        from peftkit.errors import PeftkitError
-
-        try:
-            return get_peft_model(model, self.peft_config(model))
-        except ValueError as err:  # PEFT's message for targets that match nothing
-            raise PeftkitError(f"{self.name}: {str(err).splitlines()[0]}") from None
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)
-
-    def load(self, base: nn.Module, directory: Path) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, directory)
 
 
 @register("dora")

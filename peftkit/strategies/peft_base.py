@@ -1,0 +1,65 @@
+"""The base of every strategy that is one PEFT config (lora, dora, qlora, ia3, prompt
+learning, `peft:<method>`).
+
+A subclass only says how to build its config from a loaded model; applying it
+(`get_peft_model`), saving (PEFT's `adapter_config.json` + `adapter_model.safetensors`, the
+task head included through `modules_to_save`), reloading (`PeftModel.from_pretrained`) and
+merging are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftkit.anatomy import inspect_model
+from peftkit.errors import PeftkitError
+from peftkit.strategies.base import Strategy
+
+
+@dataclasses.dataclass
+class PeftStrategy(Strategy):
+    """A strategy backed by a PEFT config; the base model is frozen by PEFT, the head trains."""
+
+    saves = "peft"
+    merge_refusal = None  # PEFT folds the adapter into the base weights (`merge_and_unload`)
+    # What PEFT raises when a config does not fit the model (targets that match nothing, sizes
+    # that do not divide): the user's to fix, so reported in one line.
+    config_errors: ClassVar[tuple[type[Exception], ...]] = (ValueError,)
+
+    def peft_config(self, model: nn.Module) -> Any:
+        """The PEFT config for this model (task type SEQ_CLS, the head in `modules_to_save`)."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        config = self.peft_config(model)
+        try:
+            return get_peft_model(model, config)
+        except self.config_errors as err:
+            raise PeftkitError(f"{self.name}: {first_line(err)}") from None
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, directory)
+
+
+def layer_targets(model: nn.Module, target_modules: str | list[str] | None) -> str | list[str] | None:
+    """`"auto"`: every linear projection inside a transformer layer (attention and MLP) of
+    whatever architecture is loaded, as paths relative to a layer; anything else passes through."""
+    if target_modules == "auto":
+        return list(inspect_model(model).layer_linear_suffixes)
+    return target_modules
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (PEFT's messages can run to many lines)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

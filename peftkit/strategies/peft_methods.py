@@ -1,0 +1,324 @@
+"""Every other PEFT method behind `--strategy`: ia3, prompt-tuning, prefix-tuning, p-tuning,
+and `peft:<method>` for any method in PEFT's own config registry (peft:loha, peft:vera, ...).
+
+All are `PeftStrategy`s (one save/load/merge path). Prompt learning adds trained virtual
+tokens in front of the input instead of changing weights, so it cannot be merged, and it
+rejects architectures that cannot take it (see `PromptLearning.check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from typing import Any, ClassVar, Literal
+
+import peft
+import transformers
+from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import nn
+
+from peftkit.anatomy import inspect_model
+from peftkit.errors import PeftkitError
+from peftkit.strategies.base import register
+from peftkit.strategies.peft_base import PeftStrategy, first_line, layer_targets
+
+# Leaf names of the key and value projections (separate, or fused with the query) across families.
+KEY_VALUE_LEAVES = {"k", "v", "key", "value", "k_proj", "v_proj", "key_proj", "value_proj"}
+FUSED_QKV_LEAVES = {"c_attn", "qkv", "qkv_proj", "Wqkv", "query_key_value"}
+
+
+@register("ia3")
+@dataclasses.dataclass
+class IA3(PeftStrategy):
+    """Learned vectors that rescale the keys, the values and the feed-forward activations
+    (Liu et al. 2022). "auto" finds the key/value projections by name and takes the layer's
+    last projection as the feed-forward output, whose input the vector rescales."""
+
+    trains = "scaling vectors on keys, values, FFN + head"
+    default_lr = 3e-3  # the IA3 paper's rate: a few thousand scalars need big steps, still < prompt tuning
+    target_modules: str | list[str] = "auto"
+    feedforward_modules: str | list[str] = "auto"
+
+    def peft_config(self, model: nn.Module) -> Any:
+        anatomy = inspect_model(model)
+        keys_values, ffn_output = _ia3_sites(anatomy.layer_linear_suffixes, type(model).__name__)
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        return IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=_in_any_layer([*keys_values, ffn_output]) if targets == "auto" else targets,
+            feedforward_modules=_in_any_layer([ffn_output]) if feedforward == "auto" else feedforward,
+            modules_to_save=list(anatomy.head_modules),
+        )
+
+
+def _ia3_sites(suffixes: tuple[str, ...], model_name: str) -> tuple[list[str], str]:
+    """(key and value projections, feed-forward output projection) among a layer's linears."""
+    leaf = {s: s.rsplit(".", 1)[-1] for s in suffixes}
+    keys_values = [s for s in suffixes if leaf[s] in KEY_VALUE_LEAVES]
+    keys_values = keys_values or [s for s in suffixes if leaf[s] in FUSED_QKV_LEAVES]
+    if not keys_values or suffixes[-1] in keys_values:
+        raise PeftkitError(
+            f"ia3 cannot find the key/value projections of {model_name} among its layer projections "
+            f"{list(suffixes)}: pass target_modules and feedforward_modules"
+        )
+    return keys_values, suffixes[-1]
+
+
+def _in_any_layer(suffixes: list[str]) -> str:
+    """A regex (PEFT full-matches a string target) for these paths directly under a layer
+    index: "output.dense" then matches BERT's FFN output, not "attention.output.dense"."""
+    return r".*\.\d+\.(" + "|".join(re.escape(s) for s in suffixes) + ")"
+
+
+@dataclasses.dataclass
+class PromptLearning(PeftStrategy):
+    """Trained virtual tokens in front of the input; the model is frozen, the head trains."""
+
+    merge_refusal = "prompt learning prepends trained virtual tokens to the input; there are no weights to fold them into"
+    config_type: ClassVar[type]
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise PeftkitError(f"{self.name} needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}")
+
+    def check(self, model_config: Any) -> None:
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise PeftkitError(
+                f"{self.name} cannot train a {model_config.model_type} classifier: encoder-decoder classifiers find "
+                "their end-of-sequence token in input_ids, which prompt learning replaces with embeddings; use lora or ia3"
+            )
+
+    def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
+        """Decoder-only classifiers read the last non-padding token, found from input_ids;
+        given embeddings they read the last position, so the padding must go on the left."""
+        if _is_decoder_only(model_config):
+            tokenizer.padding_side = "left"
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        """The method's own PEFT config options for this model."""
+        raise NotImplementedError
+
+    def peft_config(self, model: nn.Module) -> Any:
+        return self.config_type(
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=self.num_virtual_tokens,
+            modules_to_save=list(inspect_model(model).head_modules),
+            **self.config_options(model),
+        )
+
+
+@register("prompt-tuning")
+@dataclasses.dataclass
+class PromptTuning(PromptLearning):
+    """Soft prompt: trained input embeddings of `num_virtual_tokens` virtual tokens (Lester
+    et al. 2021), initialised at random, from `init_text`'s tokens, or from sampled vocabulary."""
+
+    trains = "virtual token embeddings + head"
+    config_type = PromptTuningConfig
+    default_lr = 3e-2  # Lester et al. / PEFT's examples: a soft prompt needs ~30x LoRA's rate
+    init: Literal["random", "text", "sample-vocab"] = "random"
+    init_text: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.init == "text") != (self.init_text is not None):
+            raise PeftkitError(
+                "prompt-tuning takes init_text together with init=text "
+                "(e.g. --set init=text --set init_text='Is this review positive?')"
+            )
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        if self.init != "text":
+            init = PromptTuningInit.RANDOM if self.init == "random" else PromptTuningInit.SAMPLE_VOCAB
+            return {"prompt_tuning_init": init}
+        # PEFT tokenizes init_text with the tokenizer saved beside the base model's weights
+        return {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": self.init_text,
+                "tokenizer_name_or_path": model.config._name_or_path}
+
+
+@register("prefix-tuning")
+@dataclasses.dataclass
+class PrefixTuning(PromptLearning):
+    """Trained key/value prefixes for every attention layer (Li & Liang 2021), optionally
+    produced by a two-layer MLP (`projection`) of width `encoder_hidden_size` (default: the model's)."""
+
+    trains = "per-layer key/value prefixes + head"
+    config_type = PrefixTuningConfig
+    default_lr = 1e-2  # PEFT's prefix-tuning examples; between p-tuning and prompt tuning
+    projection: bool = False
+    encoder_hidden_size: int | None = None
+
+    def check(self, model_config: Any) -> None:
+        super().check(model_config)
+        _check_takes_past_key_values(self.name, model_config)
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        return {"prefix_projection": self.projection, "encoder_hidden_size": self.encoder_hidden_size or _width(model)}
+
+
+@register("p-tuning")
+@dataclasses.dataclass
+class PTuning(PromptLearning):
+    """Virtual token embeddings produced by a small trained encoder, an MLP or an LSTM
+    (Liu et al. 2021), of width `encoder_hidden_size` (default: the model's)."""
+
+    trains = "prompt encoder + head"
+    config_type = PromptEncoderConfig
+    default_lr = 1e-3  # PEFT's p-tuning sequence-classification guide: the MLP trains like an adapter
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    encoder_hidden_size: int | None = None
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        return {"encoder_reparameterization_type": self.encoder.upper(),
+                "encoder_hidden_size": self.encoder_hidden_size or _width(model)}
+
+
+def _width(model: nn.Module) -> int:
+    """The model's embedding width: the prompt encoders' default hidden size."""
+    return model.get_input_embeddings().embedding_dim
+
+
+def _is_decoder_only(model_config: Any) -> bool:
+    """A causal LM architecture with no masked-LM form (GPT-2, Llama; not BERT, not T5)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = model_config.model_type
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _check_takes_past_key_values(name: str, model_config: Any) -> None:
+    """PEFT hands prefixes to the model as `past_key_values`, and refuses (at the first
+    forward) a classifier whose forward, or its backbone's, has no such argument; transformers 5
+    renamed it `cache`. The same test, on the classes alone, before any weights load."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
+
+    try:
+        classes = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(model_config)], MODEL_MAPPING[type(model_config)]]
+    except KeyError:  # an architecture transformers does not register: leave it to PEFT
+        return
+    if not any("past_key_values" in inspect.signature(cls.forward).parameters for cls in classes):
+        raise PeftkitError(
+            f"{name} cannot train {classes[0].__name__}: PEFT {peft.__version__} passes the prefix as past_key_values, "
+            f"which this model does not take in transformers {transformers.__version__}; use prompt-tuning, p-tuning or lora"
+        )
+
+
+# --- peft:<method> -----------------------------------------------------------------------
+
+# Config fields peftkit sets itself (task type, head, the model's sizes) or that describe
+# a saved adapter rather than choose the method's behaviour.
+INTERNAL_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "modules_to_save", "token_dim", "num_transformer_submodules", "num_attention_heads",
+    "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs",
+}
+# PEFT types with a first-class strategy (lora, ia3, prompt-tuning, prefix-tuning, p-tuning).
+DEDICATED = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
+# Methods that cannot train a sequence classifier here, and why.
+UNSUPPORTED = {
+    "ADALORA": "AdaLoRA reallocates ranks through update_and_allocate() after every optimizer step, "
+               "which the Trainer does not call; use lora",
+    "MULTITASK_PROMPT_TUNING": "it needs a task id with every example",
+    "POLY": "it needs a task id with every example",
+    "SHADOW": "PEFT's shadow layers fail in the forward pass of a sequence classifier",
+}
+PREFIX_LIKE = {"PREFIX_TUNING", "CARTRIDGE"}  # PEFT feeds these to the model as past_key_values
+
+
+@dataclasses.dataclass
+class PeftMethod(PeftStrategy):
+    """Base of the generated `peft:<method>` strategies: the options are the PEFT config's
+    own fields; `target_modules="auto"` means the layers' linear projections, as for lora."""
+
+    default_lr = 1e-3  # LoRA's rate; methods with very few parameters (vera, fourierft) may want more
+    # Less-used methods also signal a missing option or an unfit model with these.
+    config_errors = (ValueError, TypeError, NotImplementedError)
+    config_type: ClassVar[type]
+    peft_type: ClassVar[str]
+    unsupported: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        """Reject a method that cannot work here, and let PEFT validate the options now,
+        before any weights load (e.g. CPT refuses any task but causal LM)."""
+        if self.unsupported:
+            raise PeftkitError(f"strategy {self.name} cannot train a sequence classifier: {self.unsupported}")
+        self._build(target_modules=None, head=None)
+
+    def check(self, model_config: Any) -> None:
+        if self.peft_type in PREFIX_LIKE:
+            _check_takes_past_key_values(self.name, model_config)
+
+    def peft_config(self, model: nn.Module) -> Any:
+        targets = getattr(self, "target_modules", None)
+        if targets == "auto" and self.peft_type == "LN_TUNING":  # it trains norms, not projections
+            targets = _layer_norms(model)
+        return self._build(layer_targets(model, targets), list(inspect_model(model).head_modules))
+
+    def _build(self, target_modules: Any, head: list[str] | None) -> Any:
+        options = self.options()
+        if "target_modules" in options:
+            options["target_modules"] = target_modules
+        try:
+            return self.config_type(task_type=TaskType.SEQ_CLS, modules_to_save=head, **options)
+        except self.config_errors as err:
+            raise PeftkitError(f"strategy {self.name}: {first_line(err)}") from None
+
+
+def _layer_norms(model: nn.Module) -> list[str]:
+    """The normalization layers inside a transformer layer (LayerNorm, RMSNorm, ...), as paths
+    relative to the layer: what LN-tuning trains."""
+    anatomy = inspect_model(model)
+    layer = model.get_submodule(f"{anatomy.layers_prefix}.0")
+    return [name for name, module in layer.named_modules() if name and "norm" in type(module).__name__.lower()]
+
+
+def _register_peft_methods() -> None:
+    """One `peft:<method>` strategy per PEFT method without a dedicated strategy."""
+    for peft_type, config_type in PEFT_TYPE_TO_CONFIG_MAPPING.items():
+        if peft_type.value in DEDICATED:
+            continue
+        hints = typing.get_type_hints(config_type)
+        fields = [f for f in dataclasses.fields(config_type) if f.name not in INTERNAL_FIELDS and _plain_default(f)]
+        label = config_type.__name__.removesuffix("Config")
+        namespace = {
+            "__doc__": f"PEFT's {label} method; the options are the fields of peft.{config_type.__name__}.",
+            "__module__": __name__,
+            "config_type": config_type,
+            "peft_type": peft_type.value,
+            "unsupported": UNSUPPORTED.get(peft_type.value) or _head_refusal(config_type),
+        }
+        namespace["trains"] = f"{label} (PEFT) " + ("- cannot train a classifier" if namespace["unsupported"] else "+ head")
+        options = [(f.name, hints[f.name], _option_field(f)) for f in fields]
+        register(f"peft:{peft_type.value.lower()}")(
+            dataclasses.make_dataclass(f"Peft{label}", options, bases=(PeftMethod,), namespace=namespace)
+        )
+
+
+def _option_field(field: dataclasses.Field) -> dataclasses.Field:
+    """The option's default: PEFT's own, except "auto" for target_modules."""
+    if field.name == "target_modules":
+        return dataclasses.field(default="auto")
+    if field.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=field.default_factory)
+    return dataclasses.field(default=field.default)
+
+
+def _plain_default(field: dataclasses.Field) -> bool:
+    """Options are recorded in run.json: skip fields whose default is not plain data (e.g.
+    LoRA's runtime_config object)."""
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return default is None or isinstance(default, (bool, int, float, str, list, dict))
+
+
+def _head_refusal(config_type: type) -> str | None:
+    """Why a method cannot train the task head, or None when its config has modules_to_save."""
+    if any(f.name == "modules_to_save" for f in dataclasses.fields(config_type)):
+        return None
+    return "its config has no modules_to_save, so the new task head would stay at its random initialization"
+
+
+_register_peft_methods()

@@ -1,0 +1,64 @@
+"""Impossible (strategy, model) combinations stop before any data or weights load: one line,
+exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import T5Config
+
+import peftkit.run
+from test_cli import assert_clean_failure, invoke
+
+
+@pytest.fixture(autouse=True)
+def nothing_loads(monkeypatch):
+    """The checks must come first: loading data or weights fails these tests."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("data or weights loaded before the strategy check")
+
+    monkeypatch.setattr(peftkit.run, "load_data", forbidden)
+    monkeypatch.setattr(peftkit.run, "load_for_classification", forbidden)
+
+
+@pytest.mark.parametrize("model,classifier", [("tiny-bert", "BertForSequenceClassification"),
+                                              ("tiny-llama", "LlamaForSequenceClassification")])
+def test_prefix_tuning_is_rejected_where_the_model_takes_no_past_key_values(tmp_path, data_dir, model, classifier):
+    # PEFT 0.21 hands prefixes over as past_key_values; transformers 5 calls that argument `cache`.
+    out = tmp_path / "out"
+    result = invoke("train", "--model", model, "--strategy", "prefix-tuning", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, f"prefix-tuning cannot train {classifier}: PEFT", out)
+
+
+def test_prefix_like_peft_method_is_rejected_too(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "peft:cartridge", "--set", "num_virtual_tokens=4",
+                    "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "peft:cartridge cannot train BertForSequenceClassification", out)
+
+
+@pytest.mark.parametrize("strategy", ["prompt-tuning", "p-tuning"])
+def test_prompt_learning_is_rejected_on_an_encoder_decoder(tmp_path, data_dir, strategy):
+    model_dir = tmp_path / "t5"
+    T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = invoke("train", "--model", model_dir, "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, f"{strategy} cannot train a t5 classifier: encoder-decoder", out)
+
+
+@pytest.mark.parametrize("strategy,message", [
+    ("peft:adalora", "strategy peft:adalora cannot train a sequence classifier: AdaLoRA"),
+    ("peft:trainable_tokens", "strategy peft:trainable_tokens cannot train a sequence classifier: its config has no modules_to_save"),
+    ("peft:cpt", "strategy peft:cpt: CPTConfig only supports task_type = CAUSAL_LM"),
+])
+def test_peft_methods_that_cannot_classify(tmp_path, data_dir, strategy, message):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, message, out)
+
+
+def test_prompt_tuning_text_init_needs_its_text(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "prompt-tuning", "--set", "init=text",
+                    "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "prompt-tuning takes init_text together with init=text", out)
