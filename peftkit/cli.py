@@ -161,6 +161,7 @@ def merge(
 @user_errors
 def strategies(
     model: Optional[str] = typer.Option(None, help="Also count trainable parameters on this model."),
+    all_peft: bool = typer.Option(False, help="With --model, also count every peft:<method> (slow: ~40 more)."),
 ) -> None:
     """List the registered strategies, what they train, their options and (with --model) counts."""
     from rich.console import Console
@@ -174,12 +175,14 @@ def strategies(
         _quiet_libraries()
         from peftkit.strategy_table import count_for_model
 
-        counts = count_for_model(model)
+        counts = count_for_model(model, [n for n in sorted(STRATEGIES) if all_peft or not n.startswith("peft:")])
         table.add_column("trainable", justify="right")
         table.add_column("%", justify="right")
     for name, cls in sorted(STRATEGIES.items()):
         row = [name, cls.trains, cls.main_options()]
-        if model and counts[name] is None:
+        if model and name not in counts:
+            row += ["(--all-peft)", ""]
+        elif model and counts[name] is None:
             row += ["-", "-"]  # cannot train this model with its default options
         elif model:
             trainable, total = counts[name]

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-from peftkit.errors import PeftkitError
-from peftkit.measure import count_parameters
-from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
-from peftkit.strategies import STRATEGIES, build_strategy
+import copy
 
 import torch
 
+from peftkit.errors import PeftkitError
+from peftkit.measure import count_parameters
+from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
+from peftkit.strategies import build_strategy
 
-def count_for_model(model_name: str, num_labels: int = 2) -> dict[str, tuple[int, int] | None]:
-    """{strategy: (trainable, total)}, each strategy applied to a freshly loaded copy; None
-    for a strategy that cannot train this model with its default options."""
+
+def count_for_model(model_name: str, names: list[str], num_labels: int = 2) -> dict[str, tuple[int, int] | None]:
+    """{strategy: (trainable, total)} for `names`, each applied to its own copy of the model
+    (loaded once; quantizing strategies load their own 4-bit copy); None for a strategy that
+    cannot train this model with its default options."""
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source)
     model_config = load_model_config(source)
     labels = [f"label_{i}" for i in range(num_labels)]
     counts: dict[str, tuple[int, int] | None] = {}
-    for name in sorted(STRATEGIES):
+    plain = load_for_classification(source, labels, tokenizer)
+    for name in names:
         try:
             strategy = build_strategy(name)
             strategy.check(model_config)
-            model = load_for_classification(source, labels, tokenizer, strategy.quantization_config(torch.float32))
+            quantization = strategy.quantization_config(torch.float32)
+            model = copy.deepcopy(plain) if quantization is None else load_for_classification(source, labels, tokenizer, quantization)
             counts[name] = count_parameters(strategy.apply(model))
         except PeftkitError:
             counts[name] = None
