@@ -11,9 +11,9 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
-from peftkit.anatomy import inspect_model
 from peftkit.strategies.base import register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
 
@@ -32,19 +32,11 @@ class LoRA(PeftStrategy):
     use_rslora: bool = False
     use_dora: bool = False
 
-    def peft_config(self, model: nn.Module) -> Any:
-        from peft import LoraConfig, TaskType
+    config_type = LoraConfig
 
-        return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=layer_targets(model, self.target_modules),
-            use_rslora=self.use_rslora,
-            use_dora=self.use_dora,
-            modules_to_save=list(inspect_model(model).head_modules),
-        )
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.use_rslora,
+                    target_modules=layer_targets(model, self.target_modules), use_dora=self.use_dora)
 
 
 @register("dora")

@@ -29,10 +29,18 @@ class PeftStrategy(Strategy):
     # What PEFT raises when a config does not fit the model (targets that match nothing, sizes
     # that do not divide): the user's to fix, so reported in one line.
     config_errors: ClassVar[tuple[type[Exception], ...]] = (ValueError,)
+    config_type: ClassVar[type]  # the PEFT config class, e.g. peft.LoraConfig
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        """The method's own PEFT config options for this model."""
+        raise NotImplementedError
 
     def peft_config(self, model: nn.Module) -> Any:
-        """The PEFT config for this model (task type SEQ_CLS, the head in `modules_to_save`)."""
-        raise NotImplementedError
+        """The PEFT config for this model: task type SEQ_CLS, the head in `modules_to_save`."""
+        from peft import TaskType
+
+        return self.config_type(task_type=TaskType.SEQ_CLS, modules_to_save=list(inspect_model(model).head_modules),
+                                **self.config_options(model))
 
     def apply(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model

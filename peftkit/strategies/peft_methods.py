@@ -42,15 +42,14 @@ class IA3(PeftStrategy):
     target_modules: str | list[str] = "auto"
     feedforward_modules: str | list[str] = "auto"
 
-    def peft_config(self, model: nn.Module) -> Any:
-        anatomy = inspect_model(model)
-        keys_values, ffn_output = _ia3_sites(anatomy.layer_linear_suffixes, type(model).__name__)
+    config_type = IA3Config
+
+    def config_options(self, model: nn.Module) -> dict[str, Any]:
+        keys_values, ffn_output = _ia3_sites(inspect_model(model).layer_linear_suffixes, type(model).__name__)
         targets, feedforward = self.target_modules, self.feedforward_modules
-        return IA3Config(
-            task_type=TaskType.SEQ_CLS,
+        return dict(
             target_modules=_in_any_layer([*keys_values, ffn_output]) if targets == "auto" else targets,
             feedforward_modules=_in_any_layer([ffn_output]) if feedforward == "auto" else feedforward,
-            modules_to_save=list(anatomy.head_modules),
         )
 
 
@@ -78,7 +77,6 @@ class PromptLearning(PeftStrategy):
     """Trained virtual tokens in front of the input; the model is frozen, the head trains."""
 
     merge_refusal = "prompt learning prepends trained virtual tokens to the input; there are no weights to fold them into"
-    config_type: ClassVar[type]
     num_virtual_tokens: int = 20
 
     def __post_init__(self) -> None:
@@ -99,16 +97,11 @@ class PromptLearning(PeftStrategy):
             tokenizer.padding_side = "left"
 
     def config_options(self, model: nn.Module) -> dict[str, Any]:
-        """The method's own PEFT config options for this model."""
-        raise NotImplementedError
+        return {"num_virtual_tokens": self.num_virtual_tokens, **self.prompt_options(model)}
 
-    def peft_config(self, model: nn.Module) -> Any:
-        return self.config_type(
-            task_type=TaskType.SEQ_CLS,
-            num_virtual_tokens=self.num_virtual_tokens,
-            modules_to_save=list(inspect_model(model).head_modules),
-            **self.config_options(model),
-        )
+    def prompt_options(self, model: nn.Module) -> dict[str, Any]:
+        """The prompt-learning method's own options for this model."""
+        raise NotImplementedError
 
 
 @register("prompt-tuning")
@@ -131,7 +124,7 @@ class PromptTuning(PromptLearning):
                 "(e.g. --set init=text --set init_text='Is this review positive?')"
             )
 
-    def config_options(self, model: nn.Module) -> dict[str, Any]:
+    def prompt_options(self, model: nn.Module) -> dict[str, Any]:
         if self.init != "text":
             init = PromptTuningInit.RANDOM if self.init == "random" else PromptTuningInit.SAMPLE_VOCAB
             return {"prompt_tuning_init": init}
@@ -156,7 +149,7 @@ class PrefixTuning(PromptLearning):
         super().check(model_config)
         _check_takes_past_key_values(self.name, model_config)
 
-    def config_options(self, model: nn.Module) -> dict[str, Any]:
+    def prompt_options(self, model: nn.Module) -> dict[str, Any]:
         return {"prefix_projection": self.projection, "encoder_hidden_size": self.encoder_hidden_size or _width(model)}
 
 
@@ -172,7 +165,7 @@ class PTuning(PromptLearning):
     encoder: Literal["mlp", "lstm"] = "mlp"
     encoder_hidden_size: int | None = None
 
-    def config_options(self, model: nn.Module) -> dict[str, Any]:
+    def prompt_options(self, model: nn.Module) -> dict[str, Any]:
         return {"encoder_reparameterization_type": self.encoder.upper(),
                 "encoder_hidden_size": self.encoder_hidden_size or _width(model)}
 
