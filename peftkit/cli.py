@@ -81,6 +81,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
 ) -> None:
@@ -98,7 +99,7 @@ def train(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
         warmup_ratio=warmup_ratio, early_stopping_patience=early_stopping_patience, seed=seed,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, output_dir=output_dir,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, quantization=quantization, output_dir=output_dir,
         overwrite=overwrite or None,
     )
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
@@ -276,6 +277,7 @@ def estimate(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit or sgd."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
+    quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from rich.console import Console
@@ -288,7 +290,7 @@ def estimate(
 
     options = apply_overrides({"strategy": strategy}, set_)["strategy"]
     result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
-                     gradient_checkpointing, optimizer, device=device)
+                     gradient_checkpointing, optimizer, device=device, quantization=quantization)
     table = Table("term", "GiB")
     for term, value in result.terms.items():
         table.add_row(term, f"{value / GB:.2f}")

@@ -125,8 +125,32 @@ def run_cell(cell: Cell, out: Path) -> dict:
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None}
     if proc.returncode == 0:
         run = json.loads((Path(cell.config.output_dir) / "run.json").read_text())
-        return {**base, "status": "ok", "error": None, **run}
-    return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode)}
+        return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}
+    return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode),
+            "estimate": estimate_for(cell.config, None)}
+
+
+def estimate_for(config: RunConfig, run: dict | None) -> dict:
+    """`peftkit estimate` for a run's own settings: its batch size at its longest training
+    example (length-grouped batching makes that the peak batch), on its device. Before a run
+    (or when it failed) the maximum length stands in for the longest example."""
+    import torch
+
+    from peftkit.estimate import estimate
+    from peftkit.trainer import precision_flags
+
+    data = (run or {}).get("data", {})
+    on_cpu = (run or {}).get("device", "cpu" if not torch.cuda.is_available() else "cuda").startswith("cpu")
+    flags = precision_flags(config.precision)
+    precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+    try:
+        result = estimate(config.model, config.strategy.build(), config.batch_size,
+                          data.get("longest_train_example", config.max_length), precision,
+                          config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])),
+                          device="cpu" if on_cpu else "cuda", quantization=config.quantization)
+    except PeftkitError as err:
+        return {"error": str(err)}
+    return result.as_dict()
 
 
 def _last_error(log_path: Path, returncode: int) -> str:

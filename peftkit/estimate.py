@@ -87,7 +87,7 @@ def _read_json(path: Path) -> dict:
 
 def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16",
              gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
-             device: str = "cuda") -> Estimate:
+             device: str = "cuda", quantization: str = "none") -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`."""
     if dtype not in DTYPE_BYTES:
         raise PeftkitError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_BYTES)}")
@@ -99,7 +99,11 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     meta = _meta_model(config, strategy)
-    quantized = strategy.quantization_config(torch.float32) is not None
+    if quantization not in ("none", "nf4", "fp4"):
+        raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
+    if quantization != "none" and not strategy.quantizable_base:
+        raise PeftkitError(f"strategy '{strategy.name}' trains the base weights, which a 4-bit base cannot update")
+    quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
     weights_dtype = "fp32" if device == "cpu" or dtype == "fp32" else dtype
 
     trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
@@ -114,7 +118,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
     settings = {"model": model, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
-                "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device}
+                "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
+                "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization}
     return Estimate(terms, trainable, total, settings)
 
 

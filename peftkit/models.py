@@ -191,6 +191,14 @@ def load_for_classification(
     return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
 
 
+def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes 4-bit loading (NF4 or FP4, optionally double-quantized constants)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
 def head_modules(source: ModelSource, labels: dict[str, Any]) -> list[str]:
     """Names of the task head's modules, found on an empty (meta) model: never quantized."""
     from accelerate import init_empty_weights

@@ -24,7 +24,7 @@ from peftkit.config import RunConfig, make_config
 from peftkit.data import load_data
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
-from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
+from peftkit.models import four_bit_config, load_for_classification, load_model_config, load_tokenizer, resolve_model
 from peftkit.tasks.classification import tokenize
 from peftkit.trainer import build_trainer, evaluate, precision_flags
 
@@ -64,7 +64,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     memory = PeakMemory(device).start()
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
-    model = load_for_classification(source, data.label_names, tokenizer, strategy.quantization_config(_compute_dtype(config)))
+    model = load_for_classification(source, data.label_names, tokenizer, base_quantization(config, strategy))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = strategy.apply(model)
@@ -94,10 +94,12 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "label_names": data.label_names,
             "text_columns": data.text_columns,
             "train_tokens_per_epoch": tokens_per_epoch,
+            "longest_train_example": int(max(train_set["length"])),  # tokens; sets the peak batch
         },
         "metrics": {k: v for k, v in final.items() if k in ("accuracy", "macro_f1", "mcc", "loss")},
         "cached_features": trainer.setup_seconds > 0,
         "best_epoch": keep_best.best_epoch,
+        "eval_history": keep_best.history,
         "epochs_trained": epochs_done,
         "trainable_params": trainable,
         "total_params": total,
@@ -142,6 +144,16 @@ def _compute_dtype(config: RunConfig) -> torch.dtype:
     return torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else torch.float32
 
 
+def base_quantization(config: RunConfig, strategy: Any) -> Any | None:
+    """How the frozen base loads: as the strategy demands (qlora), else as the run's
+    `quantization` option says (4-bit NF4/FP4 with double quantization), else unquantized."""
+    dtype = _compute_dtype(config)
+    own = strategy.quantization_config(dtype)
+    if own is not None or config.quantization == "none":
+        return own
+    return four_bit_config(config.quantization, True, dtype)
+
+
 def package_versions() -> dict[str, str]:
     """Python and the versions of the packages that decide a run's numbers."""
     versions = {"python": platform.python_version()}
@@ -180,7 +192,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    quantization = strategy.quantization_config(_compute_dtype(config)) if quantized else None
+    quantization = base_quantization(config, strategy) if quantized else None
     base = load_for_classification(source, record["data"]["label_names"], tokenizer, quantization)
     model = strategy.load(base, Path(run_dir))
     model.eval()

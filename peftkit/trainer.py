@@ -31,12 +31,26 @@ class TimedTrainer(Trainer):
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
 
+    def __init__(self, model: nn.Module, **kwargs: Any):
+        _declare_trainable_additions(model)
+        super().__init__(model=model, **kwargs)
+
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - start
+
+
+def _declare_trainable_additions(model: nn.Module) -> None:
+    """Trainer refuses a 4-bit model unless PEFT adapters sit on it, assuming nothing else
+    can train there. peftkit's own adapters, biases and heads on a frozen 4-bit base are such
+    trainable additions; they are declared with the flag transformers' PEFT integration sets."""
+    from peft import PeftModel
+
+    if getattr(model, "is_quantized", False) and not isinstance(model, PeftModel):
+        model._hf_peft_config_loaded = True
 
 
 class KeepBestTrainable(TrainerCallback):
@@ -52,11 +66,14 @@ class KeepBestTrainable(TrainerCallback):
         self.best_epoch: float | None = None
         self.snapshot: dict[str, torch.Tensor] = {}
         self.bad_evals = 0
+        self.history: list[dict[str, float]] = []  # every evaluation, in order: epoch and metrics
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any) -> None:
         value = (metrics or {}).get(self.metric)
         if value is None:
             return
+        self.history.append({"epoch": state.epoch, **{k.removeprefix("eval_"): v for k, v in metrics.items()
+                                                       if k.removeprefix("eval_") in ("accuracy", "macro_f1", "mcc", "loss")}})
         if self.best is None or value > self.best:
             self.best, self.best_epoch, self.bad_evals = value, state.epoch, 0
             self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -134,7 +151,7 @@ def build_trainer(
         start = time.perf_counter()
         features = [
             cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size,
-                               variant=repr(sorted(strategy.options().items())))
+                               variant=repr((sorted(strategy.options().items()), config.quantization)))
             for split in (train_dataset, eval_dataset)
         ]
         setup_seconds = time.perf_counter() - start

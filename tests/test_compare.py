@@ -40,6 +40,9 @@ def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_
     keys = [(r["strategy"], r["seed"]) for r in lines]
     assert sorted(keys) == sorted({("bitfit", 0), ("bitfit", 1), ("linear-probe", 0), ("linear-probe", 1)})
     assert all(r["status"] == "ok" for r in lines)
+    for record in lines:  # the analytic estimate rides along, for the report's estimate/measured ratio
+        assert record["estimate"]["total_bytes"] > 0
+        assert record["estimate"]["settings"]["seq_len"] == record["data"]["longest_train_example"]
     for key, record in first.items():  # finished before the kill: kept, not re-run
         assert read_runs(out)[key]["train_time_s"] == record["train_time_s"]
 

@@ -42,6 +42,14 @@ def test_impossible_data_combination():
         make_config({"train_file": "x.csv"})
 
 
+@pytest.mark.parametrize("strategy, message", [("full", "trains the base weights"), ("partial", "trains the base weights"),
+                                               ("qlora", "quantizes the base itself")])
+def test_quantized_base_refuses_strategies_that_cannot_use_it(strategy, message):
+    with pytest.raises(PeftkitError, match=message):
+        make_config({"strategy": strategy, "quantization": "nf4"})
+    assert make_config({"strategy": "adapter", "quantization": "nf4"}).quantization == "nf4"
+
+
 def test_learning_rate_defaults_to_the_strategy():
     assert make_config({"strategy": "linear-probe"}).lr > make_config({"strategy": "full"}).lr
 

@@ -49,6 +49,14 @@ def test_qlora_weights_are_4bit_with_double_quantized_constants():
     assert result.terms["gradients"] == 4 * LORA
 
 
+def test_run_level_quantization_packs_the_base_under_any_adding_strategy():
+    plain, packed = cpu("adapter"), cpu("adapter", quantization="nf4")
+    assert packed.terms["weights"] < plain.terms["weights"]
+    assert packed.trainable_params == plain.trainable_params
+    with pytest.raises(PeftkitError, match="trains the base weights"):
+        cpu("full", quantization="nf4")
+
+
 def test_activations_full_and_checkpointed():
     tokens, layers, h = 2 * 10, 2, 64
     masks = tokens * layers * 2 * h                       # two hidden-dropout masks, a byte each

@@ -95,3 +95,19 @@ def test_gradient_checkpointing(tmp_path, data_dir, strategy):
     result = train(tmp_path, data_dir, strategy, gradient_checkpointing=True, max_train_samples=32)
     assert result.record["config"]["gradient_checkpointing"] is True
     assert result.record["train_time_s"] > 0
+
+
+def test_run_record_keeps_every_evaluation_and_the_longest_example(tmp_path, data_dir):
+    record = train(tmp_path, data_dir, "bitfit", epochs=2).record
+    assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]
+    assert max(h["accuracy"] for h in record["eval_history"]) == pytest.approx(record["metrics"]["accuracy"])
+    assert 8 < record["data"]["longest_train_example"] <= 128
+
+
+def test_adapter_trains_on_a_4bit_base_and_reloads(tmp_path, data_dir):
+    result = train(tmp_path, data_dir, {"name": "adapter", "variant": "pfeiffer"}, model="tiny-llama", quantization="nf4")
+    _, model, tokenizer, _ = load_run(result.output_dir)
+    frozen = model.model.layers[0].mlp.down_proj
+    assert type(frozen.weight).__name__ == "Params4bit"
+    reproduced = evaluate_run(result.output_dir)["metrics"]
+    assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)

@@ -47,6 +47,8 @@ class Strategy:
     saves: ClassVar[str] = "trained-tensors"
     # True when nothing below the task head trains: the head can learn from cached features.
     frozen_below_head: ClassVar[bool] = False
+    # False when the strategy updates the base's own linear weights, which a 4-bit base cannot.
+    quantizable_base: ClassVar[bool] = True
     # Why `peftkit merge` cannot fold this strategy's training into the base weights (None: it can).
     merge_refusal: ClassVar[str | None] = (
         "only PEFT adapters (lora, dora, qlora, ia3, peft:<method>) fold into the base weights"
@@ -63,8 +65,9 @@ class Strategy:
         """Return the model ready to train (may be a wrapper such as a PeftModel)."""
         raise NotImplementedError
 
-    def quantization_config(self, compute_dtype: torch.dtype) -> Any | None:
-        """A transformers quantization config the base must be loaded with, or None."""
+    def quantization_config(self, compute_dtype: torch.dtype | None) -> Any | None:
+        """The transformers quantization config this strategy itself demands of the base
+        (qlora), or None. `compute_dtype` None means the run's default."""
         return None
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

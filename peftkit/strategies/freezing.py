@@ -76,6 +76,7 @@ class Full(LayerwiseLR):
     trains = "every parameter"
     default_lr = 5e-5
     saves = "whole-model"
+    quantizable_base = False
 
     def trainable(self, name: str, anatomy: Anatomy) -> bool:
         return True
@@ -96,6 +97,7 @@ class Partial(LayerwiseLR):
 
     trains = "top layers + head"
     default_lr = 1e-4
+    quantizable_base = False
     trainable_layers: int | None = 2
     layers: str | list[int] | None = None
     train_embeddings: bool = False

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from peftkit.models import four_bit_config
 from peftkit.strategies.base import register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
 
@@ -58,16 +59,9 @@ class QLoRA(LoRA):
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    def quantization_config(self, compute_dtype: torch.dtype) -> Any:
-        from transformers import BitsAndBytesConfig
-
+    def quantization_config(self, compute_dtype: torch.dtype | None) -> Any:
         dtype = compute_dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        return four_bit_config(self.quant_type, self.double_quant, dtype or torch.float32)
 
     def apply(self, model: nn.Module) -> nn.Module:
         from peft import prepare_model_for_kbit_training
