@@ -33,6 +33,11 @@ class Anatomy:
         match = re.match(re.escape(self.layers_prefix) + r"\.(\d+)\.", param_name)
         return int(match.group(1)) if match else None
 
+    @property
+    def head_scores_every_token(self) -> bool:
+        """Decoder classifiers (`score`) score every position, then pick the last real one."""
+        return self.head_modules[0] == "score"
+
     def is_head(self, param_name: str) -> bool:
         return any(param_name == h or param_name.startswith(h + ".") for h in self.head_modules)
 

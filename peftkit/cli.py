@@ -278,6 +278,7 @@ def estimate(
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit or sgd."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
     quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
+    eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: --batch-size)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from rich.console import Console
@@ -290,11 +291,12 @@ def estimate(
 
     options = apply_overrides({"strategy": strategy}, set_)["strategy"]
     result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
-                     gradient_checkpointing, optimizer, device=device, quantization=quantization)
+                     gradient_checkpointing, optimizer, device=device, quantization=quantization,
+                     eval_batch_size=eval_batch_size)
     table = Table("term", "GiB")
     for term, value in result.terms.items():
         table.add_row(term, f"{value / GB:.2f}")
-    table.add_row("total", f"{result.total_bytes / GB:.2f}")
+    table.add_row("total (activations or evaluation, the larger)", f"{result.total_bytes / GB:.2f}")
     console = Console(width=120)
     console.print(f"{strategy} on {model}: batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")

@@ -7,7 +7,8 @@ without repeating a finished run. Each strategy's hyperparameters come from its 
 (`RECIPE_DIR/<model>-<task>-<strategy>.yaml`) or its own defaults, never from another
 strategy's; `--set` applies to every run, because the user said so. A label such as
 `adapter-houlsby` names a recipe (`<model>-<task>-adapter-houlsby.yaml`) for one setting of a
-strategy, so one matrix can hold several variants of the same strategy.
+strategy, so one matrix can hold several variants of the same strategy; `peft:loha`'s recipe
+is `<model>-<task>-peft-loha.yaml`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _recipe_for(recipe_dir: Path | None, model: str, task: str, strategy: str) -
         return None
     if not recipe_dir.is_dir():
         raise PeftkitError(f"recipe directory {recipe_dir} does not exist")
-    path = recipe_dir / f"{Path(model).name}-{task}-{strategy}.yaml"
+    path = recipe_dir / f"{Path(model).name}-{task}-{strategy.replace(':', '-')}.yaml"  # peft:loha -> peft-loha
     return path if path.is_file() else None
 
 
@@ -131,9 +132,9 @@ def run_cell(cell: Cell, out: Path) -> dict:
 
 
 def estimate_for(config: RunConfig, run: dict | None) -> dict:
-    """`peftkit estimate` for a run's own settings: its batch size at its longest training
-    example (length-grouped batching makes that the peak batch), on its device. Before a run
-    (or when it failed) the maximum length stands in for the longest example."""
+    """`peftkit estimate` for a run's own settings: its batch sizes at its longest training and
+    validation examples (length-grouped batches make those the peak batches), on its device.
+    Before a run (or when it failed) the maximum length stands in for the longest examples."""
     import torch
 
     from peftkit.estimate import estimate
@@ -147,7 +148,9 @@ def estimate_for(config: RunConfig, run: dict | None) -> dict:
         result = estimate(config.model, config.strategy.build(), config.batch_size,
                           data.get("longest_train_example", config.max_length), precision,
                           config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])),
-                          device="cpu" if on_cpu else "cuda", quantization=config.quantization)
+                          device="cpu" if on_cpu else "cuda", quantization=config.quantization,
+                          eval_batch_size=config.eval_batch_size,
+                          eval_seq_len=data.get("longest_validation_example", config.max_length))
     except PeftkitError as err:
         return {"error": str(err)}
     return result.as_dict()

@@ -22,7 +22,7 @@ class MeanPooling:
 
     def __init__(self, model: nn.Module):
         anatomy = inspect_model(model)
-        if anatomy.head_modules[0] == "score":  # decoder classifiers score every token, then pick the last
+        if anatomy.head_scores_every_token:
             raise PeftkitError(f"pooling=mean needs a head that reads one vector per example; "
                                f"{type(model).__name__} scores every token: use pooling=model")
         self.mask: torch.Tensor | None = None

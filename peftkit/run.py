@@ -94,7 +94,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "label_names": data.label_names,
             "text_columns": data.text_columns,
             "train_tokens_per_epoch": tokens_per_epoch,
-            "longest_train_example": int(max(train_set["length"])),  # tokens; sets the peak batch
+            "longest_train_example": int(max(train_set["length"])),  # tokens; they set the peak batches
+            "longest_validation_example": int(max(eval_set["length"])),
         },
         "metrics": {k: v for k, v in final.items() if k in ("accuracy", "macro_f1", "mcc", "loss")},
         "cached_features": trainer.setup_seconds > 0,

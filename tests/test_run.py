@@ -111,3 +111,13 @@ def test_adapter_trains_on_a_4bit_base_and_reloads(tmp_path, data_dir):
     assert type(frozen.weight).__name__ == "Params4bit"
     reproduced = evaluate_run(result.output_dir)["metrics"]
     assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["full", "bitfit"])
+def test_mean_pooling_trains_and_reloads_for_strategies_that_tune_the_model(tmp_path, data_dir, strategy):
+    result = train(tmp_path, data_dir, {"name": strategy, "pooling": "mean"})
+    _, model, tokenizer, _ = load_run(result.output_dir)
+    reproduced = evaluate_run(result.output_dir)["metrics"]
+    assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
+    plain = load_run(result.output_dir, strategy={"name": strategy})[1]  # the same weights read through the pooler
+    assert not torch.allclose(logits(model, tokenizer), logits(plain, tokenizer))

@@ -21,7 +21,11 @@ from peftkit.strategies.base import Strategy, _skips_decay, register
 
 @dataclasses.dataclass
 class Freezing(Strategy):
-    """Base for strategies that choose which of the model's own parameters train."""
+    """Base for strategies that choose which of the model's own parameters train.
+    `pooling="mean"` feeds the head the mean of the last hidden states (how sentence-embedding
+    models such as all-MiniLM are meant to be read) instead of the model's own pooled vector."""
+
+    pooling: Literal["model", "mean"] = "model"
 
     def trainable(self, name: str, anatomy: Anatomy) -> bool:
         raise NotImplementedError
@@ -30,6 +34,11 @@ class Freezing(Strategy):
         anatomy = inspect_model(model)
         for name, param in model.named_parameters():
             param.requires_grad_(self.trainable(name, anatomy))
+        return self.pool(model)
+
+    def pool(self, model: nn.Module) -> nn.Module:
+        if self.pooling == "mean":
+            MeanPooling(model)
         return model
 
 
@@ -85,7 +94,7 @@ class Full(LayerwiseLR):
         model.save_pretrained(directory / "model")
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
-        return type(base).from_pretrained(directory / "model", dtype=base.dtype)
+        return self.pool(type(base).from_pretrained(directory / "model", dtype=base.dtype))
 
 
 @register("partial")
@@ -154,20 +163,11 @@ def parse_layer_ranges(spec: str | list[int]) -> list[int]:
 @register("linear-probe")
 @dataclasses.dataclass
 class LinearProbe(Freezing):
-    """Only the task head trains; the pretrained model is a frozen feature extractor.
-    `pooling="mean"` feeds the head the mean of the last hidden states (how sentence-embedding
-    models are meant to be read) instead of the model's own pooled vector."""
+    """Only the task head trains; the pretrained model is a frozen feature extractor."""
 
     trains = "task head only"
     default_lr = 5e-3
     frozen_below_head = True
-    pooling: Literal["model", "mean"] = "model"
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        model = super().apply(model)
-        if self.pooling == "mean":
-            MeanPooling(model)
-        return model
 
     def trainable(self, name: str, anatomy: Anatomy) -> bool:
         return anatomy.region(name) == "head"
