@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -242,7 +243,7 @@ def compare(
         for cell in todo:
             running = cell
             live.update(table(), refresh=True)
-            harness.append_run(out, harness.run_cell(cell, out))
+            harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]])))
         running = None
         live.update(table(), refresh=True)
     failed = [k for k, r in harness.read_runs(out).items() if r["status"] != "ok"]

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,9 @@ def _drop_partial_last_line(path: Path) -> None:
     path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def run_cell(cell: Cell, out: Path) -> dict:
-    """Train one cell in a fresh `peftkit train` process; the record says ok or failed."""
+def run_cell(cell: Cell, out: Path, command: str | None = None) -> dict:
+    """Train one cell in a fresh `peftkit train` process; the record says ok or failed, and
+    keeps the `peftkit compare` command line that asked for it."""
     config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
@@ -123,7 +125,8 @@ def run_cell(cell: Cell, out: Path) -> dict:
     with log_path.open("w") as log:
         proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
                               stdout=log, stderr=subprocess.STDOUT)
-    base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None}
+    base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
+            "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if proc.returncode == 0:
         run = json.loads((Path(cell.config.output_dir) / "run.json").read_text())
         return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}

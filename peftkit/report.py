@@ -49,7 +49,7 @@ def aggregate(records: list[dict], metric: str) -> list[Row]:
     rows = []
     for strategy, runs in groups.items():
         values = [r["metrics"][metric] for r in runs]
-        estimates = [r["estimate"]["total_bytes"] / MB for r in runs if r.get("estimate")]
+        estimates = [r["estimate"]["total_bytes"] / MB for r in runs if "total_bytes" in (r.get("estimate") or {})]
         rows.append(Row(
             strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
             metric_std=statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -74,16 +74,39 @@ def pareto(rows: list[Row]) -> list[Row]:
     return frontier
 
 
-def markdown(rows: list[Row], metric: str, title: str) -> str:
+def provenance(records: list[dict]) -> list[str]:
+    """Where the numbers come from: commands, machines, package versions, dates."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    commands = sorted({r["command"] for r in records if r.get("command")})
+    devices = sorted({r["device"] for r in ok})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in ok})
+    dates = sorted(r["finished"][:10] for r in records if r.get("finished"))
+    lines = [f"Command: `{c}`" for c in commands]
+    lines += [f"Machine: {d}" for d in devices] + [f"Packages: {v}" for v in versions]
+    if dates:
+        lines.append(f"Date: {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
+    return [line + "  " for line in lines]
+
+
+def failures(records: list[dict]) -> list[str]:
+    """One line per run that did not finish, with its error: a refused strategy is a result too."""
+    return [f"- {r['strategy']} (seed {r['seed']}): {r.get('error') or 'no error recorded'}"
+            for r in records if r.get("status") != "ok"]
+
+
+def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | None = None) -> str:
     header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", "n", "peak MB", "estimate MB",
               "estimate/measured", "train s", "samples/s", "tokens/s", "disk MB"]
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"# {title}", "", *provenance(records or []), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ratio = f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-"
         estimate = f"{r.estimate_mb:.0f}" if r.estimate_mb else "-"
         lines.append(f"| {r.strategy} | {r.trainable_params:,} | {r.trainable_percent:.3f} | "
                      f"{r.metric_mean:.4f} ± {r.metric_std:.4f} | {r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
                      f"{r.train_time_s:.0f} | {r.samples_per_s:.1f} | {r.tokens_per_s:.0f} | {r.size_on_disk_mb:.2f} |")
+    failed = failures(records or [])
+    if failed:
+        lines += ["", "Runs that failed:", "", *failed]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +170,7 @@ def write_report(runs_dir: Path, metric: str = "accuracy", title: str | None = N
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
     first = next(r for r in records if r.get("status") == "ok")
     title = title or f"{first['config']['model']} on {first['config']['task']}: strategies compared"
-    table = markdown(rows, metric, title)
+    table = markdown(rows, metric, title, records)
     (runs_dir / "results.md").write_text(table)
     with (runs_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*asdict(rows[0]), "estimate_ratio"])
@@ -155,11 +178,11 @@ def write_report(runs_dir: Path, metric: str = "accuracy", title: str | None = N
         writer.writerows({**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows)
     (runs_dir / "results.json").write_text(json.dumps([{**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows], indent=1) + "\n")
     images = plots(rows, metric, runs_dir)
-    (runs_dir / "results.html").write_text(_html(title, rows, metric, images))
+    (runs_dir / "results.html").write_text(_html(title, rows, metric, images, records))
     return [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
 
 
-def _html(title: str, rows: list[Row], metric: str, images: list[Path]) -> str:
+def _html(title: str, rows: list[Row], metric: str, images: list[Path], records: list[dict]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("strategy", "trainable", "%", f"{metric}", "n", "peak MB", "estimate MB",
                                               "est/meas", "train s", "samples/s", "tokens/s", "disk MB"))
     body = "".join(
@@ -169,8 +192,10 @@ def _html(title: str, rows: list[Row], metric: str, images: list[Path]) -> str:
             f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-", f"{r.train_time_s:.0f}", f"{r.samples_per_s:.1f}",
             f"{r.tokens_per_s:.0f}", f"{r.size_on_disk_mb:.2f}")) + "</tr>"
         for r in rows)
+    notes = "".join(f"<p>{html.escape(line.strip())}</p>" for line in provenance(records))
+    failed = "".join(f"<p>{html.escape(line)}</p>" for line in failures(records))
     figures = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:4px 8px;text-align:right}img{max-width:48%;margin:1%}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>{figures}</body></html>\n")
+            f"<h1>{html.escape(title)}</h1>{notes}<table><tr>{head}</tr>{body}</table>{failed}{figures}</body></html>\n")

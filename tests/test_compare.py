@@ -100,12 +100,14 @@ def fake(strategy, seed, accuracy, trainable):
     return {"strategy": strategy, "seed": seed, "status": "ok", "metrics": {"accuracy": accuracy},
             "trainable_params": trainable, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
             "train_time_s": 10.0, "samples_per_s": 5.0, "tokens_per_s": 50.0, "size_on_disk_bytes": 2**20,
-            "config": {"model": "m", "task": "t"}, "estimate": {"total_bytes": 2**29}}
+            "config": {"model": "m", "task": "t"}, "estimate": {"total_bytes": 2**29}, "device": "cpu (x86_64, 2 threads)",
+            "versions": {"torch": "2.13.0"}, "command": "peftkit compare --strategies full,lora", "finished": "2026-11-28T05:00:00"}
 
 
 def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     records = [fake("full", 0, 0.90, 10000), fake("full", 1, 0.88, 10000), fake("lora", 0, 0.86, 100),
-               fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000)]
+               fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000),
+               {"strategy": "prefix-tuning", "seed": 0, "status": "failed", "error": "error: prefix-tuning cannot train X"}]
     rows = {r.strategy: r for r in aggregate(records, "accuracy")}
     assert rows["full"].n == 2 and rows["full"].metric_mean == pytest.approx(0.89)
     assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
@@ -115,5 +117,8 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
         append_run(tmp_path, record)
     paths = write_report(tmp_path)
     assert {p.name for p in paths} >= {"results.md", "results.csv", "results.json", "results.html", "metric_vs_params.png"}
-    assert "0.8900 ± 0.0141" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "0.8900 ± 0.0141" in text
+    assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
+    assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
     assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
