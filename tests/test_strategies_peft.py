@@ -189,7 +189,7 @@ def test_prompt_learning_rejects_encoder_decoder_classifiers(tiny_t5, strategy):
         build_strategy(strategy).check(tiny_t5().config)
 
 
-RELOADED = ["ia3", "prompt-tuning", "p-tuning", "peft:loha", "peft:lokr", "peft:vera", "peft:oft", "peft:ln_tuning"]
+RELOADED = ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "peft:loha", "peft:lokr", "peft:vera", "peft:oft", "peft:ln_tuning"]
 
 
 def train(tmp_path, data_dir, strategy, model="tiny-bert"):
@@ -208,6 +208,22 @@ def test_reloading_a_run_gives_identical_logits(tmp_path, data_dir, strategy):
     run = train(tmp_path, data_dir, strategy)
     _, first, tokenizer, _ = load_run(run)
     assert torch.equal(logits(first, tokenizer), logits(load_run(run)[1], tokenizer))
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_prefix_tuning_trains_and_padding_does_not_leak(tmp_path, data_dir, model):
+    """The prefixes reach every attention layer through the key/value cache, and the attention
+    mask is lengthened to cover them: an example scores the same alone and padded in a batch."""
+    run = peftkit.train({"model": model, "task": "sst2", "data_dir": data_dir, "max_train_samples": 64,
+                         "max_eval_samples": 48, "epochs": 1, "batch_size": 16, "strategy": "prefix-tuning",
+                         "learning_rate": 0.05, "output_dir": tmp_path / "prefix"}).output_dir
+    _, trained, tokenizer, record = load_run(run)
+    both = logits(trained, tokenizer, ("a gripping , funny film that never lets go", "dull"))
+    alone = logits(trained, tokenizer, ("dull",))
+    assert torch.allclose(both[1], alone[0], atol=1e-5)
+    fresh = build_strategy("prefix-tuning").apply(load_run(run)[1].get_base_model())
+    assert not torch.allclose(logits(fresh, tokenizer), logits(trained, tokenizer))  # the trained prefix matters
+    assert record["trainable_params"] > 0
 
 
 def test_prompt_tuning_on_a_decoder_pads_left_so_the_last_token_is_read(tmp_path, data_dir):

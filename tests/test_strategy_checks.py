@@ -21,13 +21,14 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(peftkit.run, "load_for_classification", forbidden)
 
 
-@pytest.mark.parametrize("model,classifier", [("tiny-bert", "BertForSequenceClassification"),
-                                              ("tiny-llama", "LlamaForSequenceClassification")])
-def test_prefix_tuning_is_rejected_where_the_model_takes_no_past_key_values(tmp_path, data_dir, model, classifier):
-    # PEFT 0.21 hands prefixes over as past_key_values; transformers 5 calls that argument `cache`.
+def test_prefix_tuning_is_rejected_where_the_model_takes_no_key_value_cache(tmp_path, data_dir):
+    from transformers import DistilBertConfig
+
+    model_dir = tmp_path / "distilbert"  # an encoder with no cache argument at all
+    DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=2).save_pretrained(model_dir)
     out = tmp_path / "out"
-    result = invoke("train", "--model", model, "--strategy", "prefix-tuning", "--data-dir", data_dir, "--output-dir", out)
-    assert_clean_failure(result, f"prefix-tuning cannot train {classifier}: PEFT", out)
+    result = invoke("train", "--model", model_dir, "--strategy", "prefix-tuning", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "prefix-tuning cannot train DistilBertForSequenceClassification: PEFT", out)
 
 
 def test_prefix_like_peft_method_is_rejected_too(tmp_path, data_dir):

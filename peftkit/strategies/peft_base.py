@@ -47,9 +47,13 @@ class PeftStrategy(Strategy):
 
         config = self.peft_config(model)
         try:
-            return get_peft_model(model, config)
+            return self.wrapped(get_peft_model(model, config))
         except self.config_errors as err:
             raise PeftkitError(f"{self.name}: {first_line(err)}") from None
+
+    def wrapped(self, model: nn.Module) -> nn.Module:
+        """The PeftModel as this method trains and reloads it (a method may adjust it)."""
+        return model
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
@@ -57,7 +61,7 @@ class PeftStrategy(Strategy):
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, directory)
+        return self.wrapped(PeftModel.from_pretrained(base, directory))
 
 
 def layer_targets(model: nn.Module, target_modules: str | list[str] | None) -> str | list[str] | None:

@@ -147,10 +147,34 @@ class PrefixTuning(PromptLearning):
 
     def check(self, model_config: Any) -> None:
         super().check(model_config)
-        _check_takes_past_key_values(self.name, model_config)
+        _check_takes_past_key_values(self.name, model_config, ("cache", "past_key_values"))
+
+    def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
+        """Prefixes enter through the cache and the model still gets input_ids, so a decoder
+        classifier finds the last real token itself: the tokenizer keeps its own padding side
+        (right padding leaves the real tokens' positions alone)."""
 
     def prompt_options(self, model: nn.Module) -> dict[str, Any]:
         return {"prefix_projection": self.projection, "encoder_hidden_size": self.encoder_hidden_size or _width(model)}
+
+    def wrapped(self, model: nn.Module) -> nn.Module:
+        """PEFT 0.21 hands a sequence classifier its prefixes as `past_key_values`, and
+        refuses a model whose forward has no argument of that name; transformers 5 models take
+        the same pre-filled cache as `cache`. The classifier's forward passes it under that name."""
+        import types
+
+        model._prefix_tuning_forward = types.MethodType(_prefix_forward_with_cache, model)
+        return model
+
+
+def _prefix_forward_with_cache(self: Any, input_ids: Any = None, attention_mask: Any = None, inputs_embeds: Any = None,
+                               labels: Any = None, output_attentions: Any = None, output_hidden_states: Any = None,
+                               return_dict: Any = None, **kwargs: Any) -> Any:
+    """PeftModelForSequenceClassification's prefix-tuning forward (its caller has already
+    lengthened the attention mask by the virtual tokens), with the prefix cache as `cache`."""
+    batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, cache=self.get_prompt(batch_size), use_cache=True, **kwargs)
 
 
 @register("p-tuning")
@@ -183,20 +207,21 @@ def _is_decoder_only(model_config: Any) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def _check_takes_past_key_values(name: str, model_config: Any) -> None:
-    """PEFT hands prefixes to the model as `past_key_values`, and refuses (at the first
-    forward) a classifier whose forward, or its backbone's, has no such argument; transformers 5
-    renamed it `cache`. The same test, on the classes alone, before any weights load."""
+def _check_takes_past_key_values(name: str, model_config: Any, arguments: tuple[str, ...] = ("past_key_values",)) -> None:
+    """PEFT hands prefixes to the model as a pre-filled key/value cache, and fails (at the
+    first forward) on a classifier whose forward, or its backbone's, has no argument for it.
+    The same test, on the classes alone, before any weights load."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
 
     try:
         classes = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(model_config)], MODEL_MAPPING[type(model_config)]]
     except KeyError:  # an architecture transformers does not register: leave it to PEFT
         return
-    if not any("past_key_values" in inspect.signature(cls.forward).parameters for cls in classes):
+    if not any(arg in inspect.signature(cls.forward).parameters for cls in classes for arg in arguments):
         raise PeftkitError(
-            f"{name} cannot train {classes[0].__name__}: PEFT {peft.__version__} passes the prefix as past_key_values, "
-            f"which this model does not take in transformers {transformers.__version__}; use prompt-tuning, p-tuning or lora"
+            f"{name} cannot train {classes[0].__name__}: PEFT {peft.__version__} passes the prefix as a key/value cache "
+            f"({' or '.join(arguments)}), which this model does not take in transformers {transformers.__version__}; "
+            "use prompt-tuning, p-tuning or lora"
         )
 
 
