@@ -13,7 +13,8 @@ Terms, each computed from the model as the strategy would train it:
   dropout mask), the feed-forward intermediates (three for gated MLPs, two otherwise),
   hidden-dropout masks; with gradient checkpointing only each layer's input plus one layer
   recomputed; per-strategy extras (LoRA's rank-r intermediate and its dropped-out inputs,
-  adapter bottlenecks) and virtual tokens lengthen the sequence;
+  adapter bottlenecks); prompt tuning's virtual tokens lengthen the sequence, prefix tuning's
+  only the keys and values;
 - evaluation: the per-epoch evaluation's forward pass without gradients, in its own (larger)
   batch: what one layer holds at once (its input and output, q/k/v, attention scores and
   probabilities, the feed-forward intermediates). Training activations are freed before it
@@ -186,12 +187,12 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     base = _unwrap(model)
     anatomy = inspect_model(base)
     lowest = _lowest_layer_needing_grad(model, anatomy)
-    length = seq_len + _virtual_tokens(strategy)
+    length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
     tokens = batch_size * length
     if lowest is None:  # only the head trains: it keeps its input, one vector per example or per token
         return int((tokens if anatomy.head_scores_every_token else batch_size) * config.hidden_size * bytes_per_value)
     mask_bytes = bytes_per_value if device == "cpu" else 1  # dropout keeps a float mask on CPU, a bool one on CUDA
-    layers = [layer_saved_bytes(config, anatomy, length, _projections_train(model, anatomy, index), bytes_per_value,
+    layers = [layer_saved_bytes(config, anatomy, keys, _projections_train(model, anatomy, index), bytes_per_value,
                                 mask_bytes, device) + _strategy_extra_bytes(model, anatomy, index, bytes_per_value, mask_bytes)
               for index in range(lowest, anatomy.num_layers)]
     if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
@@ -215,7 +216,8 @@ def _dora_weight_bytes(model: nn.Module, bytes_per_value: int) -> int:
 
 def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train: bool, bytes_per_value: int,
                       mask_bytes: int, device: str) -> int:
-    """Bytes one transformer layer saves for backward, per token (see the module docstring)."""
+    """Bytes one transformer layer saves for backward, per token (see the module docstring);
+    `seq_len` is the number of keys each token attends to."""
     h, heads, head_dim, kv, intermediate = _sizes(config)
     gated = any(s.endswith("gate_proj") for s in anatomy.layer_linear_suffixes)
     attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout")
@@ -276,15 +278,18 @@ def _strategy_extra_bytes(model: nn.Module, anatomy: Any, index: int, bytes_per_
 def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
                      bytes_per_value: int) -> int:
     """The largest set of tensors one layer holds at once in a forward pass without gradients."""
-    length = seq_len + _virtual_tokens(strategy)
+    length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
     h, heads, _, _, intermediate = _sizes(config)
     gated = any(s.endswith("gate_proj") for s in inspect_model(_unwrap(model)).layer_linear_suffixes)
-    per_token = 8 * h + (3 if gated else 2) * intermediate + 2 * heads * length
+    per_token = 8 * h + (3 if gated else 2) * intermediate + 2 * heads * keys
     return int(batch_size * length * per_token * bytes_per_value)
 
 
-def _virtual_tokens(strategy: Strategy) -> int:
-    return int(getattr(strategy, "num_virtual_tokens", 0) or 0)
+def _virtual_tokens(strategy: Strategy, where: str = "input") -> int:
+    """Virtual tokens the strategy adds to the input sequence, or (`where="keys"`) to the keys:
+    prompt tuning lengthens both, prefix tuning only the keys and values."""
+    count = int(getattr(strategy, "num_virtual_tokens", 0) or 0)
+    return count if where == "keys" or getattr(strategy, "virtual_tokens_enter", "input") == "input" else 0
 
 
 def _sizes(config: Any) -> tuple[int, int, int, int, int]:

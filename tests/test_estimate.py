@@ -98,7 +98,7 @@ def test_evaluation_counts_one_layer_without_gradients_and_not_on_top_of_trainin
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
-@pytest.mark.parametrize("strategy", ["full", "bitfit", "lora", "dora", "qlora", "ia3", "prompt-tuning",
+@pytest.mark.parametrize("strategy", ["full", "bitfit", "lora", "dora", "qlora", "ia3", "prompt-tuning", "prefix-tuning",
                                       {"name": "adapter", "variant": "houlsby"}])
 def test_activation_term_matches_what_autograd_saves(model, strategy):
     """The analytic term against the bytes autograd really keeps for one training forward."""

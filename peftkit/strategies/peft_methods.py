@@ -77,6 +77,7 @@ class PromptLearning(PeftStrategy):
     """Trained virtual tokens in front of the input; the model is frozen, the head trains."""
 
     merge_refusal = "prompt learning prepends trained virtual tokens to the input; there are no weights to fold them into"
+    virtual_tokens_enter: ClassVar[str] = "input"  # or "keys": prefixes lengthen only the keys and values
     num_virtual_tokens: int = 20
 
     def __post_init__(self) -> None:
@@ -140,6 +141,7 @@ class PrefixTuning(PromptLearning):
     produced by a two-layer MLP (`projection`) of width `encoder_hidden_size` (default: the model's)."""
 
     trains = "per-layer key/value prefixes + head"
+    virtual_tokens_enter = "keys"
     config_type = PrefixTuningConfig
     default_lr = 1e-2  # PEFT's prefix-tuning examples; between p-tuning and prompt tuning
     projection: bool = False
