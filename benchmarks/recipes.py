@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-COLUMNS = ("recipe", "strategy", "dev acc", "macro-F1", "trainable", "trainable %", "epochs", "lr",
+COLUMNS = ("recipe", "strategy", "base", "dev acc", "macro-F1", "trainable", "trainable %", "epochs", "lr",
            "train s", "samples/s", "tokens/s", "peak MB", "disk MB")
 
 
@@ -35,8 +35,10 @@ def run_recipe(recipe: Path, data_dir: str, run_dir: Path) -> dict:
 
 def row(recipe: Path, record: dict) -> list[str]:
     cfg = record["config"]
+    four_bit = cfg["strategy"].get("quant_type") or (cfg.get("quantization") if cfg.get("quantization") != "none" else None)
     return [
-        recipe.stem, cfg["strategy"]["name"], f"{record['metrics']['accuracy']:.4f}",
+        recipe.stem, cfg["strategy"]["name"], f"4-bit {four_bit}" if four_bit else "full precision",
+        f"{record['metrics']['accuracy']:.4f}",
         f"{record['metrics']['macro_f1']:.4f}", f"{record['trainable_params']:,}",
         f"{record['trainable_percent']:.3f}", f"{record['epochs_trained']:g}", f"{record['learning_rate']:g}",
         f"{record['train_time_s']:.0f}", f"{record['samples_per_s']:.1f}", f"{record['tokens_per_s']:.0f}",

@@ -9,8 +9,9 @@ Terms, each computed from the model as the strategy would train it:
   and paged 8-bit variants, none for plain SGD;
 - best weights: peftkit keeps a copy of the trainable tensors at the best evaluation (4 bytes each);
 - activations saved for backward, per token and per layer from the lowest layer that needs
-  gradients: norm inputs, the projection inputs, q/k/v, the attention probabilities (and their
-  dropout mask), the feed-forward intermediates (three for gated MLPs, two otherwise),
+  gradients: norm inputs, the projection inputs, q/k/v (and q/k before a rotary embedding), the
+  attention probabilities with their dropout mask where attention dropout forces PyTorch's math
+  path on CPU (fused kernels keep only their output and a log-sum-exp), the feed-forward intermediates (three for gated MLPs, two otherwise),
   hidden-dropout masks; with gradient checkpointing only each layer's input plus one layer
   recomputed; per-strategy extras (LoRA's rank-r intermediate and its dropped-out inputs,
   adapter bottlenecks); prompt tuning's virtual tokens lengthen the sequence, prefix tuning's
@@ -223,11 +224,13 @@ def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train
     attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout")
     hidden_dropout = _dropout(config, "hidden_dropout_prob", "resid_pdrop")
     values = 2 * h + (heads + 2 * kv) * head_dim            # the two norm inputs; q, k, v
+    if getattr(config, "rope_parameters", None) or hasattr(config, "rope_theta"):
+        values += (heads + kv) * head_dim                    # rotary embeddings keep q and k before rotation
     values += (3 if gated else 1) * intermediate             # the activation's input (gated: gate, up, act(gate))
-    if device == "cpu":  # the math attention path keeps the probabilities (and their dropped-out copy)
-        values += heads * seq_len * (2 if attention_dropout else 1)
-        masks = heads * seq_len if attention_dropout else 0
-    else:                # fused attention kernels keep their output and a log-sum-exp per head instead
+    if device == "cpu" and attention_dropout:  # the math path keeps the probabilities, their dropped-out copy, the mask
+        values += 2 * heads * seq_len
+        masks = heads * seq_len
+    else:  # fused attention kernels keep their output and a log-sum-exp per head instead
         values, masks = values + h + heads, 0
     masks += 2 * h if hidden_dropout else 0                  # after the attention and feed-forward outputs
     if projections_train:  # a linear layer keeps its input only to compute its weight's gradient
