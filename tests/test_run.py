@@ -121,3 +121,10 @@ def test_mean_pooling_trains_and_reloads_for_strategies_that_tune_the_model(tmp_
     assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
     plain = load_run(result.output_dir, strategy={"name": strategy})[1]  # the same weights read through the pooler
     assert not torch.allclose(logits(model, tokenizer), logits(plain, tokenizer))
+
+
+def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
+    # bitsandbytes would repack the 4-bit weights for inference at the first evaluation
+    # (on CPUs with AVX512-BF16) and the second epoch would then fail in autograd
+    record = train(tmp_path, data_dir, "qlora", epochs=2).record
+    assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]
