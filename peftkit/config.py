@@ -100,14 +100,7 @@ class RunConfig(BaseModel):
             raise ValueError("train_file needs validation_file too (pass --validation-file)")
         if self.train_file is None and self.task is None:
             raise ValueError("give a built-in task (--task sst2) or your own data (--train-file/--validation-file)")
-        if self.quantization != "none":
-            strategy = self.strategy.build()
-            if strategy.quantization_config(None) is not None:
-                raise ValueError(f"strategy '{strategy.name}' quantizes the base itself (its quant_type option): "
-                                 "drop quantization")
-            if not strategy.quantizable_base:
-                raise ValueError(f"strategy '{strategy.name}' trains the base weights, which a 4-bit base cannot "
-                                 "update: set quantization none, or pick a strategy that adds weights (lora, adapter, ia3)")
+        self.strategy.build().check_quantization(self.quantization)
         if self.data_dir is None and os.environ.get("PEFTKIT_DATA_DIR"):
             self.data_dir = Path(os.environ["PEFTKIT_DATA_DIR"])
         for name in ("data_dir", "train_file", "validation_file"):

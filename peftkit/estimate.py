@@ -11,8 +11,8 @@ Terms, each computed from the model as the strategy would train it:
 - activations saved for backward, per token and per layer from the lowest layer that needs
   gradients: norm inputs, the projection inputs, q/k/v (and q/k before a rotary embedding), the
   attention probabilities with their dropout mask where attention dropout forces PyTorch's math
-  path on CPU (fused kernels keep only their output and a log-sum-exp), the feed-forward intermediates (three for gated MLPs, two otherwise),
-  hidden-dropout masks; with gradient checkpointing only each layer's input plus one layer
+  path on CPU (fused kernels keep only their output and a log-sum-exp), the feed-forward
+  intermediates (three for gated MLPs, two otherwise), hidden-dropout masks; with gradient checkpointing only each layer's input plus one layer
   recomputed; per-strategy extras (LoRA's rank-r intermediate and its dropped-out inputs,
   adapter bottlenecks); prompt tuning's virtual tokens lengthen the sequence, prefix tuning's
   only the keys and values;
@@ -106,15 +106,14 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     if optimizer not in OPTIMIZER_BYTES:
         raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZER_BYTES)}")
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
+    if quantization not in ("none", "nf4", "fp4"):
+        raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
+    strategy.check_quantization(quantization)
     config = load_config(model)
     config.num_labels = num_labels
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     meta = _meta_model(config, strategy)
-    if quantization not in ("none", "nf4", "fp4"):
-        raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
-    if quantization != "none" and not strategy.quantizable_base:
-        raise PeftkitError(f"strategy '{strategy.name}' trains the base weights, which a 4-bit base cannot update")
     quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
     weights_dtype = "fp32" if device == "cpu" or dtype == "fp32" else dtype
 

@@ -54,6 +54,8 @@ def test_run_level_quantization_packs_the_base_under_any_adding_strategy():
     assert packed.trainable_params == plain.trainable_params
     with pytest.raises(PeftkitError, match="trains the base weights"):
         cpu("full", quantization="nf4")
+    with pytest.raises(PeftkitError, match="quantizes the base itself"):  # the same check as a run's config
+        cpu("qlora", quantization="nf4")
 
 
 # Bytes per token one tiny-BERT layer saves for backward (fp32 on CPU, where dropout masks are

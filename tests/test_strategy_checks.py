@@ -63,3 +63,10 @@ def test_prompt_tuning_text_init_needs_its_text(tmp_path, data_dir):
     result = invoke("train", "--model", "tiny-bert", "--strategy", "prompt-tuning", "--set", "init=text",
                     "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "prompt-tuning takes init_text together with init=text", out)
+
+
+def test_quantized_base_with_full_fine_tuning_is_one_line(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "full", "--quantization", "nf4",
+                    "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "strategy 'full' trains the base weights, which a 4-bit base cannot update", out)

@@ -65,6 +65,16 @@ class Strategy:
         """Return the model ready to train (may be a wrapper such as a PeftModel)."""
         raise NotImplementedError
 
+    def check_quantization(self, quantization: str) -> None:
+        """Refuse a run-level 4-bit base (`quantization` nf4/fp4) this strategy cannot use."""
+        if quantization == "none":
+            return
+        if self.quantization_config(None) is not None:
+            raise PeftkitError(f"strategy '{self.name}' quantizes the base itself (its quant_type option): drop quantization")
+        if not self.quantizable_base:
+            raise PeftkitError(f"strategy '{self.name}' trains the base weights, which a 4-bit base cannot update: "
+                               "set quantization none, or pick a strategy that adds weights (lora, adapter, ia3)")
+
     def quantization_config(self, compute_dtype: torch.dtype | None) -> Any | None:
         """The transformers quantization config this strategy itself demands of the base
         (qlora), or None. `compute_dtype` None means the run's default."""

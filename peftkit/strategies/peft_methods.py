@@ -149,7 +149,7 @@ class PrefixTuning(PromptLearning):
 
     def check(self, model_config: Any) -> None:
         super().check(model_config)
-        _check_takes_past_key_values(self.name, model_config, ("cache", "past_key_values"))
+        _check_takes_key_value_cache(self.name, model_config, ("cache", "past_key_values"))
 
     def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
         """Prefixes enter through the cache and the model still gets input_ids, so a decoder
@@ -209,7 +209,7 @@ def _is_decoder_only(model_config: Any) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def _check_takes_past_key_values(name: str, model_config: Any, arguments: tuple[str, ...] = ("past_key_values",)) -> None:
+def _check_takes_key_value_cache(name: str, model_config: Any, arguments: tuple[str, ...] = ("past_key_values",)) -> None:
     """PEFT hands prefixes to the model as a pre-filled key/value cache, and fails (at the
     first forward) on a classifier whose forward, or its backbone's, has no argument for it.
     The same test, on the classes alone, before any weights load."""
@@ -270,7 +270,7 @@ class PeftMethod(PeftStrategy):
 
     def check(self, model_config: Any) -> None:
         if self.peft_type in PREFIX_LIKE:
-            _check_takes_past_key_values(self.name, model_config)
+            _check_takes_key_value_cache(self.name, model_config)
 
     def peft_config(self, model: nn.Module) -> Any:
         targets = getattr(self, "target_modules", None)
