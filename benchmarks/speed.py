@@ -85,7 +85,7 @@ def baseline(model_name: str, strategy: str, epochs: int, lr: float, data_dir: s
     elif strategy == "partial":
         for name, param in model.named_parameters():
             layer = anatomy.layer_index(name)
-            param.requires_grad = anatomy.region(name) in ("head", "top") or (layer is not None and layer >= anatomy.num_layers - 3)
+            param.requires_grad = anatomy.region(name) in ("head", "top") or (layer is not None and layer >= anatomy.num_layers - 2)  # peftkit partial's default: the top 2
     elif strategy == "linear-probe":
         for name, param in model.named_parameters():
             param.requires_grad = anatomy.is_head(name)

@@ -85,7 +85,8 @@ class RunConfig(BaseModel):
     # load the frozen base in 4 bits (bitsandbytes) under any strategy that adds weights
     quantization: Literal["none", "nf4", "fp4"] = "none"
     group_by_length: bool = True
-    cache_features: bool = True  # linear-probe: compute the frozen encoder's output once
+    # frozen computation done once: the encoder under linear-probe, a dropout-free frozen bottom
+    cache_features: bool = True
     # where results go
     output_dir: Path | None = None
     overwrite: bool = False

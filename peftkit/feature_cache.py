@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from peftkit.models import cache_dir
 FORMAT_VERSION = 1
 
 
-def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, head: str, variant: str = "") -> str:
+def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, site: str, variant: str = "") -> str:
     """A digest of everything the features depend on. The tokenized dataset's fingerprint
     covers the raw data, the text columns and the tokenization; the tokenizer and maximum
     length are named again so that no fingerprint subtlety can hide a change in them."""
@@ -39,8 +39,8 @@ def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, hea
         "tokenizer": _tokenizer_signature(tokenizer),
         "data": dataset._fingerprint,
         "max_length": max_length,
-        "head": head,
-        "variant": variant,  # strategy options that change what the head reads (pooling)
+        "site": site,  # the module whose input or output is cached
+        "variant": variant,  # options that change what is cached (pooling, quantization)
     }
     digest.update(json.dumps(parts, sort_keys=True).encode())
     return digest.hexdigest()[:32]
@@ -116,15 +116,21 @@ def cached_head_inputs(model: nn.Module, model_dir: str, tokenizer: Any, dataset
     """`head_inputs`, read from the cache when an identical computation was stored before."""
     head = inspect_model(model).head_modules[0]
     key = cache_key(model_dir, tokenizer, dataset, max_length, head, variant)
+    return stored(key, lambda: head_inputs(model, dataset, collate, batch_size))
+
+
+def stored(key: str, compute: Callable[[], Any]) -> Any:
+    """What `compute` returns, kept on disk under `key`: read back when present, written
+    atomically (a staging file renamed into place) so that a killed run leaves no torn file."""
     path = cache_dir() / "features" / f"{key}.pt"
     if path.is_file():
         return torch.load(path)
-    features = head_inputs(model, dataset, collate, batch_size)
+    value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
-    torch.save(features, staging)
+    torch.save(value, staging)
     staging.rename(path)
-    return features
+    return value
 
 
 class HeadOnFeatures(nn.Module):

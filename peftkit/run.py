@@ -99,6 +99,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         },
         "metrics": {k: v for k, v in final.items() if k in ("accuracy", "macro_f1", "mcc", "loss")},
         "cached_features": trainer.setup_seconds > 0,
+        "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
         "best_epoch": keep_best.best_epoch,
         "eval_history": keep_best.history,
         "epochs_trained": epochs_done,

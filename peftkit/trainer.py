@@ -4,6 +4,7 @@ per-epoch evaluation, early stopping with best-weights restore, and eval-time bo
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -18,18 +19,31 @@ from transformers import (
 )
 
 from peftkit.anatomy import inspect_model
+from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
 from peftkit.config import RunConfig
-from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cached_head_inputs
+from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
 from peftkit.strategies import Strategy
 from peftkit.tasks.classification import PadToLongest, compute_metrics
 
 
 class TimedTrainer(Trainer):
     """A Trainer that keeps the seconds spent evaluating, so training time can exclude them,
-    and the seconds of training work done before `train()` (computing cached features)."""
+    and the seconds of training work done before `train()` (computing cached features). With
+    a `replay`, the model's frozen bottom replays stored outputs while it trains and evaluates."""
 
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
+    replay: BottomReplay | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with self.replay.active() if self.replay else nullcontext():
+            return super().train(*args, **kwargs)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        indices = inputs.pop(INDEX_COLUMN, None)
+        if self.replay is not None and indices is not None:
+            self.replay.use(indices, inputs["attention_mask"])
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def __init__(self, model: nn.Module, **kwargs: Any):
         _declare_trainable_additions(model)
@@ -152,23 +166,37 @@ def build_trainer(
 ) -> tuple[TimedTrainer, KeepBestTrainable]:
     """The Trainer for this run, and the callback that holds the best weights.
 
-    When nothing below the head trains (linear probing) and `cache_features` is on, the
-    Trainer trains the model's own head on cached features instead of the whole model."""
+    With `cache_features` on, frozen computation is done once: when nothing below the head
+    trains (linear probing) the Trainer trains the model's own head on cached features; when
+    a frozen, dropout-free bottom sits below the lowest trainable layer, it replays that
+    bottom's stored outputs (peftkit.bottom_cache)."""
     collate: Any = PadToLongest(tokenizer)
-    setup_seconds = 0.0
+    start = time.perf_counter()
+    variant = repr((sorted(strategy.options().items()), config.quantization))
     on_features = strategy.frozen_below_head and config.cache_features
+    replay = None
     if on_features:
-        start = time.perf_counter()
         features = [
             cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size,
-                               variant=repr((sorted(strategy.options().items()), config.quantization)))
+                               variant=variant)
             for split in (train_dataset, eval_dataset)
         ]
-        setup_seconds = time.perf_counter() - start
         train_dataset = FeatureDataset(features[0], train_dataset["labels"])
         eval_dataset = FeatureDataset(features[1], eval_dataset["labels"])
         model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
         collate = default_data_collator
+    elif config.cache_features and (bottom := frozen_bottom(model)):
+        site = f"{inspect_model(model).layers_prefix}.{bottom - 1}"
+        outputs = BottomOutputs.joined([
+            BottomOutputs(**stored(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
+                                   lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
+                                                                                   config.eval_batch_size))))
+            for split in (train_dataset, eval_dataset)
+        ])
+        replay = BottomReplay(model, bottom, outputs)
+        train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+        eval_dataset = eval_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
+    setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
     optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience)
     trainer = TimedTrainer(
@@ -182,7 +210,7 @@ def build_trainer(
         optimizers=(optimizer, None),
         callbacks=[keep_best],
     )
-    trainer.setup_seconds = setup_seconds
+    trainer.setup_seconds, trainer.replay = setup_seconds, replay
     return trainer, keep_best
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from peftkit.bottom_cache import INDEX_COLUMN
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -26,7 +28,8 @@ def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: 
 
 
 class PadToLongest:
-    """Pads each batch to its own longest sequence; passes only model inputs and labels."""
+    """Pads each batch to its own longest sequence; passes only model inputs, labels and the
+    example index that a replayed frozen bottom reads (peftkit.bottom_cache)."""
 
     def __init__(self, tokenizer: Any):
         from transformers import DataCollatorWithPadding
@@ -34,7 +37,7 @@ class PadToLongest:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, features: list[dict]) -> dict:
-        keep = (*MODEL_INPUTS, "labels")
+        keep = (*MODEL_INPUTS, "labels", INDEX_COLUMN)
         return self.pad([{k: v for k, v in f.items() if k in keep} for f in features])
 
 
