@@ -148,8 +148,13 @@ def main() -> None:
 
     import transformers
 
+    from peftkit.allocator import set_mmap_threshold
+    from peftkit.config import RunConfig
+
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
+    # peftkit sets this allocator policy for its runs; set it first so the baseline runs under it too
+    set_mmap_threshold(RunConfig.model_fields["cpu_mmap_threshold_kb"].default)
     ceiling = matmul_ceiling()
     rows = []
     for model_name in args.models:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from peftkit.allocator import set_mmap_threshold
 from peftkit.config import RunConfig, make_config
 from peftkit.data import load_data
 from peftkit.errors import PeftkitError
@@ -61,6 +62,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
 
     set_seed(config.seed)  # the new head's initial weights depend on it
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        set_mmap_threshold(config.cpu_mmap_threshold_kb)
     memory = PeakMemory(device).start()
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
