@@ -9,6 +9,7 @@ import csv
 import html
 import json
 import statistics
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +111,26 @@ def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | Non
     return "\n".join(lines) + "\n"
 
 
+def label_offsets(ax: Any, points: list[tuple[float, float]], labels: list[str],
+                  size: float = 9.0) -> list[tuple[float, float]]:
+    """Offsets (in points) that keep point labels from overlapping: each label sits up and to
+    the right of its point, moved down a line at a time, in order of height, until its box
+    clears every label placed before it."""
+    ax.autoscale_view()
+    per_point = ax.figure.dpi / 72
+    boxes: list[tuple[float, float, float, float]] = []
+    offsets: list[tuple[float, float]] = [(0.0, 0.0)] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        x, y = ax.transData.transform(points[i]) / per_point  # display position, in points
+        width, dy = 0.6 * size * len(labels[i]), 4.0
+        while any(x + 6 < bx1 and bx0 < x + 6 + width and y + dy < by1 and by0 < y + dy + size
+                  for bx0, by0, bx1, by1 in boxes):
+            dy -= size
+        boxes.append((x + 6, y + dy, x + 6 + width, y + dy + size))
+        offsets[i] = (6.0, dy)
+    return offsets
+
+
 def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
     """Three PNGs, labelled with units."""
     import matplotlib
@@ -121,11 +142,15 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         ax.errorbar(r.trainable_params, r.metric_mean, yerr=r.metric_std, fmt="o", capsize=4)
-        ax.annotate(r.strategy, (r.trainable_params, r.metric_mean), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    points = [(r.trainable_params, r.metric_mean) for r in rows]
+    for r, point, offset in zip(rows, points, label_offsets(ax, points, [r.strategy for r in rows])):
+        moved = offset[1] < 0  # a label pushed below its point gets a leader line to it
+        ax.annotate(r.strategy, point, textcoords="offset points", xytext=offset, fontsize=9,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if moved else None)
     front = pareto(rows)
     ax.step([r.trainable_params for r in front], [r.metric_mean for r in front], where="post", linestyle="--",
             color="grey", label="Pareto frontier")
-    ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"dev {metric} (mean ± std over seeds)")
     ax.set_title(f"{metric} vs trainable parameters")

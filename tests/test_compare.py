@@ -122,3 +122,22 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
     assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
     assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
+
+
+def test_point_labels_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftkit.report import label_offsets
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    points = [(2.2e5, 0.861), (2.3e5, 0.8605), (3.3e5, 0.8647), (1e7, 0.80)]
+    labels = ["adapter-houlsby", "adapter-pfeiffer", "qlora", "full"]
+    ax.scatter(*zip(*points))
+    ax.set_xscale("log")
+    offsets = label_offsets(ax, points, labels)
+    plt.close(fig)
+    assert offsets[3] == (6.0, 4.0) and offsets[2] == (6.0, 4.0)  # labels with room stay beside their point
+    assert offsets[1][1] < offsets[0][1]  # the lower of two crowded labels moves down, clear of the other
