@@ -59,9 +59,11 @@ def test_an_encoder_without_dropout_replays():
     assert frozen_bottom(model) == model.config.num_hidden_layers - 1
 
 
-@pytest.mark.parametrize("model_name,dropout_free", [("tiny-llama", {}),
-                                                     ("tiny-bert", {"hidden_dropout_prob": 0.0,
-                                                                    "attention_probs_dropout_prob": 0.0})])
+@pytest.mark.parametrize("model_name,dropout_free", [
+    ("tiny-llama", {}),
+    ("tiny-bert", {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
+    pytest.param("smollm2-135m", {}, marks=pytest.mark.real),  # a real decoder: no dropout, so its bottom replays
+])
 def test_replay_gives_the_logits_and_gradients_of_a_full_forward_pass(data_dir, model_name, dropout_free):
     model, tokenizer = model_with(model_name, "partial", {"trainable_layers": 1}, **dropout_free)
     data = load_data(make_config({"task": "sst2", "data_dir": data_dir, "max_train_samples": 24}))
