@@ -185,11 +185,20 @@ def load_for_classification(
         pad_token_id=tokenizer.pad_token_id,
     )
     kwargs: dict[str, Any] = dict(labels, dtype=dtype)
-    if quantization is None:
-        return _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
-    quantization.llm_int8_skip_modules = head_modules(source, labels)
-    kwargs.update(quantization_config=quantization, device_map=_quantized_device())
-    return _own_unquantized_weights(_from_pretrained(AutoModelForSequenceClassification, source, **kwargs))
+    if quantization is not None:
+        quantization.llm_int8_skip_modules = head_modules(source, labels)
+        kwargs.update(quantization_config=quantization, device_map=_quantized_device())
+    model = _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    _without_kv_cache(model)
+    return model if quantization is None else _own_unquantized_weights(model)
+
+
+def _without_kv_cache(model: nn.Module) -> None:
+    """A classifier never generates, yet decoders build a key/value cache on every forward by
+    default: without gradients it keeps every layer's keys and values to the end of the pass
+    (SmolLM2-135M, 256 x 59 tokens: 986 MB peak with the cache, 400 MB without)."""
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
 
 
 def _own_unquantized_weights(model: nn.Module) -> nn.Module:

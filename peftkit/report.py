@@ -65,6 +65,26 @@ def aggregate(records: list[dict], metric: str) -> list[Row]:
     return rows
 
 
+def with_current_estimate(record: dict) -> dict:
+    """The record with its memory estimate recomputed by today's `peftkit estimate` from the
+    run's own config and data sizes (never from its measurement), so that every row of a table
+    is checked against the same estimator, however long ago its run finished. A record whose
+    config no longer validates keeps the estimate made when it ran."""
+    from pydantic import ValidationError
+
+    from peftkit.compare import estimate_for
+    from peftkit.config import RunConfig
+
+    if record.get("status") != "ok" or not isinstance(record.get("config"), dict):
+        return record
+    try:
+        config = RunConfig.model_validate(record["config"])
+    except (ValidationError, PeftkitError):
+        return record
+    estimate = estimate_for(config, record)
+    return {**record, "estimate": estimate} if "total_bytes" in estimate else record
+
+
 def pareto(rows: list[Row]) -> list[Row]:
     """Rows no other row beats on both fewer trainable parameters and a higher metric."""
     frontier, best = [], float("-inf")
@@ -189,7 +209,7 @@ def write_report(runs_dir: Path, metric: str = "accuracy", title: str | None = N
 
     if metric not in METRICS:
         raise PeftkitError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
-    records = list(read_runs(runs_dir).values())
+    records = [with_current_estimate(r) for r in read_runs(runs_dir).values()]
     rows = aggregate(records, metric)
     if not rows:
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")

@@ -92,11 +92,17 @@ def test_lora_adds_rank_outputs_and_dropped_out_inputs():
 
 
 def test_evaluation_counts_one_layer_without_gradients_and_not_on_top_of_training():
-    per_token = 8 * 64 + 2 * 128 + 2 * 2 * 10  # layer input/output, q/k/v, FFN intermediates, scores + probabilities
+    per_token = 3 * 64 + 2 * 128  # layer input, residual, normalised input; two FFN intermediates (fused attention)
     result = estimate("tiny-bert", "full", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
     assert result.terms["evaluation"] == 4 * 6 * 10 * per_token
     terms = result.terms
     assert result.total_bytes == sum(terms.values()) - min(terms["activations"], terms["evaluation"])
+
+
+def test_evaluation_of_a_gated_decoder_counts_three_intermediates():
+    # tiny Llama: hidden 64, FFN 128 gated (gate, up and their product), one more hidden-size buffer
+    result = estimate("tiny-llama", "lora", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
+    assert result.terms["evaluation"] == 4 * 6 * 10 * (3 * 128 + 4 * 64)
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
@@ -129,8 +135,9 @@ def test_activation_term_matches_what_autograd_saves(model, strategy):
     parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in parameters)
     predicted = estimate(model, built, batch_size=4, seq_len=24, dtype="fp32", device="cpu").terms["activations"]
-    # adapters: the lowest layer counts whole although its attention sits below the first adapter
-    high = 1.35 if spec["name"] == "adapter" else 1.15
+    # adapters: the lowest layer counts whole although its attention sits below the first adapter;
+    # what DoRA's weight normalisation saves varies from run to run (1.10-1.18 of the count on tiny Llama)
+    high = {"adapter": 1.35, "dora": 1.2}.get(spec["name"], 1.15)
     assert 0.85 < predicted / measured < high, (predicted, measured)
 
 

@@ -70,3 +70,18 @@ def test_a_4bit_model_keeps_no_view_of_the_checkpoint_file(quantized):
         assert in_file == []
     else:
         assert in_file, "float weights are expected to be views of the file here: the check above would be vacuous"
+
+
+def test_a_decoder_classifier_builds_no_key_value_cache():
+    """A forward without gradients must not keep every layer's keys and values for a
+    generation that never comes."""
+    import torch
+
+    from peftkit.models import load_for_classification, load_tokenizer
+
+    source = resolve_model("tiny-llama")
+    model = load_for_classification(source, ["a", "b"], load_tokenizer(source)).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert model.config.use_cache is False
+    assert out.past_key_values is None
