@@ -21,7 +21,8 @@ Terms, each computed from the model as the strategy would train it:
   the residual stream and the normalised input, the feed-forward intermediates (two; three
   for gated MLPs, whose layers hold one more hidden-size buffer). Without dropout, attention
   runs in a fused kernel that never stores the scores (the eager implementation does). No
-  key/value cache: classifiers are loaded with `use_cache=False`. Training activations are
+  key/value cache (classifiers are loaded with `use_cache=False`), except the one prefix
+  tuning passes its prefixes in: every layer's keys and values. Training activations are
   freed before it runs, so only the larger of the two counts towards the total;
 - runtime: on CPU, what the process holds besides tensors (tokenizer, data, Trainer).
 """
@@ -297,7 +298,17 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     per_token = (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
     if getattr(config, "_attn_implementation", None) == "eager":  # scores and probabilities, stored
         per_token += 2 * heads * keys
-    return int(batch_size * length * per_token * bytes_per_value)
+    return int(batch_size * (length * per_token + _prefix_cache_values(config, strategy, keys)) * bytes_per_value)
+
+
+def _prefix_cache_values(config: Any, strategy: Strategy, keys: int) -> int:
+    """Prefix tuning hands its prefixes to the model as a key/value cache, which every layer
+    extends with its own keys and values and which lives to the end of the forward pass:
+    per example, every layer's keys and values over prefix and input."""
+    if getattr(strategy, "virtual_tokens_enter", "input") != "keys":
+        return 0
+    _, _, head_dim, kv, _ = _sizes(config)
+    return config.num_hidden_layers * 2 * kv * head_dim * keys
 
 
 def _virtual_tokens(strategy: Strategy, where: str = "input") -> int:

@@ -99,6 +99,15 @@ def test_evaluation_counts_one_layer_without_gradients_and_not_on_top_of_trainin
     assert result.total_bytes == sum(terms.values()) - min(terms["activations"], terms["evaluation"])
 
 
+def test_evaluation_of_prefix_tuning_keeps_every_layers_keys_and_values():
+    from peftkit.strategies import build_strategy
+
+    prefix = build_strategy("prefix-tuning", {"num_virtual_tokens": 5})
+    result = estimate("tiny-bert", prefix, batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
+    # the layer's own peak over 10 tokens, plus 2 layers x (keys + values of width 64) over 5 + 10 positions
+    assert result.terms["evaluation"] == 4 * 6 * (10 * (3 * 64 + 2 * 128) + 2 * 2 * 64 * 15)
+
+
 def test_evaluation_of_a_gated_decoder_counts_three_intermediates():
     # tiny Llama: hidden 64, FFN 128 gated (gate, up and their product), one more hidden-size buffer
     result = estimate("tiny-llama", "lora", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
