@@ -204,18 +204,29 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     else:
         per_token = sum(layers)
     embeddings_out = config.hidden_size * bytes_per_value
-    return int(tokens * (per_token + embeddings_out) + _dora_weight_bytes(model, bytes_per_value))
+    return int(tokens * (per_token + embeddings_out) + _weight_sized_bytes(model, bytes_per_value))
 
 
-def _dora_weight_bytes(model: nn.Module, bytes_per_value: int) -> int:
-    """DoRA normalises each adapted weight (base + LoRA product) per output row on every
-    forward, keeping weight-sized tensors for backward: 1.5 copies per adapted projection,
-    measured with saved-tensor hooks on MiniLM (whatever the batch)."""
+def _weight_sized_bytes(model: nn.Module, bytes_per_value: int) -> int:
+    """Weight-sized tensors some methods keep for backward, whatever the batch (measured with
+    saved-tensor hooks on MiniLM): DoRA normalises each adapted weight (base + LoRA product)
+    per output row on every forward, 1.5 copies per adapted projection; LoHa and LoKr rebuild
+    their whole weight update and apply it as a second linear map, one copy each."""
     copies = 0.0
     for module in model.modules():
         if getattr(module, "lora_magnitude_vector", None):
             copies += 1.5 * module.lora_A["default"].in_features * module.lora_B["default"].out_features
+        elif _rebuilds_delta_weight(module):
+            copies += module.base_layer.weight.numel()
     return int(copies * bytes_per_value)
+
+
+def _rebuilds_delta_weight(module: nn.Module) -> bool:
+    """A PEFT LyCORIS layer (LoHa, LoKr): its update is a full weight matrix, rebuilt each
+    forward, whose product with the layer's input keeps that input for backward."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return isinstance(module, LycorisLayer) and hasattr(module, "base_layer")
 
 
 def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train: bool, bytes_per_value: int,
@@ -252,8 +263,11 @@ def _dropout(config: Any, *names: str) -> bool:
 
 
 def _projections_train(model: nn.Module, anatomy: Any, index: int) -> bool:
-    """Whether any of layer `index`'s own linear weights train (full, partial), not only
-    biases, norms or added modules."""
+    """Whether any of layer `index`'s own linear weights train (full, partial) or get a
+    weight-sized update (LoHa, LoKr), not only biases, norms or small added modules."""
+    prefix = f"{anatomy.layers_prefix}.{index}."
+    if any(prefix in name + "." and _rebuilds_delta_weight(module) for name, module in model.named_modules()):
+        return True
     for name, param in model.named_parameters():
         clean = name.removeprefix("base_model.model.")
         if param.requires_grad and param.dim() == 2 and anatomy.layer_index(clean) == index \

@@ -116,7 +116,7 @@ def test_evaluation_of_a_gated_decoder_counts_three_intermediates():
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
 @pytest.mark.parametrize("strategy", ["full", "bitfit", "lora", "dora", "qlora", "ia3", "prompt-tuning", "prefix-tuning",
-                                      {"name": "adapter", "variant": "houlsby"}])
+                                      "peft:loha", "peft:lokr", {"name": "adapter", "variant": "houlsby"}])
 def test_activation_term_matches_what_autograd_saves(model, strategy):
     """The analytic term against the bytes autograd really keeps for one training forward."""
     import torch
