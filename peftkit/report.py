@@ -26,7 +26,7 @@ class Row:
     strategy: str
     n: int
     metric_mean: float
-    metric_std: float
+    metric_std: float | None  # None for one seed: a spread nobody measured is not zero
     trainable_params: int
     trainable_percent: float
     peak_memory_mb: float
@@ -37,12 +37,18 @@ class Row:
     size_on_disk_mb: float
 
     @property
+    def metric_text(self) -> str:
+        """Mean ± std over seeds, or the mean alone for a single seed."""
+        spread = f" ± {self.metric_std:.4f}" if self.metric_std is not None else ""
+        return f"{self.metric_mean:.4f}{spread}"
+
+    @property
     def estimate_ratio(self) -> float | None:
         return self.estimate_mb / self.peak_memory_mb if self.estimate_mb else None
 
 
 def aggregate(records: list[dict], metric: str) -> list[Row]:
-    """Successful runs grouped by strategy, in the order strategies first appear."""
+    """Successful runs grouped by strategy, best mean metric first."""
     groups: dict[str, list[dict]] = {}
     for record in records:
         if record.get("status") == "ok":
@@ -53,7 +59,7 @@ def aggregate(records: list[dict], metric: str) -> list[Row]:
         estimates = [r["estimate"]["total_bytes"] / MB for r in runs if "total_bytes" in (r.get("estimate") or {})]
         rows.append(Row(
             strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
-            metric_std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            metric_std=statistics.stdev(values) if len(values) > 1 else None,
             trainable_params=runs[0]["trainable_params"], trainable_percent=runs[0]["trainable_percent"],
             peak_memory_mb=statistics.mean(r["peak_memory_bytes"] for r in runs) / MB,
             estimate_mb=statistics.mean(estimates) if estimates else None,
@@ -62,7 +68,7 @@ def aggregate(records: list[dict], metric: str) -> list[Row]:
             tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
             size_on_disk_mb=statistics.mean(r["size_on_disk_bytes"] for r in runs) / MB,
         ))
-    return rows
+    return sorted(rows, key=lambda r: -r.metric_mean)
 
 
 def with_current_estimate(record: dict) -> dict:
@@ -123,7 +129,7 @@ def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | Non
         ratio = f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-"
         estimate = f"{r.estimate_mb:.0f}" if r.estimate_mb else "-"
         lines.append(f"| {r.strategy} | {r.trainable_params:,} | {r.trainable_percent:.3f} | "
-                     f"{r.metric_mean:.4f} ± {r.metric_std:.4f} | {r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
+                     f"{r.metric_text} | {r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
                      f"{r.train_time_s:.0f} | {r.samples_per_s:.1f} | {r.tokens_per_s:.0f} | {r.size_on_disk_mb:.2f} |")
     failed = failures(records or [])
     if failed:
@@ -161,7 +167,7 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        ax.errorbar(r.trainable_params, r.metric_mean, yerr=r.metric_std, fmt="o", capsize=4)
+        ax.errorbar(r.trainable_params, r.metric_mean, yerr=r.metric_std or 0.0, fmt="o", capsize=4)
     ax.set_xscale("log")
     points = [(r.trainable_params, r.metric_mean) for r in rows]
     for r, point, offset in zip(rows, points, label_offsets(ax, points, [r.strategy for r in rows])):
@@ -232,7 +238,7 @@ def _html(title: str, rows: list[Row], metric: str, images: list[Path], records:
                                               "est/meas", "train s", "samples/s", "tokens/s", "disk MB"))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r.strategy, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", f"{r.metric_mean:.4f} ± {r.metric_std:.4f}",
+            r.strategy, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", r.metric_text,
             r.n, f"{r.peak_memory_mb:.0f}", f"{r.estimate_mb:.0f}" if r.estimate_mb else "-",
             f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-", f"{r.train_time_s:.0f}", f"{r.samples_per_s:.1f}",
             f"{r.tokens_per_s:.0f}", f"{r.size_on_disk_mb:.2f}")) + "</tr>"

@@ -108,7 +108,10 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     records = [fake("full", 0, 0.90, 10000), fake("full", 1, 0.88, 10000), fake("lora", 0, 0.86, 100),
                fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000),
                {"strategy": "prefix-tuning", "seed": 0, "status": "failed", "error": "error: prefix-tuning cannot train X"}]
-    rows = {r.strategy: r for r in aggregate(records, "accuracy")}
+    ordered = aggregate(records, "accuracy")
+    assert [r.strategy for r in ordered] == ["full", "lora", "probe", "bad"]  # best first
+    rows = {r.strategy: r for r in ordered}
+    assert rows["lora"].metric_std is None and rows["lora"].metric_text == "0.8600"  # one seed: no made-up spread
     assert rows["full"].n == 2 and rows["full"].metric_mean == pytest.approx(0.89)
     assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
     assert rows["full"].estimate_ratio == pytest.approx(0.5)
@@ -118,7 +121,7 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     paths = write_report(tmp_path)
     assert {p.name for p in paths} >= {"results.md", "results.csv", "results.json", "results.html", "metric_vs_params.png"}
     text = (tmp_path / "results.md").read_text()
-    assert "0.8900 ± 0.0141" in text
+    assert "0.8900 ± 0.0141" in text and "| 0.8600 | 1 |" in text
     assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
     assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
     assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
