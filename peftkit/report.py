@@ -194,7 +194,7 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
             ax.legend()
         ax.set_ylabel(label)
         ax.set_title(f"{label.split(' (')[0]} per strategy")
-        ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names never collide
         ax.grid(axis="y", alpha=0.3)
         paths.append(_save(fig, out / name))
     return paths
