@@ -5,16 +5,17 @@
 For each strategy, glibc mmap threshold (`cpu_mmap_threshold_kb`: 1024 KB is peftkit's
 default, 128 KB a lower one, 0 glibc's own sliding policy) and batch shape, a fresh process
 loads the packaged MiniLM, applies the strategy and trains `--steps` AdamW steps on SST-2
-batches of 32 in shuffled order: either padded to their own longest sentence ("varying",
-what `peftkit train` does) or every batch padded to the same 64 tokens ("fixed"). It records
-the peak resident memory above the size before the model loaded (peftkit's CPU measure)
-after the first `--warmup` steps and at the end, and seconds per step after warm-up.
+batches of 32 in shuffled order, the longest first: either padded to their own longest
+sentence ("varying", as `peftkit train` pads) or every batch padded to the same 64 tokens
+("fixed"). It records the peak resident memory above the size before the model loaded
+(peftkit's CPU measure) after the first `--warmup` steps and at the end, and seconds per step
+after warm-up.
 
-Memory that keeps growing after warm-up under varying lengths but not under fixed ones is
-heap fragmentation: no tensor is bigger at the last step than at the tenth, yet the process holds
-more. That is the gap between `peftkit estimate` (tensors) and the measured peak. Children
-run one after another in one invocation on an otherwise idle machine, so the seconds per
-step compare as ratios within one results file.
+Since the longest batch runs during warm-up, no later step needs a larger tensor: whatever
+the peak gains after warm-up is memory the allocator holds, not memory a tensor uses, and
+part of the gap between `peftkit estimate` (tensors) and the measured peak. Children run one
+after another in one invocation, so the seconds per step compare as ratios within one
+results file when nothing else shares the machine.
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ def main() -> None:
             for threshold in THRESHOLDS_KB:
                 command = [sys.executable, __file__, "--data-dir", str(args.data_dir), "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--child", strategy, str(threshold), shape]
-                result = subprocess.run(command, capture_output=True, text=True, check=True)
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode:
+                    last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+                    sys.exit(f"error: {strategy}, {threshold} KB, {shape} batches failed: {last}")
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
     write(args.out, rows, args.steps, args.warmup)
