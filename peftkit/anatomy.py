@@ -39,7 +39,7 @@ class Anatomy:
         return self.head_modules[0] == "score"
 
     def is_head(self, param_name: str) -> bool:
-        return any(param_name == h or param_name.startswith(h + ".") for h in self.head_modules)
+        return is_under(param_name, self.head_modules)
 
     def region(self, param_name: str) -> str:
         """One of REGIONS: where in the model this parameter sits."""
@@ -48,6 +48,11 @@ class Anatomy:
         if self.layer_index(param_name) is not None:
             return "layer"
         return "embeddings" if param_name in self.embedding_params else "top"
+
+
+def is_under(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether a parameter or module name lies inside one of `modules` (or is one of them)."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def inspect_model(model: nn.Module) -> Anatomy:

@@ -62,8 +62,8 @@ def train(
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="key=value override, e.g. --set r=16 or --set epochs=2."),
     model: Optional[str] = typer.Option(None, help="Hub id, local directory, or alias (minilm, smollm2-135m, tiny-bert, tiny-llama)."),
-    task: Optional[str] = typer.Option(None, help="Built-in task: sst2 or rte."),
-    strategy: Optional[str] = typer.Option(None, help="Strategy name; `peftkit strategies` lists them."),
+    task: Optional[str] = typer.Option(None, help="Built-in data set (sst2, rte, sst2-chat, dolly, gsm8k) or a task kind for your own files (classification, sft)."),
+    strategy: Optional[str] = typer.Option(None, help="Strategy name; `peftkit strategies` lists them (none: evaluate the untuned model)."),
     data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl (or PEFTKIT_DATA_DIR)."),
     train_file: Optional[Path] = typer.Option(None, help="Own training data (.jsonl, .csv, .parquet)."),
     validation_file: Optional[Path] = typer.Option(None, help="Own validation data."),
@@ -140,8 +140,29 @@ def predict(
     _quiet_libraries()
     from peftkit.inference import predict as predict_label
 
-    label, probability = predict_label(run, texts)
-    typer.echo(f"{label}\t{probability:.4f}")
+    typer.echo(predict_label(run, texts))
+
+
+@app.command()
+@user_errors
+def generate(
+    prompts: list[str] = typer.Argument(None, help="User messages to answer (the run's chat template is applied)."),
+    run: Path = typer.Option(..., help="A run directory written by `peftkit train` on an sft task."),
+    file: Optional[Path] = typer.Option(None, help="JSON Lines of {\"prompt\": ...} or {\"messages\": [...]}; answers go to stdout as JSON Lines."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens to generate at most (default: the run's)."),
+) -> None:
+    """Answer prompts with an instruction-tuned run: greedy decoding, batched."""
+    _quiet_libraries()
+    import json
+
+    from peftkit.inference import generate_answers, read_conversations
+
+    if bool(prompts) == bool(file):
+        raise PeftkitError("give prompts as arguments or --file FILE.jsonl, not both and not neither")
+    conversations = read_conversations(file) if file else [[{"role": "user", "content": p}] for p in prompts]
+    answers = generate_answers(run, conversations, max_new_tokens)
+    for conversation, answer in zip(conversations, answers):
+        typer.echo(json.dumps({"prompt": conversation[-1]["content"], "generated": answer}, ensure_ascii=False) if file else answer)
 
 
 @app.command()
@@ -197,7 +218,7 @@ def strategies(
 @user_errors
 def compare(
     model: str = typer.Option("minilm", help="Model for every run (hub id, directory or alias)."),
-    task: str = typer.Option("sst2", help="Built-in task."),
+    task: str = typer.Option("sst2", help="Built-in data set (sst2, sst2-chat, ...) or task kind."),
     strategies: str = typer.Option(..., help="Comma-separated strategies, e.g. full,lora,bitfit."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     out: Path = typer.Option(..., help="Directory for runs.jsonl, configs, logs and the runs."),
@@ -224,15 +245,17 @@ def compare(
     todo = harness.pending(cells, records, retry_failed)
     harness.forget(out, {c.key for c in todo if c.key in records})
 
+    metric = cells[0].config.task_kind.primary if cells else "accuracy"
+
     def table() -> Table:
-        view = Table("strategy", "seed", "status", "accuracy", "train s", "peak MB", title=f"peftkit compare -> {out}")
+        view = Table("strategy", "seed", "status", metric, "train s", "peak MB", title=f"peftkit compare -> {out}")
         current = harness.read_runs(out)
         for cell in cells:
             record = current.get(cell.key)
             if record is None:
                 view.add_row(cell.strategy, str(cell.seed), "running" if cell is running else "pending", "", "", "")
             elif record["status"] == "ok":
-                view.add_row(cell.strategy, str(cell.seed), "ok", f"{record['metrics']['accuracy']:.4f}",
+                view.add_row(cell.strategy, str(cell.seed), "ok", f"{record['metrics'].get(metric, float('nan')):.4f}",
                              f"{record['train_time_s']:.0f}", f"{record['peak_memory_bytes'] / 2**20:.0f}")
             else:
                 view.add_row(cell.strategy, str(cell.seed), "failed", record["error"][:60], "", "")
@@ -256,13 +279,14 @@ def compare(
 @user_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="A `peftkit compare --out` directory."),
-    metric: str = typer.Option("accuracy", help="accuracy, macro_f1 or mcc."),
+    metric: Optional[str] = typer.Option(None, help="The metric to rank by (default: the task's, e.g. accuracy, exact_match)."),
     title: Optional[str] = typer.Option(None, help="Title of the tables and page."),
+    allow_mixed: bool = typer.Option(False, help="Report rows made by different code versions together."),
 ) -> None:
     """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl."""
     from peftkit.report import write_report
 
-    for path in write_report(runs_dir, metric, title):
+    for path in write_report(runs_dir, metric, title, allow_mixed):
         typer.echo(str(path))
 
 

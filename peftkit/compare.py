@@ -26,6 +26,7 @@ import yaml
 
 from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
 from peftkit.errors import PeftkitError
+from peftkit.provenance import config_hash
 
 RUNS_FILE = "runs.jsonl"
 
@@ -150,7 +151,7 @@ def estimate_for(config: RunConfig, run: dict | None) -> dict:
     try:
         result = estimate(config.model, config.strategy.build(), config.batch_size,
                           data.get("longest_train_example", config.max_length), precision,
-                          config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])),
+                          config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])), task=config.task_kind,
                           device="cpu" if on_cpu else "cuda", quantization=config.quantization,
                           eval_batch_size=config.eval_batch_size,
                           eval_seq_len=data.get("longest_validation_example", config.max_length))
@@ -166,5 +167,10 @@ def _last_error(log_path: Path, returncode: int) -> str:
 
 
 def pending(cells: list[Cell], records: dict[str, dict], retry_failed: bool) -> list[Cell]:
-    """Cells with no record yet, and failed ones when asked to retry them."""
-    return [c for c in cells if c.key not in records or (retry_failed and records[c.key]["status"] != "ok")]
+    """Cells with no record yet, those whose recorded config differs from the cell's now (its
+    recipe or the command's options changed), and failed ones when asked to retry them."""
+    def stale(cell: Cell) -> bool:
+        record = records[cell.key]
+        return record["status"] == "ok" and record.get("provenance", {}).get("config_hash") != config_hash(cell.config)
+
+    return [c for c in cells if c.key not in records or stale(c) or (retry_failed and records[c.key]["status"] != "ok")]

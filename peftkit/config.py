@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.strategies import Strategy, build_strategy
-
-METRICS = ("accuracy", "macro_f1", "mcc")
+from peftkit.tasks import resolve_task
 
 
 class StrategySpec(BaseModel):
@@ -55,7 +54,8 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # what to train
+    # what to train: `task` is a built-in data set (sst2, sst2-chat, ...) or a task kind for
+    # your own files (classification, sft); None means classification
     model: str = "minilm"
     task: str | None = "sst2"
     strategy: StrategySpec = Field(default_factory=lambda: StrategySpec(name="lora"))
@@ -63,11 +63,19 @@ class RunConfig(BaseModel):
     data_dir: Path | None = None
     train_file: Path | None = None
     validation_file: Path | None = None
-    text_columns: list[str] | None = None
+    text_columns: list[str] | None = None        # classification
     label_column: str | None = None
+    messages_column: str | None = None           # sft: chat messages ...
+    prompt_column: str | None = None             # ... or a prompt and a completion
+    completion_column: str | None = None
+    chat_template: str | None = None             # sft: a Jinja file or template text (default: the model's own)
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
-    max_length: int = Field(default=128, ge=8)
+    max_length: int | None = Field(default=None, ge=8)  # None: the task's default (128 classification, 1024 sft)
+    packing: bool = False                        # sft: pack examples into rows, never attending across them
+    # sft evaluation: greedy generation on the validation prompts (0 generates none)
+    max_new_tokens: int = Field(default=64, ge=1)
+    max_generate_samples: int | None = Field(default=None, ge=0)
     # optimisation
     epochs: float = Field(default=3.0, gt=0)
     learning_rate: float | None = Field(default=None, gt=0)
@@ -78,7 +86,7 @@ class RunConfig(BaseModel):
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     early_stopping_patience: int | None = Field(default=None, ge=1)
-    metric_for_best_model: Literal["accuracy", "macro_f1", "mcc"] = "accuracy"
+    metric_for_best_model: str | None = None     # None: the task's (accuracy, or loss for sft)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
@@ -103,7 +111,18 @@ class RunConfig(BaseModel):
             raise ValueError("train_file needs validation_file too (pass --validation-file)")
         if self.train_file is None and self.task is None:
             raise ValueError("give a built-in task (--task sst2) or your own data (--train-file/--validation-file)")
-        self.strategy.build().check_quantization(self.quantization)
+        strategy = self.strategy.build()
+        strategy.check_quantization(self.quantization)
+        task = self.task_kind
+        task.check_strategy(strategy)
+        if self.metric_for_best_model is None:
+            self.metric_for_best_model = task.selects
+        elif self.metric_for_best_model not in task.metrics:
+            raise ValueError(f"metric_for_best_model '{self.metric_for_best_model}' is not a metric of task "
+                             f"'{task.name}': choose one of {', '.join(task.metrics)}")
+        if self.max_length is None:
+            self.max_length = task.default_max_length
+        task.check_config(self, strategy)
         if self.data_dir is None and os.environ.get("PEFTKIT_DATA_DIR"):
             self.data_dir = Path(os.environ["PEFTKIT_DATA_DIR"])
         for name in ("data_dir", "train_file", "validation_file"):
@@ -112,6 +131,15 @@ class RunConfig(BaseModel):
         if self.output_dir is None:
             self.output_dir = Path("runs") / f"{Path(self.model).name}-{self.task or 'custom'}-{self.strategy.name}-seed{self.seed}"
         return self
+
+    @property
+    def task_name(self) -> str:
+        return self.task or "classification"
+
+    @property
+    def task_kind(self) -> Any:
+        """The registered Task this run trains (`peftkit.tasks`)."""
+        return resolve_task(self.task_name)[0]
 
     @property
     def lr(self) -> float:
@@ -161,7 +189,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PeftkitError(f"--set expects key=value, got '{item}'")
-        value = yaml.safe_load(raw) if raw else ""
+        value = _yaml_or_text(raw)
         if key == "strategy":
             strategy = {"name": value}
         elif key.startswith("strategy."):
@@ -172,3 +200,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             strategy[key] = value
     values["strategy"] = strategy
     return values
+
+
+def _yaml_or_text(raw: str) -> Any:
+    """A `--set` value read as YAML (16 -> int, [a,b] -> list), or as plain text when it is
+    not YAML (a Jinja chat template, say)."""
+    if not raw:
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw

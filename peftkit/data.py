@@ -1,96 +1,42 @@
-"""Data sources: built-in GLUE tasks (hub or a local directory) and the user's own files.
+"""Dataset sources, for every task kind: the user's own files, a built-in data set in a local
+directory (`--data-dir DIR` holds `DIR/<name>/{train,validation}.jsonl`), or the hub.
 
-Everything ends as a `LabeledData`: train and validation `datasets.Dataset`s with the text
-columns and an integer `labels` column, plus the label names. Problems (missing file or
-column, a validation label the training set never had) are reported before any model loads.
+This module only finds and reads splits and checks generic things (columns exist, sample
+caps); what the columns mean is the task's business (`peftkit.tasks`). Problems are reported
+in one line before any model loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
 
-
-@dataclass(frozen=True)
-class BuiltinTask:
-    """A built-in task: where to find it and what its columns mean."""
-
-    text_columns: tuple[str, ...]
-    label_names: tuple[str, ...]
-    hub: tuple[str, str]
-    label_column: str = "label"
-
-
-BUILTIN_TASKS = {
-    "sst2": BuiltinTask(("sentence",), ("negative", "positive"), ("nyu-mll/glue", "sst2")),
-    "rte": BuiltinTask(("sentence1", "sentence2"), ("entailment", "not_entailment"), ("nyu-mll/glue", "rte")),
-}
+if TYPE_CHECKING:
+    from peftkit.config import RunConfig
+    from peftkit.tasks.base import BuiltinDataset, TaskData
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("train", "validation")
 
 
-@dataclass
-class LabeledData:
-    """Train and validation splits with integer `labels`, and what those integers mean."""
+def load_data(config: RunConfig) -> TaskData:
+    """Load and check the data the config names, as its task reads it."""
+    from peftkit.tasks import resolve_task
 
-    train: Any
-    validation: Any
-    text_columns: list[str]
-    label_names: list[str]
+    task, dataset = resolve_task(config.task_name)
+    return task.load_data(config, dataset)
 
 
-def load_data(config: RunConfig) -> LabeledData:
-    """Load, check and label-encode the data the config names."""
-    builtin = BUILTIN_TASKS.get(config.task or "")
-    if config.train_file is None and builtin is None:
-        raise PeftkitError(
-            f"unknown task '{config.task}': use one of {', '.join(BUILTIN_TASKS)} "
-            "or give your own data with --train-file/--validation-file"
-        )
-    splits = _read_splits(config, builtin)
-    text_columns = config.text_columns or (list(builtin.text_columns) if builtin and not config.train_file else None)
-    label_column = config.label_column or (builtin.label_column if builtin else "label")
-    if text_columns is None:
-        text_columns = _guess_text_column(splits["train"].column_names)
-    for split, dataset in splits.items():
-        for column in [*text_columns, label_column]:
-            if column not in dataset.column_names:
-                raise PeftkitError(
-                    f"{split} data has no column '{column}' (columns: {', '.join(dataset.column_names)}); "
-                    "name the right ones with --text-column/--label-column"
-                )
-    if config.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(config.max_train_samples, len(splits["train"]))))
-    if config.max_eval_samples:
-        splits["validation"] = splits["validation"].select(range(min(config.max_eval_samples, len(splits["validation"]))))
-
-    known = list(builtin.label_names) if builtin and not config.train_file and not config.label_column else None
-    label_names, encode = _label_encoding(splits["train"][label_column], known)
-    for split, dataset in splits.items():
-        for row, value in enumerate(dataset[label_column]):
-            if encode(value) is None:
-                raise PeftkitError(
-                    f"{split} row {row}: label {value!r} is not in the label set {label_names}; "
-                    "fix the data or train on data that has this label"
-                )
-        keep = [*text_columns, label_column]
-        dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
-        splits[split] = dataset.map(lambda b: {"labels": [encode(v) for v in b[label_column]]}, batched=True,
-                                    remove_columns=[label_column] if label_column != "labels" else [])
-    return LabeledData(splits["train"], splits["validation"], list(text_columns), label_names)
-
-
-def _read_splits(config: RunConfig, builtin: BuiltinTask | None) -> dict[str, Any]:
-    import datasets
-
+def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Any]:
+    """The train and validation splits as `datasets.Dataset`s, from wherever the config says."""
     if config.train_file is not None:
         files = {"train": config.train_file, "validation": config.validation_file}
         return {split: _read_file(Path(path), split) for split, path in files.items()}
+    if dataset is None:
+        raise PeftkitError(f"task '{config.task}' is a task kind, not a data set: give your own data with "
+                           "--train-file/--validation-file, or name a built-in data set")
     if config.data_dir is not None:
         directory = Path(config.data_dir) / str(config.task)
         files = {split: directory / f"{split}.jsonl" for split in SPLITS}
@@ -100,14 +46,23 @@ def _read_splits(config: RunConfig, builtin: BuiltinTask | None) -> dict[str, An
                     f"no {split} file at {path}: --data-dir must hold {config.task}/train.jsonl and {config.task}/validation.jsonl"
                 )
         return {split: _read_file(path, split) for split, path in files.items()}
+    return _from_hub(str(config.task), dataset)
+
+
+def _from_hub(name: str, dataset: BuiltinDataset) -> dict[str, Any]:
+    import datasets
+
+    local_only = "pass --data-dir DIR (or set PEFTKIT_DATA_DIR) with DIR/<task>/{train,validation}.jsonl"
+    if dataset.hub is None:
+        raise PeftkitError(f"data set '{name}' has no hub copy: {local_only}")
     try:
-        loaded = datasets.load_dataset(*builtin.hub)
+        loaded = datasets.load_dataset(*dataset.hub)
     except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise PeftkitError(
-            f"cannot download {builtin.hub[0]}/{builtin.hub[1]} ({type(err).__name__}); "
-            "pass --data-dir DIR (or set PEFTKIT_DATA_DIR) with DIR/<task>/{train,validation}.jsonl"
-        ) from None
-    return {split: loaded[split] for split in SPLITS}
+        raise PeftkitError(f"cannot download {'/'.join(dataset.hub)} ({type(err).__name__}); {local_only}") from None
+    validation = "validation" if "validation" in loaded else "test"
+    splits = {"train": loaded["train"], "validation": loaded[validation]}
+    return {split: data.rename_columns(dict(dataset.hub_columns)) if dataset.hub_columns else data
+            for split, data in splits.items()}
 
 
 def _read_file(path: Path, split: str) -> Any:
@@ -124,22 +79,16 @@ def _read_file(path: Path, split: str) -> Any:
         raise PeftkitError(f"cannot read {split} file {path} as {fmt}: {str(err).splitlines()[0][:200]}") from None
 
 
-def _guess_text_column(columns: list[str]) -> list[str]:
-    for candidate in ("text", "sentence", "content"):
-        if candidate in columns:
-            return [candidate]
-    raise PeftkitError(f"cannot tell which column holds the text (columns: {', '.join(columns)}); pass --text-column")
+def require_columns(splits: dict[str, Any], columns: list[str], fix: str) -> None:
+    """Every split has every column, or one line naming the first missing one and the `fix`."""
+    for split, dataset in splits.items():
+        for column in columns:
+            if column not in dataset.column_names:
+                raise PeftkitError(f"{split} data has no column '{column}' (columns: {', '.join(dataset.column_names)}); {fix}")
 
 
-def _label_encoding(train_labels: list[Any], known: list[str] | None):
-    """Label names and a value -> index function (None for a value outside the set).
-
-    Built-in tasks have fixed names over integer labels. Otherwise the names are the
-    training set's distinct values: strings sorted, integers in numeric order."""
-    if known is not None:
-        return known, lambda v: v if isinstance(v, int) and 0 <= v < len(known) else None
-    values = sorted(set(train_labels), key=lambda v: (isinstance(v, str), v))
-    if any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in values):
-        raise PeftkitError(f"labels must be strings or integers, found {values[:5]}")
-    index = {v: i for i, v in enumerate(values)}
-    return [str(v) for v in values], index.get
+def cap_samples(splits: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """The first `max_train_samples` / `max_eval_samples` examples of each split."""
+    caps = {"train": config.max_train_samples, "validation": config.max_eval_samples}
+    return {split: data.select(range(min(caps[split], len(data)))) if caps[split] else data
+            for split, data in splits.items()}

@@ -39,6 +39,7 @@ from torch import nn
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
+from peftkit.tasks import Task, resolve_task
 
 GB = 1024**3
 FIT_SIZES_GB = (16, 24, 40, 80)
@@ -46,6 +47,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2, "paged-adamw-8bit": 2, "sgd": 0}
 BLOCK = 64               # bitsandbytes 4-bit block size
 CPU_RUNTIME_BYTES = 128 * 2**20   # measured: resident memory a CPU run adds beyond its tensors
+TRAINING_TERMS = ("activations", "output_layer")
+LOGPROB_TOKEN_CHUNK, LOGPROB_VOCAB_CHUNK = 4096, 32768  # TRL's chunked log-prob tiles (trl.kernels.chunked_logprob)
+LM_HEAD_FORWARD_BUFFERS, LM_HEAD_BACKWARD_BUFFERS = 4, 5  # tile-sized tensors alive at once (module docstring of fused_lm_head_bytes)
+EVALUATION_TERMS = ("evaluation", "evaluation_output")
 
 
 @dataclass
@@ -59,9 +64,12 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        """Every term, except that training activations and evaluation never coexist."""
-        overlap = min(self.terms.get("activations", 0), self.terms.get("evaluation", 0))
-        return sum(self.terms.values()) - overlap
+        """Every term, except that training and evaluation never coexist: only the larger
+        of the two phases counts (training: activations and the output layer's loss;
+        evaluation: its forward pass and the output layer's loss or generation cache)."""
+        training = sum(self.terms.get(t, 0) for t in TRAINING_TERMS)
+        evaluation = sum(self.terms.get(t, 0) for t in EVALUATION_TERMS)
+        return sum(self.terms.values()) - min(training, evaluation)
 
     def fits(self, gigabytes: float) -> bool:
         return self.total_bytes <= gigabytes * GB
@@ -101,15 +109,18 @@ def _read_json(path: Path) -> dict:
 def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16",
              gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
              device: str = "cuda", quantization: str = "none", eval_batch_size: int | None = None,
-             eval_seq_len: int | None = None) -> Estimate:
+             eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
-    evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the training batch)."""
+    evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
+    training batch), for `task` (a kind or a built-in data set name)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype not in DTYPE_BYTES:
         raise PeftkitError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_BYTES)}")
     if optimizer not in OPTIMIZER_BYTES:
         raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZER_BYTES)}")
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
+    task = resolve_task(task)[0] if isinstance(task, str) else task
+    task.check_strategy(strategy)
     if quantization not in ("none", "nf4", "fp4"):
         raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
     strategy.check_quantization(quantization)
@@ -117,7 +128,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     config.num_labels = num_labels
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
-    meta = _meta_model(config, strategy)
+    meta = _meta_model(config, strategy, task)
     quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
     weights_dtype = "fp32" if device == "cpu" or dtype == "fp32" else dtype
 
@@ -131,22 +142,24 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         "activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes, gradient_checkpointing,
                                         device),
         "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes),
+        **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
+                             max_new_tokens),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
-    settings = {"model": model, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+    settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
                 "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
                 "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization,
                 "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len}
     return Estimate(terms, trainable, total, settings)
 
 
-def _meta_model(config: Any, strategy: Strategy) -> nn.Module:
+def _meta_model(config: Any, strategy: Strategy, task: Task) -> nn.Module:
     """The task model on the meta device (no memory), with the strategy applied."""
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     with torch.device("meta"):
-        return strategy.apply(AutoModelForSequenceClassification.from_config(config))
+        return strategy.apply(getattr(transformers, task.model_class).from_config(config), task)
 
 
 def _quantizable(name: str, module: nn.Module, head: tuple[str, ...]) -> bool:
@@ -341,6 +354,24 @@ def _sizes(config: Any) -> tuple[int, int, int, int, int]:
 
 
 
+
+
+def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool) -> int:
+    """TRL's fused LM head (`add_fused_lm_head`): log-probabilities of the labels computed in
+    tiles of up to 4,096 tokens x 32,768 vocabulary entries, never the whole logits. Its
+    tile buffer and the fp32 tensors a tile turns into (the scaled logits, their exponentials
+    and a product of the two; in backward the probabilities, the gradient and the target
+    mask) are alive at once; the final hidden states are kept for backward. Without Triton
+    (CPU) every position is scored, not only those with a label."""
+    tile = min(tokens, LOGPROB_TOKEN_CHUNK) * min(config.vocab_size, LOGPROB_VOCAB_CHUNK)
+    buffers = LM_HEAD_BACKWARD_BUFFERS if backward else LM_HEAD_FORWARD_BUFFERS
+    return int(tile * 4 * buffers + tokens * config.hidden_size * 4)
+
+
+def kv_cache_bytes(config: Any, batch_size: int, seq_len: int, bytes_per_value: int) -> int:
+    """Generation's key/value cache: every layer's keys and values for every token."""
+    _, _, head_dim, kv, _ = _sizes(config)
+    return int(config.num_hidden_layers * 2 * kv * head_dim * batch_size * seq_len * bytes_per_value)
 
 
 def _lowest_layer_needing_grad(model: nn.Module, anatomy: Any) -> int | None:

@@ -1,39 +1,67 @@
-"""Using a finished run: re-evaluate it on its validation split, or classify new text."""
+"""Using a finished run: re-evaluate it on its validation split, or ask it about new input.
+Both go through the run's task, so they work the same for every task kind."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from peftkit.data import load_data
-from peftkit.errors import PeftkitError
 from peftkit.run import load_run
-from peftkit.tasks.classification import tokenize
-from peftkit.trainer import evaluate
-
-REPORTED = ("accuracy", "macro_f1", "mcc", "loss")
+from peftkit.tasks import resolve_task
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """Reload a run and recompute its validation metrics with the run's own data settings."""
     config, model, tokenizer, record = load_run(run_dir, data_dir=data_dir)
-    data = load_data(config)
-    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length, sort=True)
-    metrics = evaluate(model, config, eval_set, tokenizer)
-    return {"metrics": {k: v for k, v in metrics.items() if k in REPORTED}, "recorded": record["metrics"]}
+    task, dataset = resolve_task(config.task_name)
+    data = task.load_data(config, dataset)
+    result = task.evaluate(model, config, task.prepare(data, tokenizer, config), tokenizer)
+    return {"metrics": result.metrics, "recorded": record["metrics"]}
 
 
-def predict(run_dir: Path, texts: list[str]) -> tuple[str, float]:
-    """The predicted label of one input (a text, or a sentence pair) and its probability."""
+def predict(run_dir: Path, texts: list[str]) -> str:
+    """The run's answer for one input, as one line (a label and its probability, ...)."""
     config, model, tokenizer, record = load_run(run_dir)
-    expected = len(record["data"]["text_columns"])
-    if len(texts) != expected:
-        raise PeftkitError(f"this run classifies {expected} text(s) per example ({', '.join(record['data']['text_columns'])}); got {len(texts)}")
-    inputs = tokenizer(*texts, truncation=True, max_length=config.max_length, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    with torch.no_grad():
-        probs = model(**inputs).logits.float().softmax(-1)[0]
-    index = int(probs.argmax())
-    return record["data"]["label_names"][index], float(probs[index])
+    return config.task_kind.predict(model, tokenizer, record, texts, config)
+
+
+def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]], max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of an instruction-tuned run, one per conversation (each ends with a user turn)."""
+    from peftkit.errors import PeftkitError
+    from peftkit.run import read_record
+    from peftkit.tasks.sft import generate
+
+    kind = read_record(run_dir).get("task_kind", "classification")
+    if kind != "sft":  # checked before any weights load
+        raise PeftkitError(f"{run_dir} is a {kind} run, which does not generate text: use `peftkit predict`")
+    config, model, tokenizer, record = load_run(run_dir)
+    return generate(model, tokenizer, conversations, max_new_tokens or config.max_new_tokens, config.eval_batch_size)
+
+
+def read_conversations(path: Path) -> list[list[dict[str, str]]]:
+    """Conversations from JSON Lines: each line a {"prompt": text} or a {"messages": [...]}."""
+    import json
+
+    from peftkit.errors import PeftkitError
+
+    conversations = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PeftkitError(f"cannot read {path}: {err}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PeftkitError(f"{path} line {number} is not JSON ({err.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            conversations.append(row["messages"])
+        else:
+            raise PeftkitError(f"{path} line {number}: expected {{\"prompt\": text}} or {{\"messages\": [...]}}")
+    if not conversations:
+        raise PeftkitError(f"{path} has no prompts")
+    return conversations

@@ -48,6 +48,8 @@ TINY = {
 }
 
 
+TINY_FORMAT = "v2"  # v2: decoders saved with their LM head (a new format needs a new cache entry)
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -134,20 +136,22 @@ def _dequantized_checkpoint(alias: str, gguf_file: Path) -> Path:
 
 
 def _tiny_checkpoint(alias: str) -> Path:
-    """A tiny random base model (seed 0) with MiniLM's tokenizer, saved like a real one so
-    every code path (quantization included) treats it the same way."""
+    """A tiny random model (seed 0) with MiniLM's tokenizer, saved like a real one so every
+    code path (quantization included) treats it the same way. Decoders are saved with their
+    language-model head, so a causal LM loads the same output layer every time."""
 
     def write(directory: Path) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm"))
         config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY[alias])
+        auto = AutoModel if config.model_type == "bert" else AutoModelForCausalLM
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            AutoModel.from_config(config).save_pretrained(directory)
+            auto.from_config(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    return _cached_checkpoint(alias, write)
+    return _cached_checkpoint(f"{alias}-{TINY_FORMAT}", write)
 
 
 def load_model_config(source: ModelSource) -> Any:
@@ -176,27 +180,44 @@ def load_for_classification(
 ) -> nn.Module:
     """AutoModelForSequenceClassification for any encoder or decoder, labels named.
     The new head is initialised from the global seed (set it first for reproducible runs)."""
-    from transformers import AutoModelForSequenceClassification
-
     labels = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         pad_token_id=tokenizer.pad_token_id,
     )
-    kwargs: dict[str, Any] = dict(labels, dtype=dtype)
+    skip = head_modules(source, labels) if quantization is not None else None
+    return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype, skip, **labels)
+
+
+def load_causal_lm(source: ModelSource, tokenizer: Any, quantization: Any = None,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """AutoModelForCausalLM with its own (pretrained) output layer; a 4-bit load keeps that
+    layer unquantized (transformers' default), so a tied embedding stays one tensor."""
+    return load_pretrained("AutoModelForCausalLM", source, quantization, dtype, None, pad_token_id=tokenizer.pad_token_id)
+
+
+def load_pretrained(auto_class: str, source: ModelSource, quantization: Any, dtype: torch.dtype,
+                    skip_modules: list[str] | None, **config_overrides: Any) -> nn.Module:
+    """A model of a transformers Auto class (by name) from a source, optionally 4-bit with the
+    `skip_modules` left unquantized, training-ready: no key/value cache, own weights."""
+    import transformers
+
+    kwargs: dict[str, Any] = dict(config_overrides, dtype=dtype)
     if quantization is not None:
-        quantization.llm_int8_skip_modules = head_modules(source, labels)
+        if skip_modules is not None:
+            quantization.llm_int8_skip_modules = skip_modules
         kwargs.update(quantization_config=quantization, device_map=_quantized_device())
-    model = _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
+    model = _from_pretrained(getattr(transformers, auto_class), source, **kwargs)
     _without_kv_cache(model)
     return model if quantization is None else _own_unquantized_weights(model)
 
 
 def _without_kv_cache(model: nn.Module) -> None:
-    """A classifier never generates, yet decoders build a key/value cache on every forward by
-    default: without gradients it keeps every layer's keys and values to the end of the pass
-    (SmolLM2-135M, 256 x 59 tokens: 986 MB peak with the cache, 400 MB without)."""
+    """Training and scoring never reuse keys and values, yet decoders build a key/value cache
+    on every forward by default: without gradients it keeps every layer's keys and values to
+    the end of the pass (SmolLM2-135M, 256 x 59 tokens: 986 MB peak with the cache, 400 MB
+    without). Generation asks for the cache explicitly."""
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 

@@ -27,13 +27,14 @@ class Row:
     n: int
     metric_mean: float
     metric_std: float | None  # None for one seed: a spread nobody measured is not zero
+    other_metrics: dict[str, float]  # the task's other metrics, mean over seeds
     trainable_params: int
     trainable_percent: float
     peak_memory_mb: float
     estimate_mb: float | None
     train_time_s: float
-    samples_per_s: float
-    tokens_per_s: float
+    samples_per_s: float | None  # None when nothing trained (strategy none)
+    tokens_per_s: float | None
     size_on_disk_mb: float
 
     @property
@@ -47,7 +48,7 @@ class Row:
         return self.estimate_mb / self.peak_memory_mb if self.estimate_mb else None
 
 
-def aggregate(records: list[dict], metric: str) -> list[Row]:
+def aggregate(records: list[dict], metric: str, others: tuple[str, ...] = (), greater_is_better: bool = True) -> list[Row]:
     """Successful runs grouped by strategy, best mean metric first."""
     groups: dict[str, list[dict]] = {}
     for record in records:
@@ -56,19 +57,30 @@ def aggregate(records: list[dict], metric: str) -> list[Row]:
     rows = []
     for strategy, runs in groups.items():
         values = [r["metrics"][metric] for r in runs]
+        other = {m: statistics.mean(r["metrics"][m] for r in runs) for m in others
+                 if all(m in r["metrics"] for r in runs)}
         estimates = [r["estimate"]["total_bytes"] / MB for r in runs if "total_bytes" in (r.get("estimate") or {})]
         rows.append(Row(
             strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
-            metric_std=statistics.stdev(values) if len(values) > 1 else None,
+            metric_std=statistics.stdev(values) if len(values) > 1 else None, other_metrics=other,
             trainable_params=runs[0]["trainable_params"], trainable_percent=runs[0]["trainable_percent"],
             peak_memory_mb=statistics.mean(r["peak_memory_bytes"] for r in runs) / MB,
             estimate_mb=statistics.mean(estimates) if estimates else None,
             train_time_s=statistics.mean(r["train_time_s"] for r in runs),
-            samples_per_s=statistics.mean(r["samples_per_s"] for r in runs),
-            tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
+            samples_per_s=_mean_or_none(r["samples_per_s"] for r in runs),
+            tokens_per_s=_mean_or_none(r["tokens_per_s"] for r in runs),
             size_on_disk_mb=statistics.mean(r["size_on_disk_bytes"] for r in runs) / MB,
         ))
-    return sorted(rows, key=lambda r: -r.metric_mean)
+    return sorted(rows, key=lambda r: -r.metric_mean if greater_is_better else r.metric_mean)
+
+
+def _mean_or_none(values: Any) -> float | None:
+    values = list(values)
+    return None if any(v is None for v in values) else statistics.mean(values)
+
+
+def _rate(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def with_current_estimate(record: dict) -> dict:
@@ -109,6 +121,7 @@ def provenance(records: list[dict]) -> list[str]:
     versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in ok})
     dates = sorted(r["finished"][:10] for r in records if r.get("finished"))
     lines = [f"Command: `{c}`" for c in commands]
+    lines += [f"Code: {v}" for v in code_versions(records)]
     lines += [f"Machine: {d}" for d in devices] + [f"Packages: {v}" for v in versions]
     if dates:
         lines.append(f"Date: {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
@@ -122,15 +135,18 @@ def failures(records: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | None = None) -> str:
-    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", "n", "peak MB", "estimate MB",
+    others = list(rows[0].other_metrics) if rows else []
+    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", *others, "n", "peak MB", "estimate MB",
               "estimate/measured", "train s", "samples/s", "tokens/s", "disk MB"]
     lines = [f"# {title}", "", *provenance(records or []), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ratio = f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-"
         estimate = f"{r.estimate_mb:.0f}" if r.estimate_mb else "-"
+        extra = "".join(f"{r.other_metrics[m]:.4f} | " if m in r.other_metrics else "- | " for m in others)
         lines.append(f"| {r.strategy} | {r.trainable_params:,} | {r.trainable_percent:.3f} | "
-                     f"{r.metric_text} | {r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
-                     f"{r.train_time_s:.0f} | {r.samples_per_s:.1f} | {r.tokens_per_s:.0f} | {r.size_on_disk_mb:.2f} |")
+                     f"{r.metric_text} | {extra}{r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
+                     f"{r.train_time_s:.0f} | {_rate(r.samples_per_s, 1)} | {_rate(r.tokens_per_s, 0)} | "
+                     f"{r.size_on_disk_mb:.2f} |")
     failed = failures(records or [])
     if failed:
         lines += ["", "Runs that failed:", "", *failed]
@@ -209,17 +225,36 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(runs_dir: Path, metric: str = "accuracy", title: str | None = None) -> list[Path]:
-    """Write every report file next to runs.jsonl; returns their paths."""
-    from peftkit.config import METRICS
+def code_versions(records: list[dict]) -> list[str]:
+    """The code versions behind successful records: a commit, marked when the tree was dirty."""
+    def version(record: dict) -> str:
+        made = record.get("provenance") or {}
+        return made.get("commit", "unknown")[:12] + (" (uncommitted changes)" if made.get("dirty") else "")
 
-    if metric not in METRICS:
-        raise PeftkitError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+    return sorted({version(r) for r in records if r.get("status") == "ok"})
+
+
+def write_report(runs_dir: Path, metric: str | None = None, title: str | None = None,
+                 allow_mixed: bool = False) -> list[Path]:
+    """Write every report file next to runs.jsonl; returns their paths. `metric` defaults to
+    the task's headline metric; the task's other metrics get columns of their own. Rows made
+    by different code versions are refused unless `allow_mixed`."""
+    from peftkit.tasks import TASKS
+
     records = [with_current_estimate(r) for r in read_runs(runs_dir).values()]
-    rows = aggregate(records, metric)
-    if not rows:
+    versions = code_versions(records)
+    if len(versions) > 1 and not allow_mixed:
+        raise PeftkitError(f"{runs_dir}/runs.jsonl mixes rows made by {len(versions)} code versions ({', '.join(versions)}): "
+                           "re-run the old rows with `peftkit compare`, or pass --allow-mixed to report them anyway")
+    first = next((r for r in records if r.get("status") == "ok"), None)
+    if first is None:
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
-    first = next(r for r in records if r.get("status") == "ok")
+    task = TASKS[first.get("task_kind", "classification")]
+    metric = metric or task.primary
+    if metric not in task.metrics:
+        raise PeftkitError(f"unknown metric '{metric}' for task {task.name}: choose one of {', '.join(task.metrics)}")
+    others = tuple(m for m in task.table_metrics if m != metric)
+    rows = aggregate(records, metric, others, task.greater_is_better(metric))
     title = title or f"{first['config']['model']} on {first['config']['task']}: strategies compared"
     table = markdown(rows, metric, title, records)
     (runs_dir / "results.md").write_text(table)
@@ -240,8 +275,8 @@ def _html(title: str, rows: list[Row], metric: str, images: list[Path], records:
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.strategy, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", r.metric_text,
             r.n, f"{r.peak_memory_mb:.0f}", f"{r.estimate_mb:.0f}" if r.estimate_mb else "-",
-            f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-", f"{r.train_time_s:.0f}", f"{r.samples_per_s:.1f}",
-            f"{r.tokens_per_s:.0f}", f"{r.size_on_disk_mb:.2f}")) + "</tr>"
+            f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-", f"{r.train_time_s:.0f}", _rate(r.samples_per_s, 1),
+            _rate(r.tokens_per_s, 0), f"{r.size_on_disk_mb:.2f}")) + "</tr>"
         for r in rows)
     notes = "".join(f"<p>{html.escape(line.strip())}</p>" for line in provenance(records))
     failed = "".join(f"<p>{html.escape(line)}</p>" for line in failures(records))

@@ -22,14 +22,15 @@ from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
 from peftkit.config import RunConfig, make_config
-from peftkit.data import load_data
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
-from peftkit.models import four_bit_config, load_for_classification, load_model_config, load_tokenizer, resolve_model
-from peftkit.tasks.classification import tokenize
-from peftkit.trainer import build_trainer, evaluate, precision_flags
+from peftkit.models import four_bit_config, load_model_config, load_tokenizer, resolve_model
+from peftkit.provenance import code_version, config_hash
+from peftkit.tasks import resolve_task
+from peftkit.trainer import KeepBestTrainable, precision_flags
 
 RUN_RECORD = "run.json"
+PREDICTIONS = "predictions.jsonl"  # what the model generated for each validation example (sft)
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
@@ -46,83 +47,105 @@ class RunResult:
 
 
 def train(config: RunConfig | dict[str, Any]) -> RunResult:
-    """Train one model with one strategy and save it; returns the run record."""
+    """Train one model with one strategy on one task and save it; returns the run record."""
     if not isinstance(config, RunConfig):
         config = make_config(config)
     strategy = config.strategy.build()
+    task, dataset = resolve_task(config.task_name)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     strategy.check(model_config)
-    data = load_data(config)
+    data = task.load_data(config, dataset)
 
     from transformers import set_seed
 
-    set_seed(config.seed)  # the new head's initial weights depend on it
+    set_seed(config.seed)  # a new head's initial weights depend on it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         set_mmap_threshold(config.cpu_mmap_threshold_kb)
     memory = PeakMemory(device).start()
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
-    model = load_for_classification(source, data.label_names, tokenizer, base_quantization(config, strategy))
+    prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
+    model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = strategy.apply(model)
+    model = strategy.apply(model, task)
     print(trainable_line(model), flush=True)
     trainable, total = count_parameters(model)
+    if trainable == 0 and strategy.trains_anything:
+        raise PeftkitError(f"strategy '{strategy.name}' trains no parameter of {config.model} "
+                           "(e.g. bitfit on a model without biases): pick another strategy")
 
-    train_set = tokenize(data.train, tokenizer, data.text_columns, config.max_length)
-    eval_set = tokenize(data.validation, tokenizer, data.text_columns, config.max_length, sort=True)
-    with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
-        trainer, keep_best = build_trainer(model, strategy, config, train_set, eval_set, tokenizer, scratch, source.path)
-        output = trainer.train()
-        keep_best.restore()
-        train_time = output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds
-    final = evaluate(model, config, eval_set, tokenizer)  # always the whole model, as saved
+    trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
+                               "eval_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
+    if strategy.trains_anything:
+        trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path)
+    final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved
     peak = memory.stop()
 
-    epochs_done = float(trainer.state.epoch or config.epochs)
-    tokens_per_epoch = int(sum(train_set["length"]))
+    tokens_per_epoch = int(sum(prepared.train["length"]))
+    epochs_done, train_time = trained["epochs_trained"], trained["train_time_s"]
     record = {
         "config": config.model_dump(mode="json"),
+        "provenance": {**code_version(), "config_hash": config_hash(config)},
+        "task_kind": task.name,
         "learning_rate": config.lr,
         "versions": package_versions(),
         "device": _device_name(device),
         "data": {
-            "train_examples": len(train_set),
-            "validation_examples": len(eval_set),
-            "label_names": data.label_names,
-            "text_columns": data.text_columns,
+            "train_examples": len(prepared.train),
+            "validation_examples": len(prepared.validation),
+            **data.info,
             "train_tokens_per_epoch": tokens_per_epoch,
-            "longest_train_example": int(max(train_set["length"])),  # tokens; they set the peak batches
-            "longest_validation_example": int(max(eval_set["length"])),
+            "longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
+            "longest_validation_example": int(max(prepared.validation["length"])),
         },
-        "metrics": {k: v for k, v in final.items() if k in ("accuracy", "macro_f1", "mcc", "loss")},
-        "cached_features": trainer.setup_seconds > 0,
-        "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
-        "best_epoch": keep_best.best_epoch,
-        "eval_history": keep_best.history,
-        "epochs_trained": epochs_done,
+        "metrics": final.metrics,
+        **trained,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         **peak,
-        "train_time_s": train_time,
-        "samples_per_s": len(train_set) * epochs_done / train_time,
-        "tokens_per_s": tokens_per_epoch * epochs_done / train_time,
+        "samples_per_s": len(prepared.train) * epochs_done / train_time if train_time else None,
+        "tokens_per_s": tokens_per_epoch * epochs_done / train_time if train_time else None,
         "saved_as": strategy.saves,
     }
-    _write_outputs(output_dir, record, model, strategy, tokenizer)
+    _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
 
 
-def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any) -> None:
+def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared: Any, tokenizer: Any,
+         model_dir: str) -> dict[str, Any]:
+    """Train with the task's trainer, keep the best weights by the selection metric, and
+    return what the record says about training."""
+    keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience,
+                                  task.greater_is_better(config.metric_for_best_model), task.metrics)
+    with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
+        trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, scratch, model_dir, [keep_best])
+        output = trainer.train()
+        keep_best.restore()
+    return {
+        "cached_features": trainer.cached_features,
+        "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
+        "best_epoch": keep_best.best_epoch,
+        "eval_history": keep_best.history,
+        "epochs_trained": float(trainer.state.epoch or config.epochs),
+        "train_time_s": output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds,
+    }
+
+
+def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any,
+                   predictions: list[dict[str, Any]] | None) -> None:
     def write(staging: Path) -> None:
         strategy.save(model, staging)
         tokenizer.save_pretrained(staging)
+        if predictions is not None:
+            with (staging / PREDICTIONS).open("w") as f:
+                f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
         record["size_on_disk_bytes"] = size_on_disk(staging)
         (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -193,12 +216,13 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     record = read_record(run_dir)
     config = make_config({**record["config"], **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
+    task = config.task_kind
     source = resolve_model(config.model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     quantization = base_quantization(config, strategy) if quantized else None
-    base = load_for_classification(source, record["data"]["label_names"], tokenizer, quantization)
-    model = strategy.load(base, Path(run_dir))
+    base = task.load_model(source, record["data"], tokenizer, quantization)
+    model = strategy.load(base, Path(run_dir), task)
     model.eval()
     return config, model, tokenizer, record

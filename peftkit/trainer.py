@@ -1,5 +1,6 @@
-"""Builds the transformers Trainer for a run: optimizer groups from the strategy, schedule,
-per-epoch evaluation, early stopping with best-weights restore, and eval-time bookkeeping."""
+"""What every task's trainer shares: eval-time bookkeeping (`Timed`), best-weights selection
+(`KeepBestTrainable`), mixed-precision flags and the TrainingArguments a RunConfig implies.
+Each task builds its own Trainer (transformers' or TRL's) from these pieces."""
 
 from __future__ import annotations
 
@@ -9,46 +10,38 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    PrinterCallback,
-    ProgressCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    default_data_collator,
-)
+from transformers import TrainerCallback
 
-from peftkit.anatomy import inspect_model
-from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
 from peftkit.config import RunConfig
-from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
-from peftkit.strategies import Strategy
-from peftkit.tasks.classification import PadToLongest, compute_metrics
 
 
-class TimedTrainer(Trainer):
-    """A Trainer that keeps the seconds spent evaluating, so training time can exclude them,
-    and the seconds of training work done before `train()` (computing cached features). With
-    a `replay`, the model's frozen bottom replays stored outputs while it trains and evaluates."""
+class Timed:
+    """Mixin for a Trainer class: keeps the seconds spent evaluating, so training time can
+    exclude them, and the seconds of training work done before `train()` (computing cached
+    features). With a `replay`, the model's frozen bottom replays stored outputs while it
+    trains and evaluates (peftkit.bottom_cache)."""
 
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
-    replay: BottomReplay | None = None
+    cached_features: bool = False
+    replay: Any = None
+
+    def __init__(self, model: nn.Module, **kwargs: Any):
+        _declare_trainable_additions(model)
+        _keep_4bit_weights_trainable(model)
+        super().__init__(model=model, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         with self.replay.active() if self.replay else nullcontext():
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        from peftkit.bottom_cache import INDEX_COLUMN
+
         indices = inputs.pop(INDEX_COLUMN, None)
         if self.replay is not None and indices is not None:
             self.replay.use(indices, inputs["attention_mask"])
         return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def __init__(self, model: nn.Module, **kwargs: Any):
-        _declare_trainable_additions(model)
-        _keep_4bit_weights_trainable(model)
-        super().__init__(model=model, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -84,8 +77,11 @@ class KeepBestTrainable(TrainerCallback):
     Trainer's own `load_best_model_at_end` needs a full checkpoint on disk per evaluation;
     this keeps only the trainable tensors, in memory."""
 
-    def __init__(self, model: nn.Module, metric: str, patience: int | None):
+    def __init__(self, model: nn.Module, metric: str, patience: int | None, greater_is_better: bool = True,
+                 recorded: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "loss")):
         self.model, self.metric, self.patience = model, f"eval_{metric}", patience
+        self.sign = 1.0 if greater_is_better else -1.0
+        self.recorded = recorded
         self.best: float | None = None
         self.best_epoch: float | None = None
         self.snapshot: dict[str, torch.Tensor] = {}
@@ -97,8 +93,8 @@ class KeepBestTrainable(TrainerCallback):
         if value is None:
             return
         self.history.append({"epoch": state.epoch, **{k.removeprefix("eval_"): v for k, v in metrics.items()
-                                                       if k.removeprefix("eval_") in ("accuracy", "macro_f1", "mcc", "loss")}})
-        if self.best is None or value > self.best:
+                                                       if k.removeprefix("eval_") in self.recorded}})
+        if self.best is None or self.sign * value > self.sign * self.best:
             self.best, self.best_epoch, self.bad_evals = value, state.epoch, 0
             self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         else:
@@ -123,10 +119,14 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None) -> TrainingArguments:
-    """TrainingArguments from a RunConfig; checkpoints off (the run saves its own outputs)."""
+def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None,
+                       args_class: type | None = None, **extra: Any) -> Any:
+    """TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` fields) from
+    a RunConfig; checkpoints off (the run saves its own outputs)."""
+    from transformers import TrainingArguments
+
     group_by_length = config.group_by_length if group_by_length is None else group_by_length
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=scratch_dir,
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
@@ -151,82 +151,5 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         dataloader_num_workers=0,
         disable_tqdm=False,  # transformers hides the bar when its log level is quiet; we want it
         **precision_flags(config.precision),
+        **extra,
     )
-
-
-def build_trainer(
-    model: nn.Module,
-    strategy: Strategy,
-    config: RunConfig,
-    train_dataset: Any,
-    eval_dataset: Any,
-    tokenizer: Any,
-    scratch_dir: str,
-    model_dir: str,
-) -> tuple[TimedTrainer, KeepBestTrainable]:
-    """The Trainer for this run, and the callback that holds the best weights.
-
-    With `cache_features` on, frozen computation is done once: when nothing below the head
-    trains (linear probing) the Trainer trains the model's own head on cached features; when
-    a frozen, dropout-free bottom sits below the lowest trainable layer, it replays that
-    bottom's stored outputs (peftkit.bottom_cache)."""
-    collate: Any = PadToLongest(tokenizer)
-    start = time.perf_counter()
-    variant = repr((sorted(strategy.options().items()), config.quantization))
-    on_features = strategy.frozen_below_head and config.cache_features
-    replay = None
-    if on_features:
-        features = [
-            cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length, config.eval_batch_size,
-                               variant=variant)
-            for split in (train_dataset, eval_dataset)
-        ]
-        train_dataset = FeatureDataset(features[0], train_dataset["labels"])
-        eval_dataset = FeatureDataset(features[1], eval_dataset["labels"])
-        model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
-        collate = default_data_collator
-    elif config.cache_features and (bottom := frozen_bottom(model)):
-        site = f"{inspect_model(model).layers_prefix}.{bottom - 1}"
-        outputs = BottomOutputs.joined([
-            BottomOutputs(**stored(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
-                                   lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
-                                                                                   config.eval_batch_size))))
-            for split in (train_dataset, eval_dataset)
-        ])
-        replay = BottomReplay(model, bottom, outputs)
-        train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
-        eval_dataset = eval_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
-    setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
-    optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
-    keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience)
-    trainer = TimedTrainer(
-        model=model,
-        args=training_arguments(config, scratch_dir, group_by_length=config.group_by_length and not on_features),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=collate,
-        compute_metrics=compute_metrics,
-        optimizers=(optimizer, None),
-        callbacks=[keep_best],
-    )
-    trainer.setup_seconds, trainer.replay = setup_seconds, replay
-    return trainer, keep_best
-
-
-def evaluate(model: nn.Module, config: RunConfig, eval_dataset: Any, tokenizer: Any) -> dict[str, float]:
-    """Metrics of a trained model on a tokenized split, batched exactly as during training."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
-        trainer = TimedTrainer(
-            model=model,
-            args=training_arguments(config, scratch),
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            data_collator=PadToLongest(tokenizer),
-            compute_metrics=compute_metrics,
-        )
-        trainer.remove_callback(PrinterCallback)  # the caller prints the metrics it wants
-        trainer.remove_callback(ProgressCallback)
-        return {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -28,3 +29,14 @@ def _quiet() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    """Writes rows as a JSON Lines file under tmp_path and returns its path."""
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write

@@ -67,7 +67,7 @@ def test_an_encoder_without_dropout_replays():
 def test_replay_gives_the_logits_and_gradients_of_a_full_forward_pass(data_dir, model_name, dropout_free):
     model, tokenizer = model_with(model_name, "partial", {"trainable_layers": 1}, **dropout_free)
     data = load_data(make_config({"task": "sst2", "data_dir": data_dir, "max_train_samples": 24}))
-    dataset = tokenize(data.train, tokenizer, data.text_columns, 64)
+    dataset = tokenize(data.train, tokenizer, data.info["text_columns"], 64)
     collate = PadToLongest(tokenizer)
     bottom = frozen_bottom(model)
     outputs = BottomOutputs.joined([compute_bottom_outputs(model, bottom, dataset.select(range(10)), collate, 4),

@@ -28,16 +28,6 @@ def assert_clean_failure(result, expected, output_dir):
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
-@pytest.fixture
-def jsonl(tmp_path):
-    def write(name, rows):
-        path = tmp_path / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return path
-
-    return write
-
-
 def test_unknown_strategy(tmp_path, data_dir):
     out = tmp_path / "out"
     result = invoke("train", "--model", "tiny-bert", "--strategy", "lroa", "--data-dir", data_dir, "--output-dir", out)

@@ -19,15 +19,15 @@ def write_jsonl(path, rows):
 def test_sst2_from_local_directory(data_dir):
     data = load_data(make_config({"task": "sst2", "data_dir": data_dir, "max_train_samples": 100}))
     assert len(data.train) == 100 and len(data.validation) == 872
-    assert data.text_columns == ["sentence"] and data.label_names == ["negative", "positive"]
+    assert data.info["text_columns"] == ["sentence"] and data.info["label_names"] == ["negative", "positive"]
     assert set(data.train["labels"]) == {0, 1}
 
 
 def test_rte_is_a_sentence_pair(data_dir):
     data = load_data(make_config({"task": "rte", "data_dir": data_dir}))
-    assert data.text_columns == ["sentence1", "sentence2"]
+    assert data.info["text_columns"] == ["sentence1", "sentence2"]
     assert len(data.train) == 2490 and len(data.validation) == 277
-    assert data.label_names == ["entailment", "not_entailment"]
+    assert data.info["label_names"] == ["entailment", "not_entailment"]
 
 
 def test_data_dir_from_environment(data_dir, monkeypatch):
@@ -41,7 +41,7 @@ def test_custom_csv_with_string_labels(tmp_path):
     config = make_config({"train_file": tmp_path / "train.csv", "validation_file": tmp_path / "dev.csv",
                           "text_columns": ["review"], "label_column": "stars", "task": None})
     data = load_data(config)
-    assert data.label_names == ["neg", "pos"]
+    assert data.info["label_names"] == ["neg", "pos"]
     assert data.train["labels"] == [1, 0, 1] and data.validation["labels"] == [0]
 
 
@@ -49,7 +49,7 @@ def test_custom_integer_labels_keep_numeric_order(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 10}, {"text": "b", "label": 2}])
     dev = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": 2}])
     data = load_data(make_config({"train_file": train, "validation_file": dev}))
-    assert data.label_names == ["2", "10"] and data.train["labels"] == [1, 0]
+    assert data.info["label_names"] == ["2", "10"] and data.train["labels"] == [1, 0]
 
 
 def test_missing_label_column_is_named(tmp_path):

@@ -18,9 +18,9 @@ def setup(model_name, data_dir, max_length=64, n=40):
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source)
     data = load_data(make_config({"task": "sst2", "data_dir": data_dir, "max_train_samples": n}))
-    dataset = tokenize(data.train, tokenizer, data.text_columns, max_length)
+    dataset = tokenize(data.train, tokenizer, data.info["text_columns"], max_length)
     torch.manual_seed(0)
-    model = load_for_classification(source, data.label_names, tokenizer).eval()
+    model = load_for_classification(source, data.info["label_names"], tokenizer).eval()
     return source, tokenizer, dataset, model
 
 

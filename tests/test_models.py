@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,8 @@ def test_minilm_alias_points_into_its_package():
 
 def test_tiny_models_are_cached_checkpoints():
     source = resolve_model("tiny-llama")
-    assert source.kind == "local" and source.path.endswith("models/tiny-llama")
+    assert source.kind == "local" and source.path.endswith("models/tiny-llama-v2")
+    assert (Path(source.path) / "config.json").is_file()
 
 
 def test_missing_path_is_an_error():

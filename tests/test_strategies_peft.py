@@ -266,16 +266,25 @@ def test_peft_options_reach_the_peft_config():
 
 
 @pytest.mark.parametrize("strategy,options,message", [
-    ("peft:adalora", {}, "cannot train a sequence classifier: AdaLoRA reallocates ranks"),
+    ("peft:adalora", {}, "cannot train here: AdaLoRA reallocates ranks"),
     ("peft:poly", {}, "needs a task id with every example"),
-    ("peft:xlora", {}, "no modules_to_save, so the new task head would stay at its random initialization"),
-    ("peft:cpt", {}, "CPTConfig only supports task_type = CAUSAL_LM"),
     ("prompt-tuning", {"init": "text"}, "init_text together with init=text"),
     ("prompt-tuning", {"num_virtual_tokens": 0}, "num_virtual_tokens >= 1"),
 ])
 def test_methods_that_cannot_work_fail_when_built(strategy, options, message):
     with pytest.raises(PeftkitError, match=message):
         build_strategy(strategy, options)
+
+
+@pytest.mark.parametrize("strategy,message", [
+    ("peft:xlora", "no modules_to_save, so the new task head would stay at its random initialization"),
+    ("peft:cpt", "CPTConfig only supports task_type = CAUSAL_LM"),
+])
+def test_methods_that_cannot_train_a_classifier_are_refused_by_the_task(strategy, message):
+    from peftkit.tasks import TASKS
+
+    with pytest.raises(PeftkitError, match=message):
+        TASKS["classification"].check_strategy(build_strategy(strategy, {"num_virtual_tokens": 4} if "cpt" in strategy else {}))
 
 
 def test_peft_refusing_the_model_is_one_line():

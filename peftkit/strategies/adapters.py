@@ -22,15 +22,18 @@ finds (`SITE_PATHS`); the base model's own parameters are never renamed or repla
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from peftkit.anatomy import Anatomy, inspect_model
+from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import Strategy, register
+from peftkit.strategies.base import Strategy, register, trained_beside
 from peftkit.strategies.freezing import parse_layer_ranges
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 # Relative paths inside one layer, per architecture family: (attention output projection,
 # feed-forward output projection, feed-forward block whose input a parallel adapter reads).
@@ -122,11 +125,12 @@ class BottleneckAdapter(Strategy):
         if self.layers is not None:
             self.layers = parse_layer_ranges(self.layers)
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Freeze everything but the head, then add adapters to the chosen layers (in place)."""
-        anatomy = inspect_model(model)
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """Freeze everything but what the task trains beside (a new head), then add adapters to
+        the chosen layers (in place)."""
+        anatomy, beside = inspect_model(model), trained_beside(model, task)
         for name, param in model.named_parameters():
-            param.requires_grad_(anatomy.is_head(name))
+            param.requires_grad_(is_under(name, beside))
         stack = model.get_submodule(anatomy.layers_prefix)
         for index in self._chosen_layers(anatomy):
             layer = stack[index]

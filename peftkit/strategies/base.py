@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydantic
 import torch
@@ -18,6 +18,9 @@ from torch import nn
 
 from peftkit.anatomy import Anatomy, inspect_model
 from peftkit.errors import PeftkitError, did_you_mean
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -49,6 +52,8 @@ class Strategy:
     frozen_below_head: ClassVar[bool] = False
     # False when the strategy updates the base's own linear weights, which a 4-bit base cannot.
     quantizable_base: ClassVar[bool] = True
+    # False for `none`: the model is evaluated as it is, nothing trains.
+    trains_anything: ClassVar[bool] = True
     # Why `peftkit merge` cannot fold this strategy's training into the base weights (None: it can).
     merge_refusal: ClassVar[str | None] = (
         "only PEFT adapters (lora, dora, qlora, ia3, peft:<method>) fold into the base weights"
@@ -58,11 +63,15 @@ class Strategy:
         """Reject an impossible (strategy, architecture) pair from the model's transformers
         config alone, before any weights load. Raises PeftkitError; the default accepts all."""
 
+    def check_task(self, task: Task) -> None:
+        """Refuse a task this strategy cannot train, before any weights load (default: none)."""
+
     def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
         """Adjust the tokenizer the run trains with and saves (e.g. its padding side)."""
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Return the model ready to train (may be a wrapper such as a PeftModel)."""
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """Return the model ready to train (may be a wrapper such as a PeftModel). `task` says
+        what trains beside the strategy (default: the task kind the model was built for)."""
         raise NotImplementedError
 
     def check_quantization(self, quantization: str) -> None:
@@ -97,11 +106,11 @@ class Strategy:
         tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, str(directory / TRAINED_TENSORS))
 
-    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
         """Apply the strategy to a freshly loaded base, then put the saved tensors back."""
         from safetensors.torch import load_file
 
-        model = self.apply(base)
+        model = self.apply(base, task)
         tensors = load_file(str(directory / TRAINED_TENSORS))
         missing = set(tensors) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -121,6 +130,15 @@ class Strategy:
 
 
 TRAINED_TENSORS = "trained_weights.safetensors"
+
+
+def trained_beside(model: nn.Module, task: Task | None) -> tuple[str, ...]:
+    """The modules that train beside any strategy: the task's answer (a new classifier head;
+    nothing for a causal LM, whose output layer is pretrained and often tied to the input
+    embeddings), for the task the model was built for when none is given."""
+    from peftkit.tasks import task_for_model
+
+    return (task or task_for_model(model)).trained_beside(model)
 
 
 def _skips_decay(name: str) -> bool:
@@ -160,9 +178,14 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
         ) from None
 
 
-def apply_strategy(model: nn.Module, name: str, **options: Any) -> nn.Module:
-    """Python API: apply the named strategy with options to an already loaded model."""
-    return build_strategy(name, options).apply(model)
+def apply_strategy(model: nn.Module, name: str, task: str | None = None, **options: Any) -> nn.Module:
+    """Python API: apply the named strategy with options to a model you loaded with
+    transformers (e.g. `AutoModelForSequenceClassification.from_pretrained(...)` or
+    `AutoModelForCausalLM.from_pretrained(...)`). `task` names the task kind; by default it is
+    the one the model's class was built for."""
+    from peftkit.tasks import resolve_task
+
+    return build_strategy(name, options).apply(model, resolve_task(task)[0] if task else None)
 
 
 __all__ = ["STRATEGIES", "Strategy", "Anatomy", "inspect_model", "register", "build_strategy", "apply_strategy"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from peftkit.anatomy import Anatomy, inspect_model
+from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
 from peftkit.pooling import MeanPooling
-from peftkit.strategies.base import Strategy, _skips_decay, register
+from peftkit.strategies.base import Strategy, _skips_decay, register, trained_beside
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 
 @dataclasses.dataclass
@@ -27,13 +30,14 @@ class Freezing(Strategy):
 
     pooling: Literal["model", "mean"] = "model"
 
-    def trainable(self, name: str, anatomy: Anatomy) -> bool:
+    def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
+        """Whether a parameter trains; `beside` are the modules the task trains beside any strategy."""
         raise NotImplementedError
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        anatomy = inspect_model(model)
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        anatomy, beside = inspect_model(model), trained_beside(model, task)
         for name, param in model.named_parameters():
-            param.requires_grad_(self.trainable(name, anatomy))
+            param.requires_grad_(self.trainable(name, anatomy, beside))
         return self.pool(model)
 
     def pool(self, model: nn.Module) -> nn.Module:
@@ -87,13 +91,13 @@ class Full(LayerwiseLR):
     saves = "whole-model"
     quantizable_base = False
 
-    def trainable(self, name: str, anatomy: Anatomy) -> bool:
+    def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
         return True
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory / "model")
 
-    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
         return self.pool(type(base).from_pretrained(directory / "model", dtype=base.dtype))
 
 
@@ -129,16 +133,18 @@ class Partial(LayerwiseLR):
             return set(self.layers)
         return set(range(max(anatomy.num_layers - self.trainable_layers, 0), anatomy.num_layers))
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         self._chosen = self.chosen_layers(inspect_model(model))
-        return super().apply(model)
+        return super().apply(model, task)
 
-    def trainable(self, name: str, anatomy: Anatomy) -> bool:
+    def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
         region = anatomy.region(name)
         if region == "layer":
             return anatomy.layer_index(name) in self._chosen
         if region == "embeddings":
             return self.train_embeddings
+        if region == "head":  # a causal LM's own output layer trains only with the embeddings it is often tied to
+            return is_under(name, beside) or self.train_embeddings
         return True
 
 
@@ -169,8 +175,8 @@ class LinearProbe(Freezing):
     default_lr = 5e-3
     frozen_below_head = True
 
-    def trainable(self, name: str, anatomy: Anatomy) -> bool:
-        return anatomy.region(name) == "head"
+    def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
+        return is_under(name, beside)
 
 
 @register("bitfit")
@@ -181,5 +187,28 @@ class BitFit(Freezing):
     trains = "biases + head"
     default_lr = 1e-3
 
-    def trainable(self, name: str, anatomy: Anatomy) -> bool:
-        return anatomy.region(name) == "head" or name.endswith(".bias")
+    def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
+        return is_under(name, beside) or name.endswith(".bias")
+
+
+@register("none")
+@dataclasses.dataclass
+class NoTraining(Strategy):
+    """Nothing trains: the pretrained model is evaluated as it is, the untuned baseline a
+    comparison needs (for tasks whose output layer is the model's own, such as sft)."""
+
+    trains = "nothing (evaluates the untuned model)"
+    trains_anything = False
+    saves = "nothing"
+    merge_refusal = "nothing was trained"
+
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Nothing to save: the run's record and tokenizer say everything."""
+
+    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
+        return self.apply(base, task)

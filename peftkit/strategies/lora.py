@@ -8,7 +8,7 @@ trains (PEFT's `modules_to_save`). Applying, saving, reloading and merging are `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from peft import LoraConfig
@@ -17,6 +17,9 @@ from torch import nn
 from peftkit.models import four_bit_config
 from peftkit.strategies.base import register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 
 @register("lora")
@@ -63,9 +66,9 @@ class QLoRA(LoRA):
         dtype = compute_dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
         return four_bit_config(self.quant_type, self.double_quant, dtype or torch.float32)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        return super().apply(model)
+        return super().apply(model, task)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import Strategy
+from peftkit.strategies.base import Strategy, trained_beside
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 
 @dataclasses.dataclass
@@ -35,17 +38,18 @@ class PeftStrategy(Strategy):
         """The method's own PEFT config options for this model."""
         raise NotImplementedError
 
-    def peft_config(self, model: nn.Module) -> Any:
-        """The PEFT config for this model: task type SEQ_CLS, the head in `modules_to_save`."""
+    def peft_config(self, model: nn.Module, task: Task | None = None) -> Any:
+        """The PEFT config for this model: the task's PEFT task type, and what the task trains
+        beside the strategy (a new head) in `modules_to_save`."""
         from peft import TaskType
 
-        return self.config_type(task_type=TaskType.SEQ_CLS, modules_to_save=list(inspect_model(model).head_modules),
-                                **self.config_options(model))
+        return self.config_type(task_type=TaskType[peft_task_type(model, task)],
+                                modules_to_save=list(trained_beside(model, task)) or None, **self.config_options(model))
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         from peft import get_peft_model
 
-        config = self.peft_config(model)
+        config = self.peft_config(model, task)
         try:
             return self.wrapped(get_peft_model(model, config))
         except self.config_errors as err:
@@ -58,10 +62,17 @@ class PeftStrategy(Strategy):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
-    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
         from peft import PeftModel
 
         return self.wrapped(PeftModel.from_pretrained(base, directory))
+
+
+def peft_task_type(model: nn.Module, task: Task | None) -> str:
+    """The PEFT task type (a `peft.TaskType` name) of the task the model is trained for."""
+    from peftkit.tasks import task_for_model
+
+    return (task or task_for_model(model)).peft_task_type
 
 
 def layer_targets(model: nn.Module, target_modules: str | list[str] | None) -> str | list[str] | None:

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import peft
 import transformers
@@ -23,7 +23,11 @@ from torch import nn
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
 from peftkit.strategies.base import register
-from peftkit.strategies.peft_base import PeftStrategy, first_line, layer_targets
+from peftkit.strategies.base import trained_beside
+from peftkit.strategies.peft_base import PeftStrategy, first_line, layer_targets, peft_task_type
+
+if TYPE_CHECKING:
+    from peftkit.tasks.base import Task
 
 # Leaf names of the key and value projections (separate, or fused with the query) across families.
 KEY_VALUE_LEAVES = {"k", "v", "key", "value", "k_proj", "v_proj", "key_proj", "value_proj"}
@@ -238,7 +242,7 @@ INTERNAL_FIELDS = {
 }
 # PEFT types with a first-class strategy (lora, ia3, prompt-tuning, prefix-tuning, p-tuning).
 DEDICATED = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
-# Methods that cannot train a sequence classifier here, and why.
+# Methods that cannot train here, and why.
 UNSUPPORTED = {
     "ADALORA": "AdaLoRA reallocates ranks through update_and_allocate() after every optimizer step, "
                "which the Trainer does not call; use lora",
@@ -252,7 +256,9 @@ PREFIX_LIKE = {"PREFIX_TUNING", "CARTRIDGE"}  # PEFT feeds these to the model as
 @dataclasses.dataclass
 class PeftMethod(PeftStrategy):
     """Base of the generated `peft:<method>` strategies: the options are the PEFT config's
-    own fields; `target_modules="auto"` means the layers' linear projections, as for lora."""
+    own fields; `target_modules="auto"` means the layers' linear projections, as for lora.
+    Options are validated when the strategy is built, under the causal-LM task type (which
+    every method accepts; CPT accepts no other); the run's own task type applies when it runs."""
 
     default_lr = 1e-3  # LoRA's rate; methods with very few parameters (vera, fourierft) may want more
     # Less-used methods also signal a missing option or an unfit model with these.
@@ -263,27 +269,35 @@ class PeftMethod(PeftStrategy):
 
     def __post_init__(self) -> None:
         """Reject a method that cannot work here, and let PEFT validate the options now,
-        before any weights load (e.g. CPT refuses any task but causal LM)."""
+        before any weights load."""
         if self.unsupported:
-            raise PeftkitError(f"strategy {self.name} cannot train a sequence classifier: {self.unsupported}")
-        self._build(target_modules=None, head=None)
+            raise PeftkitError(f"strategy {self.name} cannot train here: {self.unsupported}")
+        self._build(target_modules=None, head=None, task_type="CAUSAL_LM")
 
     def check(self, model_config: Any) -> None:
         if self.peft_type in PREFIX_LIKE:
             _check_takes_key_value_cache(self.name, model_config)
 
-    def peft_config(self, model: nn.Module) -> Any:
+    def check_task(self, task: Task) -> None:
+        if not task.pretrained_head and not _has_modules_to_save(self.config_type):
+            raise PeftkitError(f"strategy {self.name} cannot train task '{task.name}': its config has no "
+                               "modules_to_save, so the new task head would stay at its random initialization")
+        self._build(target_modules=None, head=None, task_type=task.peft_task_type)  # e.g. CPT takes causal LMs only
+
+    def peft_config(self, model: nn.Module, task: Task | None = None) -> Any:
         targets = getattr(self, "target_modules", None)
         if targets == "auto" and self.peft_type == "LN_TUNING":  # it trains norms, not projections
             targets = _layer_norms(model)
-        return self._build(layer_targets(model, targets), list(inspect_model(model).head_modules))
+        return self._build(layer_targets(model, targets), list(trained_beside(model, task)) or None,
+                           peft_task_type(model, task))
 
-    def _build(self, target_modules: Any, head: list[str] | None) -> Any:
+    def _build(self, target_modules: Any, head: list[str] | None, task_type: str) -> Any:
         options = self.options()
         if "target_modules" in options:
             options["target_modules"] = target_modules
+        extra = {"modules_to_save": head} if _has_modules_to_save(self.config_type) else {}
         try:
-            return self.config_type(task_type=TaskType.SEQ_CLS, modules_to_save=head, **options)
+            return self.config_type(task_type=TaskType[task_type], **extra, **options)
         except self.config_errors as err:
             raise PeftkitError(f"strategy {self.name}: {first_line(err)}") from None
 
@@ -309,9 +323,9 @@ def _register_peft_methods() -> None:
             "__module__": __name__,
             "config_type": config_type,
             "peft_type": peft_type.value,
-            "unsupported": UNSUPPORTED.get(peft_type.value) or _head_refusal(config_type),
+            "unsupported": UNSUPPORTED.get(peft_type.value),
         }
-        namespace["trains"] = f"{label} (PEFT) " + ("- cannot train a classifier" if namespace["unsupported"] else "+ head")
+        namespace["trains"] = f"{label} (PEFT)" + (" - unsupported" if namespace["unsupported"] else "")
         options = [(f.name, hints[f.name], _option_field(f)) for f in fields]
         register(f"peft:{peft_type.value.lower()}")(
             dataclasses.make_dataclass(f"Peft{label}", options, bases=(PeftMethod,), namespace=namespace)
@@ -334,11 +348,9 @@ def _plain_default(field: dataclasses.Field) -> bool:
     return default is None or isinstance(default, (bool, int, float, str, list, dict))
 
 
-def _head_refusal(config_type: type) -> str | None:
-    """Why a method cannot train the task head, or None when its config has modules_to_save."""
-    if any(f.name == "modules_to_save" for f in dataclasses.fields(config_type)):
-        return None
-    return "its config has no modules_to_save, so the new task head would stay at its random initialization"
+def _has_modules_to_save(config_type: type) -> bool:
+    """Whether a method's config can train extra modules (a new task head) beside it."""
+    return any(f.name == "modules_to_save" for f in dataclasses.fields(config_type))
 
 
 _register_peft_methods()

@@ -1,14 +1,184 @@
-"""Sequence classification: tokenization (single text or a sentence pair), collator, metrics."""
+"""Sequence classification: one text or a sentence pair -> one label, through a new head
+(`AutoModelForSequenceClassification`) read from the pooled vector or the last token.
+
+Data: built-in `sst2`, `rte`, or the user's files with `--text-column` (twice for a pair)
+and `--label-column` (strings or integers; the label names are saved with the model).
+Metrics: accuracy (selects), macro-F1, Matthews correlation. When nothing below the head
+trains (linear probing) the frozen model's output is computed once and cached; when a
+dropout-free frozen bottom sits below every trainable weight, it is replayed
+(peftkit.feature_cache, peftkit.bottom_cache).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from peftkit.bottom_cache import INDEX_COLUMN
+from peftkit.data import cap_samples, read_splits, require_columns
+from peftkit.errors import PeftkitError
+from peftkit.tasks.base import DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftkit.config import RunConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+DATASETS["sst2"] = BuiltinDataset("classification", {"text_columns": ["sentence"], "label_column": "label"},
+                                  hub=("nyu-mll/glue", "sst2"), label_names=("negative", "positive"))
+DATASETS["rte"] = BuiltinDataset("classification", {"text_columns": ["sentence1", "sentence2"], "label_column": "label"},
+                                 hub=("nyu-mll/glue", "rte"), label_names=("entailment", "not_entailment"))
+
+
+@register_task("classification")
+class Classification(Task):
+    description = "one text or a sentence pair -> a label (new classifier head)"
+    model_class = "AutoModelForSequenceClassification"
+    model_suffix = "ForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    metrics = ("accuracy", "macro_f1", "mcc", "loss")
+    selects = "accuracy"
+    primary = "accuracy"
+    table_metrics = ("accuracy", "macro_f1", "mcc")
+    column_options = ("text_columns", "label_column")
+
+    def trained_beside(self, model: nn.Module) -> tuple[str, ...]:
+        from peftkit.anatomy import inspect_model
+
+        return inspect_model(model).head_modules
+
+    def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
+        """Checked splits with the text columns and an integer `labels` column."""
+        splits = read_splits(config, dataset)
+        own_files = config.train_file is not None
+        defaults = dataset.columns if dataset and not own_files else {}
+        text_columns = config.text_columns or defaults.get("text_columns") or _guess_text_column(splits["train"].column_names)
+        label_column = config.label_column or defaults.get("label_column", "label")
+        require_columns(splits, [*text_columns, label_column], "name the right ones with --text-column/--label-column")
+        splits = cap_samples(splits, config)
+
+        known = list(dataset.label_names) if dataset and not own_files and not config.label_column else None
+        label_names, encode = _label_encoding(splits["train"][label_column], known)
+        for split, data in splits.items():
+            for row, value in enumerate(data[label_column]):
+                if encode(value) is None:
+                    raise PeftkitError(f"{split} row {row}: label {value!r} is not in the label set {label_names}; "
+                                       "fix the data or train on data that has this label")
+            keep = [*text_columns, label_column]
+            data = data.remove_columns([c for c in data.column_names if c not in keep])
+            splits[split] = data.map(lambda b: {"labels": [encode(v) for v in b[label_column]]}, batched=True,
+                                     remove_columns=[label_column] if label_column != "labels" else [])
+        return TaskData(splits["train"], splits["validation"],
+                        {"label_names": label_names, "text_columns": list(text_columns)})
+
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
+        from peftkit.models import load_for_classification
+
+        return load_for_classification(source, info["label_names"], tokenizer, quantization)
+
+    def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
+        columns = data.info["text_columns"]
+        return Prepared(tokenize(data.train, tokenizer, columns, config.max_length),
+                        tokenize(data.validation, tokenizer, columns, config.max_length, sort=True), data.validation,
+                        data.info)
+
+    def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                      scratch_dir: str, model_dir: str, callbacks: list) -> Any:
+        """The Trainer for this run. With `cache_features` on, frozen computation is done once:
+        when nothing below the head trains (linear probing) the Trainer trains the model's own
+        head on cached features; when a frozen, dropout-free bottom sits below the lowest
+        trainable layer, it replays that bottom's stored outputs (peftkit.bottom_cache)."""
+        import torch
+        from transformers import Trainer, default_data_collator
+
+        from peftkit.anatomy import inspect_model
+        from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
+        from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
+        from peftkit.trainer import Timed, training_arguments
+
+        train_dataset, eval_dataset = prepared.train, prepared.validation
+        collate: Any = PadToLongest(tokenizer)
+        start = time.perf_counter()
+        variant = repr((sorted(strategy.options().items()), config.quantization))
+        on_features = strategy.frozen_below_head and config.cache_features
+        replay = None
+        if on_features:
+            features = [cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length,
+                                           config.eval_batch_size, variant=variant)
+                        for split in (train_dataset, eval_dataset)]
+            train_dataset = FeatureDataset(features[0], train_dataset["labels"])
+            eval_dataset = FeatureDataset(features[1], eval_dataset["labels"])
+            model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
+            collate = default_data_collator
+        elif config.cache_features and (bottom := frozen_bottom(model)):
+            site = f"{inspect_model(model).layers_prefix}.{bottom - 1}"
+            outputs = BottomOutputs.joined([
+                BottomOutputs(**stored(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
+                                       lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
+                                                                                       config.eval_batch_size))))
+                for split in (train_dataset, eval_dataset)
+            ])
+            replay = BottomReplay(model, bottom, outputs)
+            train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+            eval_dataset = eval_dataset.add_column(
+                INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
+        setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
+
+        class ClassifierTrainer(Timed, Trainer):
+            pass
+
+        group = config.group_by_length and not on_features
+        trainer = ClassifierTrainer(
+            model=model,
+            args=training_arguments(config, scratch_dir, group_by_length=group),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=collate,
+            compute_metrics=compute_metrics,
+            optimizers=(torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay)), None),
+            callbacks=callbacks,
+        )
+        trainer.setup_seconds, trainer.replay = setup_seconds, replay
+        trainer.cached_features = on_features
+        return trainer
+
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
+        """Metrics of the whole model (as saved) on the validation split, batched as in training."""
+        import tempfile
+
+        from transformers import PrinterCallback, ProgressCallback, Trainer
+
+        from peftkit.trainer import Timed, training_arguments
+
+        class EvalTrainer(Timed, Trainer):
+            pass
+
+        with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
+            trainer = EvalTrainer(model=model, args=training_arguments(config, scratch), eval_dataset=prepared.validation,
+                                  processing_class=tokenizer, data_collator=PadToLongest(tokenizer),
+                                  compute_metrics=compute_metrics)
+            trainer.remove_callback(PrinterCallback)  # the caller prints the metrics it wants
+            trainer.remove_callback(ProgressCallback)
+            metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+        return Evaluation({k: v for k, v in metrics.items() if k in self.metrics})
+
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
+                config: RunConfig) -> str:
+        """The predicted label of one input (a text, or a sentence pair) and its probability."""
+        import torch
+
+        columns = record["data"]["text_columns"]
+        if len(texts) != len(columns):
+            raise PeftkitError(f"this run classifies {len(columns)} text(s) per example ({', '.join(columns)}); got {len(texts)}")
+        inputs = tokenizer(*texts, truncation=True, max_length=config.max_length, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float().softmax(-1)[0]
+        index = int(probs.argmax())
+        return f"{record['data']['label_names'][index]}\t{float(probs[index]):.4f}"
 
 
 def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int, sort: bool = False) -> Any:
@@ -37,6 +207,8 @@ class PadToLongest:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, features: list[dict]) -> dict:
+        from peftkit.bottom_cache import INDEX_COLUMN
+
         keep = (*MODEL_INPUTS, "labels", INDEX_COLUMN)
         return self.pad([{k: v for k, v in f.items() if k in keep} for f in features])
 
@@ -54,3 +226,24 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
         "macro_f1": float(f1_score(labels, predictions, average="macro")),
         "mcc": float(matthews_corrcoef(labels, predictions)),
     }
+
+
+def _guess_text_column(columns: list[str]) -> list[str]:
+    for candidate in ("text", "sentence", "content"):
+        if candidate in columns:
+            return [candidate]
+    raise PeftkitError(f"cannot tell which column holds the text (columns: {', '.join(columns)}); pass --text-column")
+
+
+def _label_encoding(train_labels: list[Any], known: list[str] | None):
+    """Label names and a value -> index function (None for a value outside the set).
+
+    Built-in data sets have fixed names over integer labels. Otherwise the names are the
+    training set's distinct values: strings sorted, integers in numeric order."""
+    if known is not None:
+        return known, lambda v: v if isinstance(v, int) and 0 <= v < len(known) else None
+    values = sorted(set(train_labels), key=lambda v: (isinstance(v, str), v))
+    if any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in values):
+        raise PeftkitError(f"labels must be strings or integers, found {values[:5]}")
+    index = {v: i for i, v in enumerate(values)}
+    return [str(v) for v in values], index.get

@@ -1,0 +1,173 @@
+"""The task interface, its registry, and the built-in data sets that name a task kind.
+
+A `Task` answers every question the rest of peftkit has about what is learned, so that no
+module outside `peftkit/tasks/` branches on the kind: the run asks it for data, the model,
+the trainer and the metrics; a strategy asks it which modules train beside the strategy
+(a new classifier head, or nothing for a causal LM's pretrained head); `compare`, `report`
+and `estimate` ask it for metric names and what dominates memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from peftkit.errors import PeftkitError, did_you_mean
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftkit.config import RunConfig
+    from peftkit.strategies import Strategy
+
+TASKS: dict[str, Task] = {}
+DATASETS: dict[str, BuiltinDataset] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make a Task subclass available as `--task name` (one instance)."""
+
+    def wrap(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls()
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A data set known by name: its task kind, the column options it implies, where the hub
+    keeps it and how the hub's columns map onto ours."""
+
+    kind: str
+    columns: dict[str, Any]                      # RunConfig column options, e.g. {"text_columns": ["sentence"]}
+    hub: tuple[str, ...] | None = None           # datasets.load_dataset arguments; None: local files only
+    hub_columns: dict[str, str] = field(default_factory=dict)  # hub column -> our column
+    label_names: tuple[str, ...] = ()            # classification: the names of integer labels
+    answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
+
+
+@dataclass
+class TaskData:
+    """A task's raw splits after column checks, and what the run record keeps about them
+    (`info` is also what reloading a run needs, e.g. the label names)."""
+
+    train: Any
+    validation: Any
+    info: dict[str, Any]
+
+
+class Task:
+    """Base of every task kind. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    model_class: ClassVar[str] = ""          # transformers Auto class, e.g. "AutoModelForCausalLM"
+    model_suffix: ClassVar[str] = ""         # class-name suffix of the models it trains, e.g. "ForCausalLM"
+    peft_task_type: ClassVar[str] = ""       # peft.TaskType member name
+    metrics: ClassVar[tuple[str, ...]] = ()  # what the run record reports
+    selects: ClassVar[str] = ""              # the metric that picks the best checkpoint by default
+    primary: ClassVar[str] = ""              # the metric a comparison table leads with
+    table_metrics: ClassVar[tuple[str, ...]] = ()  # the metrics a comparison table shows
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
+    pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
+    default_max_length: ClassVar[int] = 128
+    column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields naming this kind's columns
+
+    def check_strategy(self, strategy: Strategy) -> None:
+        """Refuse a strategy that means nothing for this task, before any weights load."""
+        if self.pretrained_head and strategy.frozen_below_head:
+            raise PeftkitError(f"strategy '{strategy.name}' trains only a new task head, and task '{self.name}' has "
+                               "none (the model's own output layer is kept): pick lora, full, adapter, ...")
+        if not self.pretrained_head and not strategy.trains_anything:
+            raise PeftkitError(f"strategy '{strategy.name}' trains nothing, and task '{self.name}' adds a new, "
+                               "untrained head: there is no untuned model to evaluate; pick a strategy that trains")
+        strategy.check_task(self)
+
+    def check_config(self, config: RunConfig, strategy: Strategy) -> None:
+        """Refuse options that mean nothing together for this task (default: accept all)."""
+
+    def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
+                      bytes_per_value: int, device: str, max_new_tokens: int) -> dict[str, int]:
+        """Memory the task's output layer needs beyond the layers' activations (peftkit.estimate):
+        `output_layer` while training, `evaluation_output` while evaluating. Default: none (a
+        classifier head keeps one small input, counted with the activations)."""
+        return {}
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in self.lower_is_better
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether a loaded model is of this task's kind (for the Python API's defaults)."""
+        return type(model).__name__.endswith(self.model_suffix)
+
+    def trained_beside(self, model: nn.Module) -> tuple[str, ...]:
+        """Top-level modules that train beside the strategy (a new classifier head), by name."""
+        return ()
+
+    def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
+        raise NotImplementedError
+
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
+        """The model for this task from a source; `info` is `TaskData.info` (or a run's record of it)."""
+        raise NotImplementedError
+
+    def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
+        """Tokenized training and validation sets, each with a `length` column (tokens)."""
+        raise NotImplementedError
+
+    def build_trainer(self, model: nn.Module, strategy: Strategy, config: RunConfig, prepared: Prepared,
+                      tokenizer: Any, scratch_dir: str, model_dir: str, callbacks: list) -> Any:
+        """A transformers Trainer (or TRL trainer) for this run."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
+        """The final metrics of the model as saved, and what it produced (generations)."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
+                config: RunConfig) -> str:
+        """What a trained model says about one input, as one line (`peftkit predict`)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits, ready for a trainer, and the raw validation split they came from."""
+
+    train: Any
+    validation: Any
+    raw_validation: Any = None
+    info: dict[str, Any] = field(default_factory=dict)  # TaskData.info
+
+
+@dataclass
+class Evaluation:
+    """Final metrics, and per-example outputs to save beside the model (None when the task has none)."""
+
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]] | None = None
+
+
+def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
+    """`--task` as a kind (`classification`, `sft`, ...) or a built-in data set (`sst2`, ...)."""
+    if name in DATASETS:
+        dataset = DATASETS[name]
+        return TASKS[dataset.kind], dataset
+    if name in TASKS:
+        return TASKS[name], None
+    raise PeftkitError(
+        f"unknown task '{name}'{did_you_mean(name, [*DATASETS, *TASKS])}: use a task kind for your own files "
+        f"({', '.join(TASKS)}) or a built-in data set ({', '.join(DATASETS)})"
+    )
+
+
+def task_for_model(model: nn.Module) -> Task:
+    """The task kind a loaded model was built for (a PEFT wrapper is looked through); the
+    Python API's default when `apply_strategy` is given no task."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for task in TASKS.values():
+        if task.owns(inner):
+            return task
+    return TASKS["classification"]

@@ -1,0 +1,291 @@
+"""Instruction tuning (supervised fine-tuning) of a causal LM, trained with TRL's SFTTrainer.
+
+Data: chat `messages` (a list of {role, content}; built-in `sst2-chat`, `dolly`) or a
+`prompt` and a `completion` column (built-in `gsm8k`), rendered with the model's own chat
+template or the one given in the config. The loss falls on the assistant's tokens only,
+the end-of-turn token included, so the model learns to stop. Packing (`packing: true`)
+puts several examples in one row with position ids restarting at each, and no attention
+mask: transformers then builds a block-diagonal causal mask, so no example attends to
+another. Evaluation: validation loss and perplexity over the answers' tokens, then greedy
+generation on the validation prompts (batched, left-padded), scored by exact match after
+SQuAD-style normalization and by ROUGE-L (rouge-score); for `gsm8k` the number after `####`.
+The generations are saved as predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftkit.data import cap_samples, read_splits, require_columns
+from peftkit.errors import PeftkitError
+from peftkit.tasks.base import DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftkit.config import RunConfig
+
+DATASETS["sst2-chat"] = BuiltinDataset("sft", {"messages_column": "messages"})
+DATASETS["dolly"] = BuiltinDataset("sft", {"messages_column": "messages"})
+DATASETS["gsm8k"] = BuiltinDataset("sft", {"prompt_column": "prompt", "completion_column": "completion"},
+                                   hub=("openai/gsm8k", "main"), hub_columns={"question": "prompt", "answer": "completion"},
+                                   answer_format="gsm8k")
+
+
+@register_task("sft")
+class InstructionTuning(Task):
+    description = "chat messages or prompt/completion -> the assistant's answer (causal LM)"
+    model_class = "AutoModelForCausalLM"
+    model_suffix = "ForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    metrics = ("loss", "perplexity", "exact_match", "rouge_l")
+    selects = "loss"
+    primary = "exact_match"
+    table_metrics = ("exact_match", "rouge_l", "perplexity")
+    pretrained_head = True
+    default_max_length = 1024
+    column_options = ("messages_column", "prompt_column", "completion_column")
+
+    def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
+                      bytes_per_value: int, device: str, max_new_tokens: int) -> dict[str, int]:
+        """TRL's fused LM head scores the vocabulary in tiles, in training and in the evaluation
+        loss; generation keeps every layer's keys and values for prompt and answer."""
+        from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
+
+        return {"output_layer": fused_lm_head_bytes(config, batch_size * seq_len, device, backward=True),
+                "evaluation_output": max(fused_lm_head_bytes(config, eval_batch_size * eval_seq_len, device, backward=False),
+                                         kv_cache_bytes(config, eval_batch_size, eval_seq_len + max_new_tokens,
+                                                        bytes_per_value))}
+
+    def check_config(self, config: RunConfig, strategy: Any) -> None:
+        if config.packing and strategy.name in ("prompt-tuning", "prefix-tuning", "p-tuning"):
+            raise PeftkitError(f"packing puts several examples in one row, and {strategy.name} would give the whole row "
+                               "one set of virtual tokens: drop packing for prompt learning")
+
+    def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
+        """Checked splits with one `messages` column, whatever the source's layout."""
+        splits = read_splits(config, dataset)
+        defaults = dataset.columns if dataset and config.train_file is None else {}
+        columns = _columns(config, defaults, splits["train"].column_names)
+        require_columns(splits, list(columns.values()), "name them with --set messages_column=... or "
+                        "--set prompt_column=... --set completion_column=...")
+        splits = cap_samples(splits, config)
+        for split, data in splits.items():
+            splits[split] = data.map(lambda row, i: {"messages": _conversation(row, columns, split, i)}, with_indices=True,
+                                     remove_columns=data.column_names)
+        return TaskData(splits["train"], splits["validation"],
+                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text"})
+
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
+        from peftkit.models import load_causal_lm
+
+        return load_causal_lm(source, tokenizer, quantization)
+
+    def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
+        """Token ids with labels on the assistant turns only; the chat template is set on the
+        tokenizer, which is saved with the run (so `generate` renders prompts the same way)."""
+        set_chat_template(tokenizer, config.chat_template)
+
+        def encode(row: dict[str, Any]) -> dict[str, Any]:
+            ids, labels = tokenize_conversation(tokenizer, row["messages"], config.max_length)
+            return {"input_ids": ids, "labels": labels, "length": len(ids)}
+
+        train, validation = (split.map(encode, remove_columns=["messages"]) for split in (data.train, data.validation))
+        trained = train.filter(lambda row: any(label != -100 for label in row["labels"]))
+        if len(trained) == 0:
+            raise PeftkitError(f"no training example keeps an answer token within max_length={config.max_length}: "
+                               "raise --max-length")
+        return Prepared(trained, validation, data.validation, data.info)
+
+    def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                      scratch_dir: str, model_dir: str, callbacks: list) -> Any:
+        import torch
+
+        optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
+        return _sft_trainer(model, config, tokenizer, scratch_dir, train=prepared.train, evaluation=prepared.validation,
+                            optimizers=(optimizer, None), callbacks=callbacks)
+
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
+        """Validation loss and perplexity over the answer tokens, then generation on the
+        validation prompts (the first `max_generate_samples`), scored and kept."""
+        import tempfile
+
+        from transformers import PrinterCallback, ProgressCallback
+
+        with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
+            # SFTTrainer insists on a training set even to evaluate; it never trains here
+            trainer = _sft_trainer(model, config, tokenizer, scratch, train=prepared.validation,
+                                   evaluation=prepared.validation)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            loss = trainer.evaluate()["eval_loss"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        rows = prepared.raw_validation
+        count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
+        if count == 0:
+            return Evaluation(metrics)
+        conversations = [row["messages"][:-1] for row in rows.select(range(count))]
+        references = [row["messages"][-1]["content"] for row in rows.select(range(count))]
+        generated = generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
+        metrics |= score_generations(generated, references, prepared.info.get("answer_format", "text"))
+        predictions = [{"prompt": c[-1]["content"], "reference": r, "generated": g}
+                       for c, r, g in zip(conversations, references, generated)]
+        return Evaluation(metrics, predictions)
+
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
+                config: RunConfig) -> str:
+        """The model's answer to one user message (several texts are joined by blank lines)."""
+        conversation = [{"role": "user", "content": "\n\n".join(texts)}]
+        return generate(model, tokenizer, [conversation], config.max_new_tokens, 1)[0]
+
+
+def _sft_trainer(model: nn.Module, config: RunConfig, tokenizer: Any, scratch_dir: str, train: Any, evaluation: Any,
+                 **kwargs: Any) -> Any:
+    """TRL's SFTTrainer on already tokenized data (input_ids, labels), with peftkit's timing."""
+    from trl import SFTConfig, SFTTrainer
+
+    from peftkit.trainer import Timed, training_arguments
+
+    class TimedSFTTrainer(Timed, SFTTrainer):
+        pass
+
+    args = training_arguments(config, scratch_dir, group_by_length=config.group_by_length and not config.packing,
+                              args_class=SFTConfig, max_length=config.max_length, packing=config.packing,
+                              packing_strategy="bfd", eval_packing=False, shuffle_dataset=False)
+    return TimedSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                           processing_class=tokenizer, **kwargs)
+
+
+def _columns(config: RunConfig, defaults: dict[str, str], available: list[str]) -> dict[str, str]:
+    """{"messages": col} or {"prompt": col, "completion": col}: the config's names, else the
+    data set's, else whichever layout the training file has."""
+    def pick(role: str) -> str | None:
+        return getattr(config, f"{role}_column") or defaults.get(f"{role}_column")
+
+    if pick("messages"):
+        return {"messages": pick("messages")}
+    if pick("prompt") or pick("completion"):
+        return {"prompt": pick("prompt") or "prompt", "completion": pick("completion") or "completion"}
+    if "messages" in available:
+        return {"messages": "messages"}
+    if "prompt" in available and "completion" in available:
+        return {"prompt": "prompt", "completion": "completion"}
+    raise PeftkitError(f"cannot tell the chat layout (columns: {', '.join(available)}): sft needs a 'messages' column "
+                       "or 'prompt' and 'completion' columns; name yours with --set messages_column=... or "
+                       "--set prompt_column=... --set completion_column=...")
+
+
+def _conversation(row: dict[str, Any], columns: dict[str, str], split: str, index: int) -> list[dict[str, str]]:
+    """One example as chat messages, checked: roles and text present, the last turn the assistant's."""
+    if "messages" not in columns:
+        prompt, completion = row[columns["prompt"]], row[columns["completion"]]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise PeftkitError(f"{split} row {index}: prompt and completion must be text")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    messages = row[columns["messages"]]
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise PeftkitError(f"{split} row {index}: messages must be a non-empty list of {{role, content}} with text values")
+    if messages[-1]["role"] != "assistant":
+        raise PeftkitError(f"{split} row {index}: the last message must be the assistant's answer "
+                           f"(got role '{messages[-1]['role']}'): every example needs an assistant turn to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def set_chat_template(tokenizer: Any, template: str | None) -> None:
+    """Use the given template (a file path or the template text), else the tokenizer's own."""
+    if template is not None:
+        path = Path(template).expanduser()
+        if "{" not in template and not path.is_file():
+            raise PeftkitError(f"chat_template {template} is neither a readable file nor template text")
+        tokenizer.chat_template = path.read_text() if "{" not in template else template
+    if not getattr(tokenizer, "chat_template", None):
+        raise PeftkitError("the model's tokenizer has no chat template: pass one with --set chat_template=FILE.jinja "
+                           "(or the template text)")
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation, and labels that are -100 except on assistant
+    turns (their text and the template's end-of-turn marks, up to the next turn).
+
+    Each assistant turn is located by rendering the conversation up to it with the generation
+    prompt (where the answer starts) and up to its end (where it stops); tokens are labeled by
+    their character offsets, so no tokenizer boundary effect can shift the mask."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        end = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (text.startswith(end) and end.startswith(start)):
+            raise PeftkitError("the chat template does not render a conversation's beginning as a prefix of the whole "
+                               "conversation, so the assistant's turns cannot be located: use another chat_template")
+        spans.append((len(start), len(end)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                        max_length=max_length)
+    labels = [token if any(lo <= begin < hi for lo, hi in spans) else -100
+              for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return encoded["input_ids"], labels
+
+
+def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    """Greedy answers to conversations (each ends before the assistant's turn), batched by
+    prompt length with left padding; decoding stops at the end-of-turn or end-of-text token."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    stop = [t for t in {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+            if t is not None]
+    answers: dict[int, str] = {}
+    model.eval()
+    for first in range(0, len(order), batch_size):
+        chunk = order[first: first + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        for row, index in enumerate(chunk):
+            answers[index] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def gsm8k_answer(text: str) -> str:
+    """The final number of a GSM8K-style answer: after `####`, else the last number in the text."""
+    tail = text.split("####")[-1] if "####" in text else text
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
+
+
+def score_generations(generated: list[str], references: list[str], answer_format: str = "text") -> dict[str, float]:
+    """Exact match (normalized text, or the final number for `gsm8k`) and mean ROUGE-L F1."""
+    from rouge_score import rouge_scorer
+
+    if answer_format == "gsm8k":
+        matches = [gsm8k_answer(g) == gsm8k_answer(r) and gsm8k_answer(r) != "" for g, r in zip(generated, references)]
+    else:
+        matches = [normalize_answer(g) == normalize_answer(r) for g, r in zip(generated, references)]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references)]
+    return {"exact_match": sum(matches) / len(matches), "rouge_l": sum(rouge) / len(rouge)}

@@ -1,0 +1,228 @@
+"""Instruction tuning (task `sft`): loss masking, chat templates, packing without
+cross-example attention, evaluation by generation, reload, merge and `peftkit generate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import peftkit
+from peftkit.errors import PeftkitError
+from peftkit.merge import merge_run
+from peftkit.models import load_tokenizer, resolve_model
+from peftkit.run import load_run
+from peftkit.tasks.sft import generate, gsm8k_answer, score_generations, set_chat_template, tokenize_conversation
+from test_cli import assert_clean_failure, invoke
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QUESTIONS = [[{"role": "user", "content": "Is the sentiment of this movie review positive or negative? "
+                                          "Answer with one word.\n\na gripping , funny film"}],
+             [{"role": "user", "content": "what is kangen water?"}]]
+
+
+def tiny_run(tmp_path, data_dir, strategy="lora", **extra):
+    """tiny-llama (random weights, MiniLM's tokenizer, which has no chat template) on sst2-chat."""
+    config = {"model": "tiny-llama", "task": "sst2-chat", "strategy": strategy, "data_dir": data_dir,
+              "chat_template": CHATML, "max_train_samples": 48, "max_eval_samples": 12, "epochs": 1, "batch_size": 8,
+              "max_new_tokens": 5, "output_dir": tmp_path / strategy.replace(":", "-"), **extra}
+    return peftkit.train(config)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return load_tokenizer(resolve_model("smollm2-135m"))
+
+
+@pytest.mark.real
+def test_only_the_assistant_turns_carry_labels(smollm2_tokenizer):
+    messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there"},
+                {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Hi again"}]
+    ids, labels = tokenize_conversation(smollm2_tokenizer, messages, 512)
+    assert len(ids) == len(labels)
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current) if current else None
+    decoded = [smollm2_tokenizer.decode(span) for span in spans]
+    # each answer and its end-of-turn mark (so the model learns to stop); never the system or user text
+    assert decoded == ["Hi there<|im_end|>\n", "Hi again<|im_end|>\n"]
+
+
+@pytest.mark.real
+def test_truncation_keeps_the_labels_that_fit(smollm2_tokenizer):
+    messages = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "answer"}]
+    ids, labels = tokenize_conversation(smollm2_tokenizer, messages, 16)
+    assert len(ids) == 16 and all(label == -100 for label in labels)  # the answer fell off: prepare drops the row
+
+
+def test_chat_template_is_required_and_can_be_given(tmp_path):
+    tokenizer = load_tokenizer(resolve_model("tiny-llama"))  # MiniLM's tokenizer: no chat template
+    with pytest.raises(PeftkitError, match="has no chat template: pass one with --set chat_template"):
+        set_chat_template(tokenizer, None)
+    path = tmp_path / "chatml.jinja"
+    path.write_text(CHATML)
+    set_chat_template(tokenizer, str(path))
+    assert tokenizer.chat_template == CHATML
+    with pytest.raises(PeftkitError, match="neither a readable file nor template text"):
+        set_chat_template(tokenizer, str(tmp_path / "missing.jinja"))
+
+
+def test_packing_never_attends_across_examples():
+    """Per-example losses of a packed row (position ids restart, no attention mask: what TRL's
+    padding-free collator builds) equal those of each example alone; with an all-ones mask
+    (the mistake packing must avoid) they do not."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama").path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    examples = [torch.randint(5, 1000, (n,)).tolist() for n in (7, 11, 5)]
+    labels = [[-100] * 3 + ids[3:] for ids in examples]
+
+    def token_losses(logits, targets):
+        return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(targets[1:]), reduction="none",
+                                                 ignore_index=-100)
+
+    with torch.no_grad():
+        alone = [token_losses(model(input_ids=torch.tensor([ids])).logits[0], lab) for ids, lab in zip(examples, labels)]
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+            [{"input_ids": ids, "labels": lab} for ids, lab in zip(examples, labels)])
+        assert "attention_mask" not in batch and batch["position_ids"].shape == (1, 23)
+        # no cache, as in training (TRL passes use_cache=False): with one, transformers skips the packed-mask detection
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        leaky = model(input_ids=batch["input_ids"], attention_mask=torch.ones(1, 23, dtype=torch.long)).logits[0]
+    start = 0
+    for ids, lab, expected in zip(examples, labels, alone):
+        end = start + len(ids)
+        torch.testing.assert_close(token_losses(packed[start:end], lab), expected, rtol=1e-5, atol=1e-5)
+        if start > 0:
+            assert not torch.allclose(token_losses(leaky[start:end], lab), expected, atol=1e-3)
+        start = end
+
+
+def test_packed_training_runs_and_records(tmp_path, data_dir):
+    result = tiny_run(tmp_path, data_dir, packing=True, max_generate_samples=0)
+    assert result.record["config"]["packing"] is True
+    assert set(result.metrics) == {"loss", "perplexity"}
+
+
+def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
+    result = tiny_run(tmp_path, data_dir)
+    record = result.record
+    assert record["task_kind"] == "sft"
+    assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
+    rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "generated"}
+    assert rows[0]["reference"] in ("positive", "negative")
+    assert (result.output_dir / "adapter_config.json").is_file()
+    assert (result.output_dir / "chat_template.jinja").read_text() == CHATML  # generate renders prompts the same way
+    # the tied LM head is not trained as a copy: only LoRA matrices are in the adapter
+    from safetensors.torch import load_file
+
+    assert all("lora_" in name for name in load_file(str(result.output_dir / "adapter_model.safetensors")))
+
+
+def test_untuned_model_is_recorded_with_strategy_none(tmp_path, data_dir):
+    result = tiny_run(tmp_path, data_dir, strategy="none")
+    assert result.record["trainable_params"] == 0 and result.record["train_time_s"] == 0
+    assert result.record["samples_per_s"] is None
+    assert (result.output_dir / "predictions.jsonl").is_file()
+
+
+def test_reload_and_merge_generate_the_same_greedy_text(tmp_path, data_dir):
+    run = tiny_run(tmp_path, data_dir, learning_rate=5e-2).output_dir  # a large step: the adapter changes answers
+    _, model, tokenizer, _ = load_run(run)
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in predictions[:4]]
+    reloaded = generate(model, tokenizer, conversations, 5, 2)
+    assert reloaded == [p["generated"] for p in predictions[:4]]  # what the run wrote, from the reloaded adapter
+    with model.disable_adapter():
+        assert generate(model, tokenizer, conversations, 5, 2) != reloaded  # the adapter matters
+
+    merge_run(run, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert generate(merged, tokenizer, conversations, 5, 2) == reloaded
+
+    from peft import AutoPeftModelForCausalLM  # plain peft loads the adapter directory
+
+    plain = AutoPeftModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    assert generate(plain, tokenizer, conversations, 5, 2) == reloaded
+
+
+def test_generate_command(tmp_path, data_dir):
+    run = tiny_run(tmp_path, data_dir).output_dir
+    result = invoke("generate", "--run", run, "a gripping , funny film")
+    assert result.exit_code == 0, result.output
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": QUESTIONS[1]}) + "\n")
+    result = invoke("generate", "--run", run, "--file", prompts)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "what is kangen water?"]
+
+
+def test_generate_refuses_a_classification_run(tmp_path, data_dir):
+    run = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "max_train_samples": 16,
+                         "max_eval_samples": 8, "epochs": 1, "strategy": "bitfit", "output_dir": tmp_path / "cls"}).output_dir
+    result = invoke("generate", "--run", run, "hello")
+    assert_clean_failure(result, "is a classification run, which does not generate text", tmp_path / "nothing")
+
+
+def test_prompt_completion_layout_and_gsm8k_answers(tmp_path, jsonl):
+    train = jsonl("train.jsonl", [{"q": "1+1?", "a": "2 #### 2"}, {"q": "2+2?", "a": "#### 4"}])
+    result = peftkit.train({"model": "tiny-llama", "task": "sft", "train_file": train, "validation_file": train,
+                            "prompt_column": "q", "completion_column": "a", "chat_template": CHATML, "epochs": 1,
+                            "strategy": "lora", "max_new_tokens": 3, "output_dir": tmp_path / "run"})
+    assert result.record["data"]["columns"] == {"prompt": "q", "completion": "a"}
+    assert gsm8k_answer("so 3 + 4 = 7.\n#### 1,234") == "1234"
+    assert gsm8k_answer("the answer is 12.") == "12"
+    scores = score_generations(["#### 7", "it is 8"], ["x #### 7", "#### 9"], "gsm8k")
+    assert scores["exact_match"] == 0.5
+
+
+def test_exact_match_is_normalized_and_rouge_l_from_rouge_score():
+    scores = score_generations(["Positive.", "the cat sat"], ["positive", "a cat sat down"])
+    assert scores["exact_match"] == 0.5
+    # "cat sat" is the longest common subsequence: precision 2/3, recall 2/4, F1 4/7
+    assert scores["rouge_l"] == pytest.approx((1.0 + 4 / 7) / 2)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "last message must be the assistant's answer"),
+    ([{"messages": "hi"}], "messages must be a non-empty list"),
+    ([{"text": "hi"}], "cannot tell the chat layout"),
+])
+def test_bad_chat_data_is_one_line(tmp_path, jsonl, rows, message):
+    path = jsonl("bad.jsonl", rows)
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-llama", "--task", "sft", "--train-file", path, "--validation-file", path,
+                    "--set", f"chat_template={CHATML}", "--output-dir", out)
+    assert_clean_failure(result, message, out)
+
+
+def test_packing_with_prompt_learning_is_refused(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-llama", "--task", "sst2-chat", "--strategy", "prompt-tuning",
+                    "--set", "packing=true", "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "drop packing for prompt learning", out)
+
+
+@pytest.mark.real
+def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
+    """The packaged SmolLM2-135M-Instruct, its own chat template, a few real sst2-chat steps."""
+    result = peftkit.train({"model": "smollm2-135m", "task": "sst2-chat", "strategy": "lora", "data_dir": data_dir,
+                            "max_train_samples": 32, "max_eval_samples": 16, "epochs": 1, "batch_size": 8,
+                            "learning_rate": 5e-4, "max_new_tokens": 3, "output_dir": tmp_path / "run"})
+    history = result.record["eval_history"]
+    assert result.record["total_params"] > 130_000_000
+    assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
+    assert len(history) == 1 and history[0]["loss"] == pytest.approx(result.metrics["loss"], rel=1e-4)
