@@ -185,24 +185,28 @@ def merge(
 def strategies(
     model: Optional[str] = typer.Option(None, help="Also count trainable parameters on this model."),
     all_peft: bool = typer.Option(False, help="With --model, also count every peft:<method> (slow: ~40 more)."),
+    task: str = typer.Option("classification", help="Task kind or built-in data set: what applies to it, and counts for it."),
 ) -> None:
-    """List the registered strategies, what they train, their options and (with --model) counts."""
+    """List the registered strategies, what they train, their options, whether they apply to
+    the task and (with --model) their trainable counts on it."""
     from rich.console import Console
     from rich.table import Table
 
-    from peftkit.strategies import STRATEGIES
+    from peftkit.strategies import STRATEGIES, build_strategy
+    from peftkit.tasks import resolve_task
 
-    table = Table("strategy", "trains", "options", title="peftkit strategies")
+    kind = resolve_task(task)[0]
+    table = Table("strategy", "trains", "options", f"applies to {kind.name}", title="peftkit strategies")
     counts: dict[str, tuple[int, int] | None] = {}
     if model:
         _quiet_libraries()
         from peftkit.strategy_table import count_for_model
 
-        counts = count_for_model(model, [n for n in sorted(STRATEGIES) if all_peft or not n.startswith("peft:")])
+        counts = count_for_model(model, [n for n in sorted(STRATEGIES) if all_peft or not n.startswith("peft:")], kind)
         table.add_column("trainable", justify="right")
         table.add_column("%", justify="right")
     for name, cls in sorted(STRATEGIES.items()):
-        row = [name, cls.trains, cls.main_options()]
+        row = [name, cls.trains, cls.main_options(), _applies(build_strategy, name, kind)]
         if model and name not in counts:
             row += ["(--all-peft)", ""]
         elif model and counts[name] is None:
@@ -212,6 +216,15 @@ def strategies(
             row += [f"{trainable:,}", f"{100 * trainable / total:.3f}"]
         table.add_row(*row)
     Console(width=200).print(table)
+
+
+def _applies(build: Callable, name: str, task: Any) -> str:
+    """'yes', or why not: the task's (or the strategy's) refusal, shortened."""
+    try:
+        task.check_strategy(build(name))
+    except PeftkitError as err:
+        return "no: " + str(err).split(": ", 1)[-1][:60]
+    return "yes"
 
 
 @app.command()

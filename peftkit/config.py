@@ -63,6 +63,7 @@ class RunConfig(BaseModel):
     data_dir: Path | None = None
     train_file: Path | None = None
     validation_file: Path | None = None
+    test_file: Path | None = None                # scored once at the end, like validation (DIR/<task>/test.jsonl too)
     text_columns: list[str] | None = None        # classification
     label_column: str | None = None
     messages_column: str | None = None           # sft: chat messages ...
@@ -86,6 +87,12 @@ class RunConfig(BaseModel):
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     early_stopping_patience: int | None = Field(default=None, ge=1)
+    # Which weights are kept: "best" evaluates every epoch on a slice held out from the training
+    # data (`selection_fraction`, stratified by label where there are labels, drawn with the
+    # seed) and keeps the best; "last" keeps the final weights. The validation split (and a
+    # test split) is scored once, at the end: never chosen on.
+    select: Literal["best", "last"] = "best"
+    selection_fraction: float = Field(default=0.1, gt=0, lt=1)
     metric_for_best_model: str | None = None     # None: the task's (accuracy, or loss for sft)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -109,6 +116,10 @@ class RunConfig(BaseModel):
             raise ValueError("validation_file needs train_file too")
         if self.train_file is not None and self.validation_file is None:
             raise ValueError("train_file needs validation_file too (pass --validation-file)")
+        if self.test_file is not None and self.train_file is None:
+            raise ValueError("test_file goes with your own train_file and validation_file")
+        if self.early_stopping_patience is not None and self.select == "last":
+            raise ValueError("early_stopping_patience needs select=best: with select=last nothing is evaluated before the end")
         if self.train_file is None and self.task is None:
             raise ValueError("give a built-in task (--task sst2) or your own data (--train-file/--validation-file)")
         strategy = self.strategy.build()
@@ -125,7 +136,7 @@ class RunConfig(BaseModel):
         task.check_config(self, strategy)
         if self.data_dir is None and os.environ.get("PEFTKIT_DATA_DIR"):
             self.data_dir = Path(os.environ["PEFTKIT_DATA_DIR"])
-        for name in ("data_dir", "train_file", "validation_file"):
+        for name in ("data_dir", "train_file", "validation_file", "test_file"):
             if getattr(self, name) is not None:  # recorded absolute: `peftkit eval` may run elsewhere
                 setattr(self, name, getattr(self, name).expanduser().absolute())
         if self.output_dir is None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("train", "validation")
+OPTIONAL_SPLITS = ("test",)  # read when present; scored once at the end
 
 
 def load_data(config: RunConfig) -> TaskData:
@@ -30,10 +31,11 @@ def load_data(config: RunConfig) -> TaskData:
 
 
 def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Any]:
-    """The train and validation splits as `datasets.Dataset`s, from wherever the config says."""
+    """The train and validation splits (and a test split, where there is one) as
+    `datasets.Dataset`s, from wherever the config says."""
     if config.train_file is not None:
-        files = {"train": config.train_file, "validation": config.validation_file}
-        return {split: _read_file(Path(path), split) for split, path in files.items()}
+        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
+        return {split: _read_file(Path(path), split) for split, path in files.items() if path is not None}
     if dataset is None:
         raise PeftkitError(f"task '{config.task}' is a task kind, not a data set: give your own data with "
                            "--train-file/--validation-file, or name a built-in data set")
@@ -45,6 +47,7 @@ def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, 
                 raise PeftkitError(
                     f"no {split} file at {path}: --data-dir must hold {config.task}/train.jsonl and {config.task}/validation.jsonl"
                 )
+        files |= {split: directory / f"{split}.jsonl" for split in OPTIONAL_SPLITS if (directory / f"{split}.jsonl").is_file()}
         return {split: _read_file(path, split) for split, path in files.items()}
     return _from_hub(str(config.task), dataset)
 
@@ -88,7 +91,23 @@ def require_columns(splits: dict[str, Any], columns: list[str], fix: str) -> Non
 
 
 def cap_samples(splits: dict[str, Any], config: RunConfig) -> dict[str, Any]:
-    """The first `max_train_samples` / `max_eval_samples` examples of each split."""
-    caps = {"train": config.max_train_samples, "validation": config.max_eval_samples}
-    return {split: data.select(range(min(caps[split], len(data)))) if caps[split] else data
+    """The first `max_train_samples` examples of the training split, `max_eval_samples` of the others."""
+    def cap(split: str) -> int | None:
+        return config.max_train_samples if split == "train" else config.max_eval_samples
+
+    return {split: data.select(range(min(cap(split), len(data)))) if cap(split) else data
             for split, data in splits.items()}
+
+
+def split_off(train: Any, fraction: float, seed: int, stratify: str | None = None) -> tuple[Any, Any]:
+    """(the rest, a held-out slice of `fraction` of the examples), drawn with `seed`; with
+    `stratify`, every value of that (class label) column keeps its share in both."""
+    if round(len(train) * fraction) < 1 or len(train) - round(len(train) * fraction) < 1:
+        raise PeftkitError(f"cannot hold out {fraction:.0%} of {len(train)} training examples for checkpoint selection: "
+                           "use more data, another selection_fraction, or --set select=last")
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except ValueError as err:  # too few examples of some class to stratify
+        raise PeftkitError(f"cannot hold out a stratified selection slice: {str(err).splitlines()[0]}; "
+                           "use more data or --set select=last") from None
+    return parts["train"], parts["test"]

@@ -28,6 +28,7 @@ class Row:
     metric_mean: float
     metric_std: float | None  # None for one seed: a spread nobody measured is not zero
     other_metrics: dict[str, float]  # the task's other metrics, mean over seeds
+    test_metric_mean: float | None   # the metric on a test split, where the data has one
     trainable_params: int
     trainable_percent: float
     peak_memory_mb: float
@@ -63,6 +64,7 @@ def aggregate(records: list[dict], metric: str, others: tuple[str, ...] = (), gr
         rows.append(Row(
             strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
             metric_std=statistics.stdev(values) if len(values) > 1 else None, other_metrics=other,
+            test_metric_mean=_mean_or_none((r.get("test_metrics") or {}).get(metric) for r in runs),
             trainable_params=runs[0]["trainable_params"], trainable_percent=runs[0]["trainable_percent"],
             peak_memory_mb=statistics.mean(r["peak_memory_bytes"] for r in runs) / MB,
             estimate_mb=statistics.mean(estimates) if estimates else None,
@@ -136,13 +138,16 @@ def failures(records: list[dict]) -> list[str]:
 
 def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | None = None) -> str:
     others = list(rows[0].other_metrics) if rows else []
-    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", *others, "n", "peak MB", "estimate MB",
+    tested = any(r.test_metric_mean is not None for r in rows)
+    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", *others,
+              *([f"test {metric}"] if tested else []), "n", "peak MB", "estimate MB",
               "estimate/measured", "train s", "samples/s", "tokens/s", "disk MB"]
     lines = [f"# {title}", "", *provenance(records or []), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ratio = f"{r.estimate_ratio:.2f}" if r.estimate_ratio else "-"
         estimate = f"{r.estimate_mb:.0f}" if r.estimate_mb else "-"
         extra = "".join(f"{r.other_metrics[m]:.4f} | " if m in r.other_metrics else "- | " for m in others)
+        extra += f"{_rate(r.test_metric_mean, 4)} | " if tested else ""
         lines.append(f"| {r.strategy} | {r.trainable_params:,} | {r.trainable_percent:.3f} | "
                      f"{r.metric_text} | {extra}{r.n} | {r.peak_memory_mb:.0f} | {estimate} | {ratio} | "
                      f"{r.train_time_s:.0f} | {_rate(r.samples_per_s, 1)} | {_rate(r.tokens_per_s, 0)} | "

@@ -59,6 +59,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     model_config = load_model_config(source)
     strategy.check(model_config)
     data = task.load_data(config, dataset)
+    if config.select == "best":
+        task.hold_out_selection(data, config)
 
     from transformers import set_seed
 
@@ -84,7 +86,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
                                "eval_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
     if strategy.trains_anything:
         trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path)
-    final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved
+    final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
+    test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
     peak = memory.stop()
 
     tokens_per_epoch = int(sum(prepared.train["length"]))
@@ -98,13 +101,18 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         "device": _device_name(device),
         "data": {
             "train_examples": len(prepared.train),
+            "selection_examples": len(prepared.selection) if prepared.selection is not None else 0,
             "validation_examples": len(prepared.validation),
+            "test_examples": len(prepared.splits["test"]) if test else 0,
             **data.info,
             "train_tokens_per_epoch": tokens_per_epoch,
             "longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
             "longest_validation_example": int(max(prepared.validation["length"])),
         },
-        "metrics": final.metrics,
+        "metrics": final.metrics,  # the validation split, scored once at the end
+        "test_metrics": test.metrics if test else None,
+        "selection": {"select": config.select, "metric": config.metric_for_best_model if config.select == "best" else None,
+                      "on": "held-out slice of the training data" if config.select == "best" else "final weights"},
         **trained,
         "trainable_params": trainable,
         "total_params": total,

@@ -136,7 +136,7 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,
         lr_scheduler_type=config.lr_scheduler,
-        eval_strategy="epoch",
+        eval_strategy="epoch" if config.select == "best" else "no",
         save_strategy="no",
         logging_strategy="epoch",
         report_to="none",

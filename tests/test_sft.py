@@ -181,6 +181,7 @@ def test_prompt_completion_layout_and_gsm8k_answers(tmp_path, jsonl):
     train = jsonl("train.jsonl", [{"q": "1+1?", "a": "2 #### 2"}, {"q": "2+2?", "a": "#### 4"}])
     result = peftkit.train({"model": "tiny-llama", "task": "sft", "train_file": train, "validation_file": train,
                             "prompt_column": "q", "completion_column": "a", "chat_template": CHATML, "epochs": 1,
+                            "select": "last",  # two examples: none to spare for a selection slice
                             "strategy": "lora", "max_new_tokens": 3, "output_dir": tmp_path / "run"})
     assert result.record["data"]["columns"] == {"prompt": "q", "completion": "a"}
     assert gsm8k_answer("so 3 + 4 = 7.\n#### 1,234") == "1234"
@@ -222,7 +223,8 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     result = peftkit.train({"model": "smollm2-135m", "task": "sst2-chat", "strategy": "lora", "data_dir": data_dir,
                             "max_train_samples": 32, "max_eval_samples": 16, "epochs": 1, "batch_size": 8,
                             "learning_rate": 5e-4, "max_new_tokens": 3, "output_dir": tmp_path / "run"})
-    history = result.record["eval_history"]
+    history = result.record["eval_history"]  # the selection slice: 4 of the 32 training examples
     assert result.record["total_params"] > 130_000_000
+    assert result.record["data"]["selection_examples"] == 4
     assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
-    assert len(history) == 1 and history[0]["loss"] == pytest.approx(result.metrics["loss"], rel=1e-4)
+    assert len(history) == 1 and history[0]["loss"] > 0

@@ -23,4 +23,5 @@ class WordCountParity(Classification):
         labelled = {split: data.map(lambda row: {"labels": len(row["sentence"].split()) % 2},
                                     remove_columns=[c for c in data.column_names if c != "sentence"])
                     for split, data in splits.items()}
-        return TaskData(labelled["train"], labelled["validation"], {"label_names": ["even", "odd"], "text_columns": ["sentence"]})
+        return TaskData(labelled["train"], labelled["validation"], {"label_names": ["even", "odd"], "text_columns": ["sentence"]},
+                        test=labelled.get("test"))

@@ -51,11 +51,20 @@ class BuiltinDataset:
 @dataclass
 class TaskData:
     """A task's raw splits after column checks, and what the run record keeps about them
-    (`info` is also what reloading a run needs, e.g. the label names)."""
+    (`info` is also what reloading a run needs, e.g. the label names). `selection` is the
+    slice held out from the training data to choose the checkpoint on; `test` is scored once
+    at the end, like validation, where the data has one."""
 
     train: Any
     validation: Any
     info: dict[str, Any]
+    test: Any = None
+    selection: Any = None
+
+    def splits(self) -> dict[str, Any]:
+        """The splits there are, by name."""
+        named = {"train": self.train, "selection": self.selection, "validation": self.validation, "test": self.test}
+        return {name: data for name, data in named.items() if data is not None}
 
 
 class Task:
@@ -109,12 +118,19 @@ class Task:
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
         raise NotImplementedError
 
+    def hold_out_selection(self, data: TaskData, config: RunConfig) -> None:
+        """Move `selection_fraction` of the training examples, drawn with the seed, into the
+        selection slice (a task with labels stratifies by them)."""
+        from peftkit.data import split_off
+
+        data.train, data.selection = split_off(data.train, config.selection_fraction, config.seed)
+
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
         """The model for this task from a source; `info` is `TaskData.info` (or a run's record of it)."""
         raise NotImplementedError
 
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
-        """Tokenized training and validation sets, each with a `length` column (tokens)."""
+        """Every split tokenized, each with a `length` column (tokens)."""
         raise NotImplementedError
 
     def build_trainer(self, model: nn.Module, strategy: Strategy, config: RunConfig, prepared: Prepared,
@@ -122,8 +138,9 @@ class Task:
         """A transformers Trainer (or TRL trainer) for this run."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
-        """The final metrics of the model as saved, and what it produced (generations)."""
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                 split: str = "validation") -> Evaluation:
+        """The final metrics of the model as saved on one split, and what it produced (generations)."""
         raise NotImplementedError
 
     def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
@@ -134,12 +151,24 @@ class Task:
 
 @dataclass
 class Prepared:
-    """Tokenized splits, ready for a trainer, and the raw validation split they came from."""
+    """Tokenized splits by name, ready for a trainer, and the raw splits they came from."""
 
-    train: Any
-    validation: Any
-    raw_validation: Any = None
+    splits: dict[str, Any]
+    raw: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # TaskData.info
+
+    @property
+    def train(self) -> Any:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> Any:
+        return self.splits["validation"]
+
+    @property
+    def selection(self) -> Any:
+        """The held-out slice the checkpoint is chosen on (None with select=last)."""
+        return self.splits.get("selection")
 
 
 @dataclass

@@ -72,18 +72,26 @@ class Classification(Task):
             splits[split] = data.map(lambda b: {"labels": [encode(v) for v in b[label_column]]}, batched=True,
                                      remove_columns=[label_column] if label_column != "labels" else [])
         return TaskData(splits["train"], splits["validation"],
-                        {"label_names": label_names, "text_columns": list(text_columns)})
+                        {"label_names": label_names, "text_columns": list(text_columns)}, test=splits.get("test"))
 
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
         from peftkit.models import load_for_classification
 
         return load_for_classification(source, info["label_names"], tokenizer, quantization)
 
+    def hold_out_selection(self, data: TaskData, config: RunConfig) -> None:
+        """The selection slice keeps each label's share of the training data."""
+        from datasets import ClassLabel
+
+        from peftkit.data import split_off
+
+        labelled = data.train.cast_column("labels", ClassLabel(names=data.info["label_names"]))
+        data.train, data.selection = split_off(labelled, config.selection_fraction, config.seed, stratify="labels")
+
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
         columns = data.info["text_columns"]
-        return Prepared(tokenize(data.train, tokenizer, columns, config.max_length),
-                        tokenize(data.validation, tokenizer, columns, config.max_length, sort=True), data.validation,
-                        data.info)
+        return Prepared({name: tokenize(split, tokenizer, columns, config.max_length, sort=name != "train")
+                         for name, split in data.splits().items()}, data.splits(), data.info)
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
@@ -99,18 +107,18 @@ class Classification(Task):
         from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
         from peftkit.trainer import Timed, training_arguments
 
-        train_dataset, eval_dataset = prepared.train, prepared.validation
+        train_dataset, eval_dataset = prepared.train, prepared.selection
+        splits = [s for s in (train_dataset, eval_dataset) if s is not None]
         collate: Any = PadToLongest(tokenizer)
         start = time.perf_counter()
         variant = repr((sorted(strategy.options().items()), config.quantization))
         on_features = strategy.frozen_below_head and config.cache_features
         replay = None
         if on_features:
-            features = [cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length,
-                                           config.eval_batch_size, variant=variant)
-                        for split in (train_dataset, eval_dataset)]
-            train_dataset = FeatureDataset(features[0], train_dataset["labels"])
-            eval_dataset = FeatureDataset(features[1], eval_dataset["labels"])
+            features = [FeatureDataset(cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length,
+                                                          config.eval_batch_size, variant=variant), split["labels"])
+                        for split in splits]
+            train_dataset, eval_dataset = features[0], features[1] if len(features) > 1 else None
             model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
             collate = default_data_collator
         elif config.cache_features and (bottom := frozen_bottom(model)):
@@ -119,12 +127,13 @@ class Classification(Task):
                 BottomOutputs(**stored(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
                                        lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
                                                                                        config.eval_batch_size))))
-                for split in (train_dataset, eval_dataset)
+                for split in splits
             ])
             replay = BottomReplay(model, bottom, outputs)
             train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
-            eval_dataset = eval_dataset.add_column(
-                INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
+            if eval_dataset is not None:  # its stored rows follow the training set's
+                eval_dataset = eval_dataset.add_column(
+                    INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
         setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
 
         class ClassifierTrainer(Timed, Trainer):
@@ -146,8 +155,9 @@ class Classification(Task):
         trainer.cached_features = on_features
         return trainer
 
-    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
-        """Metrics of the whole model (as saved) on the validation split, batched as in training."""
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                 split: str = "validation") -> Evaluation:
+        """Metrics of the whole model (as saved) on one split, batched as in training."""
         import tempfile
 
         from transformers import PrinterCallback, ProgressCallback, Trainer
@@ -158,7 +168,7 @@ class Classification(Task):
             pass
 
         with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
-            trainer = EvalTrainer(model=model, args=training_arguments(config, scratch), eval_dataset=prepared.validation,
+            trainer = EvalTrainer(model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
                                   processing_class=tokenizer, data_collator=PadToLongest(tokenizer),
                                   compute_metrics=compute_metrics)
             trainer.remove_callback(PrinterCallback)  # the caller prints the metrics it wants

@@ -78,7 +78,8 @@ class InstructionTuning(Task):
             splits[split] = data.map(lambda row, i: {"messages": _conversation(row, columns, split, i)}, with_indices=True,
                                      remove_columns=data.column_names)
         return TaskData(splits["train"], splits["validation"],
-                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text"})
+                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text"},
+                        test=splits.get("test"))
 
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
         from peftkit.models import load_causal_lm
@@ -94,37 +95,38 @@ class InstructionTuning(Task):
             ids, labels = tokenize_conversation(tokenizer, row["messages"], config.max_length)
             return {"input_ids": ids, "labels": labels, "length": len(ids)}
 
-        train, validation = (split.map(encode, remove_columns=["messages"]) for split in (data.train, data.validation))
-        trained = train.filter(lambda row: any(label != -100 for label in row["labels"]))
-        if len(trained) == 0:
+        splits = {name: split.map(encode, remove_columns=["messages"]) for name, split in data.splits().items()}
+        splits["train"] = splits["train"].filter(lambda row: any(label != -100 for label in row["labels"]))
+        if len(splits["train"]) == 0:
             raise PeftkitError(f"no training example keeps an answer token within max_length={config.max_length}: "
                                "raise --max-length")
-        return Prepared(trained, validation, data.validation, data.info)
+        return Prepared(splits, data.splits(), data.info)
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
         import torch
 
         optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
-        return _sft_trainer(model, config, tokenizer, scratch_dir, train=prepared.train, evaluation=prepared.validation,
+        return _sft_trainer(model, config, tokenizer, scratch_dir, train=prepared.train, evaluation=prepared.selection,
                             optimizers=(optimizer, None), callbacks=callbacks)
 
-    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any) -> Evaluation:
-        """Validation loss and perplexity over the answer tokens, then generation on the
-        validation prompts (the first `max_generate_samples`), scored and kept."""
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                 split: str = "validation") -> Evaluation:
+        """Loss and perplexity over the answer tokens of one split, then generation on its
+        prompts (the first `max_generate_samples`), scored and kept."""
         import tempfile
 
         from transformers import PrinterCallback, ProgressCallback
 
         with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
             # SFTTrainer insists on a training set even to evaluate; it never trains here
-            trainer = _sft_trainer(model, config, tokenizer, scratch, train=prepared.validation,
-                                   evaluation=prepared.validation)
+            trainer = _sft_trainer(model, config, tokenizer, scratch, train=prepared.splits[split],
+                                   evaluation=prepared.splits[split])
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
             loss = trainer.evaluate()["eval_loss"]
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-        rows = prepared.raw_validation
+        rows = prepared.raw[split]
         count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
         if count == 0:
             return Evaluation(metrics)
