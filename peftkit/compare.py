@@ -29,6 +29,9 @@ from peftkit.errors import PeftkitError
 from peftkit.provenance import config_hash
 
 RUNS_FILE = "runs.jsonl"
+# Comparisons publish peak memory: their runs fix glibc's mmap threshold, so a peak follows the
+# memory in use rather than heap fragmentation (peftkit.allocator); a recipe or --set may differ.
+PUBLISHED_MMAP_THRESHOLD_KB = 1024
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Pa
         recipe = _recipe_for(recipe_dir, model, task, strategy)
         values: dict[str, Any] = load_recipe(recipe) if recipe else {"strategy": strategy}
         for seed in seeds:
-            cell_values = {**values, "model": model, "task": task, "seed": seed, "overwrite": True,
-                           "output_dir": str(out / "runs" / f"{strategy}-seed{seed}")}
+            cell_values = {"cpu_mmap_threshold_kb": PUBLISHED_MMAP_THRESHOLD_KB, **values, "model": model, "task": task,
+                           "seed": seed, "overwrite": True, "output_dir": str(out / "runs" / f"{strategy}-seed{seed}")}
             if data_dir is not None:
                 cell_values["data_dir"] = str(data_dir)
             config = make_config(apply_overrides(cell_values, overrides))

@@ -100,8 +100,9 @@ class RunConfig(BaseModel):
     # load the frozen base in 4 bits (bitsandbytes) under any strategy that adds weights
     quantization: Literal["none", "nf4", "fp4"] = "none"
     group_by_length: bool = True
-    # CPU: blocks of this size or more get their own mapping, returned when freed (peftkit.allocator)
-    cpu_mmap_threshold_kb: int = Field(default=1024, ge=0)
+    # CPU: blocks of this size or more get their own mapping, returned when freed (peftkit.allocator);
+    # 0 keeps glibc's own, faster policy. `peftkit compare` uses 1024, so published peaks follow memory in use.
+    cpu_mmap_threshold_kb: int = Field(default=0, ge=0)
     # frozen computation done once: the encoder under linear-probe, a dropout-free frozen bottom
     cache_features: bool = True
     # where results go

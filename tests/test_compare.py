@@ -144,3 +144,13 @@ def test_point_labels_do_not_overlap():
     plt.close(fig)
     assert offsets[3] == (6.0, 4.0) and offsets[2] == (6.0, 4.0)  # labels with room stay beside their point
     assert offsets[1][1] < offsets[0][1]  # the lower of two crowded labels moves down, clear of the other
+
+
+def test_comparison_runs_fix_the_allocator_policy_plain_runs_keep_glibcs(tmp_path, data_dir):
+    """Published peaks follow memory in use (a fixed 1 MB mmap threshold); a plain run is fast."""
+    from peftkit.config import make_config
+
+    cells = plan("tiny-bert", "sst2", ["lora"], [0], tmp_path, None, [], data_dir)
+    assert cells[0].config.cpu_mmap_threshold_kb == 1024
+    assert plan("tiny-bert", "sst2", ["lora"], [0], tmp_path, None, ["cpu_mmap_threshold_kb=0"], data_dir)[0].config.cpu_mmap_threshold_kb == 0
+    assert make_config({}).cpu_mmap_threshold_kb == 0

@@ -105,7 +105,7 @@ class BottleneckAdapter(Strategy):
     """Small bottleneck modules inserted into every chosen layer; the base is frozen, the
     adapters and the head train. bottleneck = `bottleneck_size`, else hidden // `reduction_factor`."""
 
-    trains = "bottleneck adapters + head"
+    trains = "bottleneck adapters + new head"
     default_lr = 1e-3
     saves = "trained-tensors"
     variant: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"

@@ -108,7 +108,7 @@ class Partial(LayerwiseLR):
     explicit `layers`, e.g. "3-5" or [4, 5]) train, with the head and what sits above the
     stack (final norm, pooler)."""
 
-    trains = "top layers + head"
+    trains = "top layers + new head"
     default_lr = 1e-4
     quantizable_base = False
     trainable_layers: int | None = 2
@@ -171,7 +171,7 @@ def parse_layer_ranges(spec: str | list[int]) -> list[int]:
 class LinearProbe(Freezing):
     """Only the task head trains; the pretrained model is a frozen feature extractor."""
 
-    trains = "task head only"
+    trains = "a new task head only"
     default_lr = 5e-3
     frozen_below_head = True
 
@@ -184,7 +184,7 @@ class LinearProbe(Freezing):
 class BitFit(Freezing):
     """Only bias terms and the head train (Ben Zaken et al. 2022)."""
 
-    trains = "biases + head"
+    trains = "biases + new head"
     default_lr = 1e-3
 
     def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class LoRA(PeftStrategy):
     """Low-rank updates on the attention/MLP projections (Hu et al. 2021)."""
 
-    trains = "low-rank adapters + head"
+    trains = "low-rank adapters + new head"
     default_lr = 1e-3
     r: int = 8
     alpha: int = 16
@@ -48,7 +48,7 @@ class LoRA(PeftStrategy):
 class DoRA(LoRA):
     """LoRA with the weight split into magnitude and direction (Liu et al. 2024)."""
 
-    trains = "magnitude + low-rank direction + head"
+    trains = "magnitude + low-rank direction + new head"
     use_dora: bool = True
 
 
@@ -57,7 +57,7 @@ class DoRA(LoRA):
 class QLoRA(LoRA):
     """LoRA on a frozen base quantized to 4-bit NF4 with bitsandbytes (Dettmers et al. 2023)."""
 
-    trains = "low-rank adapters + head (4-bit base)"
+    trains = "low-rank adapters + new head (4-bit base)"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

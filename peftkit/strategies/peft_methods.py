@@ -41,7 +41,7 @@ class IA3(PeftStrategy):
     (Liu et al. 2022). "auto" finds the key/value projections by name and takes the layer's
     last projection as the feed-forward output, whose input the vector rescales."""
 
-    trains = "scaling vectors on keys, values, FFN + head"
+    trains = "scaling vectors on keys, values, FFN + new head"
     default_lr = 3e-3  # the IA3 paper's rate: a few thousand scalars need big steps, still < prompt tuning
     target_modules: str | list[str] = "auto"
     feedforward_modules: str | list[str] = "auto"
@@ -115,7 +115,7 @@ class PromptTuning(PromptLearning):
     """Soft prompt: trained input embeddings of `num_virtual_tokens` virtual tokens (Lester
     et al. 2021), initialised at random, from `init_text`'s tokens, or from sampled vocabulary."""
 
-    trains = "virtual token embeddings + head"
+    trains = "virtual token embeddings + new head"
     config_type = PromptTuningConfig
     default_lr = 3e-2  # Lester et al. / PEFT's examples: a soft prompt needs ~30x LoRA's rate
     init: Literal["random", "text", "sample-vocab"] = "random"
@@ -144,7 +144,7 @@ class PrefixTuning(PromptLearning):
     """Trained key/value prefixes for every attention layer (Li & Liang 2021), optionally
     produced by a two-layer MLP (`projection`) of width `encoder_hidden_size` (default: the model's)."""
 
-    trains = "per-layer key/value prefixes + head"
+    trains = "per-layer key/value prefixes + new head"
     virtual_tokens_enter = "keys"
     config_type = PrefixTuningConfig
     default_lr = 1e-2  # PEFT's prefix-tuning examples; between p-tuning and prompt tuning
@@ -189,7 +189,7 @@ class PTuning(PromptLearning):
     """Virtual token embeddings produced by a small trained encoder, an MLP or an LSTM
     (Liu et al. 2021), of width `encoder_hidden_size` (default: the model's)."""
 
-    trains = "prompt encoder + head"
+    trains = "prompt encoder + new head"
     config_type = PromptEncoderConfig
     default_lr = 1e-3  # PEFT's p-tuning sequence-classification guide: the MLP trains like an adapter
     encoder: Literal["mlp", "lstm"] = "mlp"
