@@ -317,6 +317,8 @@ def estimate(
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
     quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
     eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: --batch-size)."),
+    task: str = typer.Option("classification", help="Task kind or built-in data set (sft counts the LM head and generation)."),
+    max_new_tokens: int = typer.Option(0, min=0, help="sft: tokens generated per evaluation prompt (the key/value cache)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from rich.console import Console
@@ -330,13 +332,13 @@ def estimate(
     options = apply_overrides({"strategy": strategy}, set_)["strategy"]
     result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
-                     eval_batch_size=eval_batch_size)
+                     eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens)
     table = Table("term", "GiB")
     for term, value in result.terms.items():
         table.add_row(term, f"{value / GB:.2f}")
     table.add_row("total (activations or evaluation, the larger)", f"{result.total_bytes / GB:.2f}")
     console = Console(width=120)
-    console.print(f"{strategy} on {model}: batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
+    console.print(f"{strategy} on {model} ({result.settings['task']}): batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")
     console.print(table)
     console.print(f"trainable {result.trainable_params:,} of {result.total_params:,} parameters")

@@ -157,7 +157,8 @@ def estimate_for(config: RunConfig, run: dict | None) -> dict:
                           config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])), task=config.task_kind,
                           device="cpu" if on_cpu else "cuda", quantization=config.quantization,
                           eval_batch_size=config.eval_batch_size,
-                          eval_seq_len=data.get("longest_validation_example", config.max_length))
+                          eval_seq_len=data.get("longest_validation_example", config.max_length),
+                          max_new_tokens=config.max_new_tokens)
     except PeftkitError as err:
         return {"error": str(err)}
     return result.as_dict()

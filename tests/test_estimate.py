@@ -167,3 +167,24 @@ def test_bad_inputs():
     with pytest.raises(PeftkitError, match="does not exist"):
         estimate("missing/config.json", "full")
     assert GB == 2**30
+
+
+def test_instruction_tuning_counts_the_fused_lm_head_and_the_generation_cache():
+    """Llama-3-8B (vocab 128,256; 32 layers, 8 key/value heads of 128) as a causal LM: TRL's
+    fused head scores tiles of at most 4,096 tokens x 32,768 vocabulary entries, and greedy
+    evaluation keeps every layer's keys and values for prompt and answer."""
+    from peftkit.estimate import LM_HEAD_BACKWARD_BUFFERS, LM_HEAD_FORWARD_BUFFERS, fused_lm_head_bytes, kv_cache_bytes, load_config
+
+    config = load_config(LLAMA3_8B)
+    assert fused_lm_head_bytes(config, 1000, "cpu", backward=True) == 1000 * 32768 * 4 * LM_HEAD_BACKWARD_BUFFERS + 1000 * 4096 * 4
+    assert fused_lm_head_bytes(config, 10_000, "cpu", backward=False) == 4096 * 32768 * 4 * LM_HEAD_FORWARD_BUFFERS + 10_000 * 4096 * 4
+    assert kv_cache_bytes(config, 2, 100, 2) == 32 * 2 * 8 * 128 * 2 * 100 * 2
+    sft = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512, task="sft", max_new_tokens=64)
+    classifier = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512)
+    assert sft.terms["output_layer"] == fused_lm_head_bytes(config, 1024, "cuda", backward=True)
+    assert sft.terms["evaluation_output"] == max(fused_lm_head_bytes(config, 1024, "cuda", backward=False),
+                                                 kv_cache_bytes(config, 2, 512 + 64, 2))
+    assert "output_layer" not in classifier.terms
+    assert sft.trainable_params < classifier.trainable_params  # no classifier head copy beside the adapters
+    with pytest.raises(PeftkitError, match="has none"):
+        estimate(LLAMA3_8B, "linear-probe", task="sft")

@@ -158,6 +158,14 @@ def test_reload_and_merge_generate_the_same_greedy_text(tmp_path, data_dir):
     assert generate(plain, tokenizer, conversations, 5, 2) == reloaded
 
 
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, data_dir):
+    run = tiny_run(tmp_path, data_dir, learning_rate=5e-2).output_dir
+    _, model, tokenizer, _ = load_run(run)
+    conversations = [*QUESTIONS, [{"role": "user", "content": "a much longer question " * 6}]]
+    batched = generate(model, tokenizer, conversations, 6, 3)
+    assert batched == [generate(model, tokenizer, [c], 6, 1)[0] for c in conversations]
+
+
 def test_generate_command(tmp_path, data_dir):
     run = tiny_run(tmp_path, data_dir).output_dir
     result = invoke("generate", "--run", run, "a gripping , funny film")
