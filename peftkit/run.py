@@ -52,6 +52,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         config = make_config(config)
     strategy = config.strategy.build()
     task, dataset = resolve_task(config.task_name)
+    code = code_version()  # now, before the checkout can move on while this run trains
     output_dir = Path(config.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
@@ -94,7 +95,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     epochs_done, train_time = trained["epochs_trained"], trained["train_time_s"]
     record = {
         "config": config.model_dump(mode="json"),
-        "provenance": {**code_version(), "config_hash": config_hash(config)},
+        "provenance": {**code, "config_hash": config_hash(config)},
         "task_kind": task.name,
         "learning_rate": config.lr,
         "versions": package_versions(),
