@@ -336,7 +336,7 @@ def estimate(
     table = Table("term", "GiB")
     for term, value in result.terms.items():
         table.add_row(term, f"{value / GB:.2f}")
-    table.add_row("total (activations or evaluation, the larger)", f"{result.total_bytes / GB:.2f}")
+    table.add_row("total (training or evaluation phase, the larger)", f"{result.total_bytes / GB:.2f}")
     console = Console(width=120)
     console.print(f"{strategy} on {model} ({result.settings['task']}): batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")

@@ -236,6 +236,17 @@ def _own_unquantized_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def keep_4bit_training_layout(model: nn.Module) -> nn.Module:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only
+    layout at the first forward pass without gradients (the first evaluation), after which the
+    next training step fails in autograd, and the repacked kernel rounds differently. Training
+    runs, and the runs reloaded from them, keep the trainable layout: one set of numerics."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
     """bitsandbytes 4-bit loading (NF4 or FP4, optionally double-quantized constants)."""
     from transformers import BitsAndBytesConfig

@@ -24,7 +24,7 @@ from peftkit.allocator import set_mmap_threshold
 from peftkit.config import RunConfig, make_config
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
-from peftkit.models import four_bit_config, load_model_config, load_tokenizer, resolve_model
+from peftkit.models import four_bit_config, keep_4bit_training_layout, load_model_config, load_tokenizer, resolve_model
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
 from peftkit.trainer import KeepBestTrainable, precision_flags
@@ -232,6 +232,6 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     quantization = base_quantization(config, strategy) if quantized else None
     base = task.load_model(source, record["data"], tokenizer, quantization)
-    model = strategy.load(base, Path(run_dir), task)
+    model = keep_4bit_training_layout(strategy.load(base, Path(run_dir), task))
     model.eval()
     return config, model, tokenizer, record

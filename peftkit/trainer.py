@@ -13,6 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peftkit.config import RunConfig
+from peftkit.models import keep_4bit_training_layout
 
 
 class Timed:
@@ -28,7 +29,7 @@ class Timed:
 
     def __init__(self, model: nn.Module, **kwargs: Any):
         _declare_trainable_additions(model)
-        _keep_4bit_weights_trainable(model)
+        keep_4bit_training_layout(model)
         super().__init__(model=model, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -49,15 +50,6 @@ class Timed:
             return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - start
-
-
-def _keep_4bit_weights_trainable(model: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only
-    layout at the first forward pass without gradients (the first evaluation), after which
-    the next training step fails in autograd. Training runs keep the trainable layout."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _declare_trainable_additions(model: nn.Module) -> None:

@@ -236,3 +236,14 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     assert result.record["data"]["selection_examples"] == 4
     assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
     assert len(history) == 1 and history[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["full", "partial", "dora", "qlora", "ia3", "adapter", "prompt-tuning",
+                                      "prefix-tuning", "p-tuning", "peft:loha"])
+def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_dir, strategy):
+    result = tiny_run(tmp_path, data_dir, strategy, max_train_samples=20, max_eval_samples=4, max_new_tokens=2)
+    assert result.record["trainable_params"] > 0 and set(result.metrics) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    _, model, tokenizer, _ = load_run(result.output_dir)
+    rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
+    again = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], 2, 4)
+    assert again == [r["generated"] for r in rows]  # the saved run generates what the run itself did
