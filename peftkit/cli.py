@@ -30,6 +30,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from peftkit import __version__
+
+        typer.echo(f"peftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print peftkit's version and exit.")) -> None:
+    """Fine-tune pretrained Transformers with any strategy behind one interface."""
+
+
 def user_errors(command: Callable) -> Callable:
     """Turn a PeftkitError into `error: ...` on stderr and exit code 2, with no traceback."""
 

@@ -110,3 +110,9 @@ def test_train_eval_predict_through_the_cli(tmp_path, data_dir):
     assert f"accuracy: {accuracy:.4f}" in evaluated.stdout
     predicted = invoke("predict", "--run", out, "what a film")
     assert predicted.exit_code == 0 and predicted.stdout.split("\t")[0] in ("negative", "positive")
+
+
+def test_version_and_python_dash_m():
+    assert invoke("--version").stdout.strip() == "peftkit 0.1.0"
+    done = subprocess.run([sys.executable, "-m", "peftkit", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "peftkit 0.1.0"
