@@ -29,13 +29,14 @@ def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]], m
     """Greedy answers of an instruction-tuned run, one per conversation (each ends with a user turn)."""
     from peftkit.errors import PeftkitError
     from peftkit.run import read_record
-    from peftkit.tasks.sft import generate
+    from peftkit.tasks import TASKS
 
     kind = read_record(run_dir).get("task_kind", "classification")
-    if kind != "sft":  # checked before any weights load
+    if not getattr(TASKS.get(kind), "generates_text", False):  # checked before any weights load
         raise PeftkitError(f"{run_dir} is a {kind} run, which does not generate text: use `peftkit predict`")
     config, model, tokenizer, record = load_run(run_dir)
-    return generate(model, tokenizer, conversations, max_new_tokens or config.max_new_tokens, config.eval_batch_size)
+    return config.task_kind.answer(model, tokenizer, conversations, max_new_tokens or config.max_new_tokens,
+                                   config.eval_batch_size)
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:

@@ -81,6 +81,7 @@ class Task:
     table_metrics: ClassVar[tuple[str, ...]] = ()  # the metrics a comparison table shows
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
+    generates_text: ClassVar[bool] = False   # True: `answer` generates replies (`peftkit generate`)
     default_max_length: ClassVar[int] = 128
     column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields naming this kind's columns
 
@@ -146,6 +147,11 @@ class Task:
     def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
                 config: RunConfig) -> str:
         """What a trained model says about one input, as one line (`peftkit predict`)."""
+        raise NotImplementedError
+
+    def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+               batch_size: int) -> list[str]:
+        """Generated replies to conversations, for tasks that `generates_text`."""
         raise NotImplementedError
 
 

@@ -47,6 +47,7 @@ class InstructionTuning(Task):
     primary = "exact_match"
     table_metrics = ("exact_match", "rouge_l", "perplexity")
     pretrained_head = True
+    generates_text = True
     default_max_length = 1024
     column_options = ("messages_column", "prompt_column", "completion_column")
 
@@ -143,6 +144,10 @@ class InstructionTuning(Task):
         """The model's answer to one user message (several texts are joined by blank lines)."""
         conversation = [{"role": "user", "content": "\n\n".join(texts)}]
         return generate(model, tokenizer, [conversation], config.max_new_tokens, 1)[0]
+
+    def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+               batch_size: int) -> list[str]:
+        return generate(model, tokenizer, conversations, max_new_tokens, batch_size)
 
 
 def _sft_trainer(model: nn.Module, config: RunConfig, tokenizer: Any, scratch_dir: str, train: Any, evaluation: Any,
