@@ -4,13 +4,14 @@ Each task builds its own Trainer (transformers' or TRL's) from these pieces."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from peftkit.config import RunConfig
 from peftkit.models import keep_4bit_training_layout
@@ -50,6 +51,21 @@ class Timed:
             return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - start
+
+
+class TimedTrainer(Timed, Trainer):
+    """transformers' Trainer with peftkit's eval-time bookkeeping."""
+
+
+def evaluate_once(build: Callable[[str], Any]) -> dict[str, float]:
+    """Build a trainer in a scratch directory (`build(scratch_dir)`), evaluate its eval set
+    once without printing (the caller prints what it wants), and return the metrics without
+    their `eval_` prefix."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
+        trainer = build(scratch)
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
 
 
 def _declare_trainable_additions(model: nn.Module) -> None:

@@ -100,12 +100,12 @@ class Classification(Task):
         head on cached features; when a frozen, dropout-free bottom sits below the lowest
         trainable layer, it replays that bottom's stored outputs (peftkit.bottom_cache)."""
         import torch
-        from transformers import Trainer, default_data_collator
+        from transformers import default_data_collator
 
         from peftkit.anatomy import inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
         from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
-        from peftkit.trainer import Timed, training_arguments
+        from peftkit.trainer import TimedTrainer, training_arguments
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
@@ -136,11 +136,8 @@ class Classification(Task):
                     INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
         setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
 
-        class ClassifierTrainer(Timed, Trainer):
-            pass
-
         group = config.group_by_length and not on_features
-        trainer = ClassifierTrainer(
+        trainer = TimedTrainer(
             model=model,
             args=training_arguments(config, scratch_dir, group_by_length=group),
             train_dataset=train_dataset,
@@ -158,22 +155,11 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
                  split: str = "validation") -> Evaluation:
         """Metrics of the whole model (as saved) on one split, batched as in training."""
-        import tempfile
+        from peftkit.trainer import TimedTrainer, evaluate_once, training_arguments
 
-        from transformers import PrinterCallback, ProgressCallback, Trainer
-
-        from peftkit.trainer import Timed, training_arguments
-
-        class EvalTrainer(Timed, Trainer):
-            pass
-
-        with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
-            trainer = EvalTrainer(model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
-                                  processing_class=tokenizer, data_collator=PadToLongest(tokenizer),
-                                  compute_metrics=compute_metrics)
-            trainer.remove_callback(PrinterCallback)  # the caller prints the metrics it wants
-            trainer.remove_callback(ProgressCallback)
-            metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+        metrics = evaluate_once(lambda scratch: TimedTrainer(
+            model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
+            processing_class=tokenizer, data_collator=PadToLongest(tokenizer), compute_metrics=compute_metrics))
         return Evaluation({k: v for k, v in metrics.items() if k in self.metrics})
 
     def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],

@@ -115,17 +115,11 @@ class InstructionTuning(Task):
                  split: str = "validation") -> Evaluation:
         """Loss and perplexity over the answer tokens of one split, then generation on its
         prompts (the first `max_generate_samples`), scored and kept."""
-        import tempfile
+        from peftkit.trainer import evaluate_once
 
-        from transformers import PrinterCallback, ProgressCallback
-
-        with tempfile.TemporaryDirectory(prefix="peftkit-eval-") as scratch:
-            # SFTTrainer insists on a training set even to evaluate; it never trains here
-            trainer = _sft_trainer(model, config, tokenizer, scratch, train=prepared.splits[split],
-                                   evaluation=prepared.splits[split])
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            loss = trainer.evaluate()["eval_loss"]
+        # SFTTrainer insists on a training set even to evaluate; it never trains here
+        loss = evaluate_once(lambda scratch: _sft_trainer(model, config, tokenizer, scratch, train=prepared.splits[split],
+                                                          evaluation=prepared.splits[split]))["loss"]
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
         rows = prepared.raw[split]
         count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
