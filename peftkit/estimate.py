@@ -39,6 +39,7 @@ from torch import nn
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
+from peftkit.strategies.adapters import Adapter
 from peftkit.tasks import Task, resolve_task
 
 GB = 1024**3
@@ -198,9 +199,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
                      bytes_per_value: int, gradient_checkpointing: bool, device: str = "cpu") -> int:
     """Tensors saved for backward over one batch, layer by layer from the lowest that needs
-    gradients. Checked against what autograd really saves in tests/test_estimate.py. The
-    lowest layer counts whole even when its first trained part (an adapter after its
-    feed-forward block) sits above its attention: a slight over-estimate for adapters."""
+    gradients. Checked against what autograd really saves in tests/test_estimate.py. When the
+    lowest such layer trains only an adapter on its feed-forward sub-layer (pfeiffer,
+    parallel), nothing below that adapter needs gradients: the layer keeps only what the
+    adapter and the norm after it keep."""
     base = _unwrap(model)
     anatomy = inspect_model(base)
     lowest = _lowest_layer_needing_grad(model, anatomy)
@@ -209,15 +211,27 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     if lowest is None:  # only the head trains: it keeps its input, one vector per example or per token
         return int((tokens if anatomy.head_scores_every_token else batch_size) * config.hidden_size * bytes_per_value)
     mask_bytes = bytes_per_value if device == "cpu" else 1  # dropout keeps a float mask on CPU, a bool one on CUDA
-    layers = [layer_saved_bytes(config, anatomy, keys, _projections_train(model, anatomy, index), bytes_per_value,
-                                mask_bytes, device) + _strategy_extra_bytes(model, anatomy, index, bytes_per_value, mask_bytes)
-              for index in range(lowest, anatomy.num_layers)]
+    layers = []
+    for index in range(lowest, anatomy.num_layers):
+        extra = _strategy_extra_bytes(model, anatomy, index, bytes_per_value, mask_bytes)
+        if index == lowest and _trains_only_after_feed_forward(model, anatomy, index):
+            layers.append(extra + config.hidden_size * bytes_per_value)  # the adapter's input, and the norm or sum it feeds
+        else:
+            layers.append(layer_saved_bytes(config, anatomy, keys, _projections_train(model, anatomy, index),
+                                            bytes_per_value, mask_bytes, device) + extra)
     if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
         per_token = len(layers) * config.hidden_size * bytes_per_value + max(layers)
     else:
         per_token = sum(layers)
     embeddings_out = config.hidden_size * bytes_per_value
     return int(tokens * (per_token + embeddings_out) + _weight_sized_bytes(model, bytes_per_value))
+
+
+def _trains_only_after_feed_forward(model: nn.Module, anatomy: Any, index: int) -> bool:
+    """Whether everything layer `index` trains is its feed-forward adapter (`adapter_ffn`)."""
+    trained = [name.removeprefix("base_model.model.") for name, param in model.named_parameters() if param.requires_grad]
+    in_layer = [name for name in trained if anatomy.layer_index(name) == index]
+    return bool(in_layer) and all(".adapter_ffn." in name for name in in_layer)
 
 
 def _weight_sized_bytes(model: nn.Module, bytes_per_value: int) -> int:
@@ -308,9 +322,8 @@ def _strategy_extra_bytes(model: nn.Module, anatomy: Any, index: int, bytes_per_
         ia3 = getattr(module, "ia3_l", None)
         if isinstance(ia3, nn.ParameterDict) and "default" in ia3:
             extra += ia3["default"].numel() * bytes_per_value
-        down = getattr(module, "down", None)
-        if name.endswith(".adapter") and isinstance(down, nn.Linear):
-            extra += (down.in_features + down.out_features) * bytes_per_value
+        if isinstance(module, Adapter):
+            extra += (module.down.in_features + module.down.out_features) * bytes_per_value
     return extra
 
 

@@ -1,12 +1,15 @@
-"""Bottleneck adapters (strategy `adapter`): exactly which parameters train for each variant
-and architecture, zero-up init is a no-op, what each variant reads and adds to, layer choice,
-unmappable models, a 4-bit base, and train/save/reload end to end. Expected names and counts
-are written out by hand from the tiny architectures (hidden 64, 2 layers)."""
+"""Bottleneck adapters (strategy `adapter`): each variant's forward equals a hand-written
+reference of its published design on a tiny BERT (and its pre-LN form on Llama); exactly which
+parameters train for each variant and architecture; zero-up init is a no-op; scaling applies to
+every variant; layer choice, unmappable models, a 4-bit base, and train/save/reload end to end.
+Expected names and counts are written out by hand from the tiny architectures (hidden 64, 2
+layers)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DistilBertConfig, GPT2Config,
                           T5Config)
 
@@ -20,12 +23,9 @@ from peftkit.strategies import build_strategy
 
 H, L = 64, 2
 HEADS = {"tiny-bert": {"classifier.weight": 2 * H, "classifier.bias": 2}, "tiny-llama": {"score.weight": 2 * H}}
-# Projections adapters attach to, inside one layer: (attention output, feed-forward output).
-PROJECTIONS = {
-    "tiny-bert": ("bert.encoder.layer.{i}.attention.output.dense", "bert.encoder.layer.{i}.output.dense"),
-    "tiny-llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
-}
-WHERE = {"houlsby": (0, 1), "pfeiffer": (1,), "parallel": (1,)}  # which of PROJECTIONS each variant adapts
+LAYERS = {"tiny-bert": "bert.encoder.layer", "tiny-llama": "model.layers"}
+WHERE = {"houlsby": ("adapter_attention", "adapter_ffn"), "pfeiffer": ("adapter_ffn",), "parallel": ("adapter_ffn",)}
+DEFAULT_BOTTLENECK = {"houlsby": H // 16, "pfeiffer": H // 16, "parallel": H // 2}  # the published reduction factors
 SENTENCES = ["a gripping , funny film", "dull and far too long"]
 
 
@@ -59,16 +59,16 @@ def trainable(model) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def adapter_params(projection: str, width: int = H, bottleneck: int = H // 16) -> dict[str, int]:
-    return {f"{projection}.adapter.down.weight": width * bottleneck, f"{projection}.adapter.down.bias": bottleneck,
-            f"{projection}.adapter.up.weight": bottleneck * width, f"{projection}.adapter.up.bias": width}
+def adapter_params(prefix: str, width: int = H, bottleneck: int = H // 16) -> dict[str, int]:
+    return {f"{prefix}.down.weight": width * bottleneck, f"{prefix}.down.bias": bottleneck,
+            f"{prefix}.up.weight": bottleneck * width, f"{prefix}.up.bias": width}
 
 
-def expectation(model_name: str, variant: str, layers=range(L), bottleneck: int = H // 16) -> dict[str, int]:
+def expectation(model_name: str, variant: str, layers=range(L), bottleneck: int | None = None) -> dict[str, int]:
     expected = dict(HEADS[model_name])
     for i in layers:
-        for site in WHERE[variant]:
-            expected |= adapter_params(PROJECTIONS[model_name][site].format(i=i), bottleneck=bottleneck)
+        for name in WHERE[variant]:
+            expected |= adapter_params(f"{LAYERS[model_name]}.{i}.{name}", bottleneck=bottleneck or DEFAULT_BOTTLENECK[variant])
     return expected
 
 
@@ -102,19 +102,23 @@ def test_gpt2_conv1d_projections():
     model = build_strategy("adapter", {"variant": "houlsby"}).apply(tiny_gpt2())
     expected = {"score.weight": 2 * H}
     for i in range(L):
-        expected |= adapter_params(f"transformer.h.{i}.attn.c_proj") | adapter_params(f"transformer.h.{i}.mlp.c_proj")
+        expected |= adapter_params(f"transformer.h.{i}.adapter_attention") | adapter_params(f"transformer.h.{i}.adapter_ffn")
     assert trainable(model) == expected
 
 
 def test_t5_adapts_the_decoder_stack_after_its_last_sublayer():
     # inspect_model's stack for T5ForSequenceClassification is the decoder (the larger one);
     # its feed-forward is sub-layer 2, after self-attention (0) and cross-attention (1).
-    model = build_strategy("adapter", {}).apply(tiny_t5())
+    model = build_strategy("adapter", {"variant": "pfeiffer", "init": "bert"}).apply(tiny_t5())
     expected = {n: p.numel() for n, p in model.named_parameters() if n.startswith("classification_head.")}
     assert len(expected) == 4
     for i in range(L):
-        expected |= adapter_params(f"transformer.decoder.block.{i}.layer.2.DenseReluDense.wo")
+        expected |= adapter_params(f"transformer.decoder.block.{i}.adapter_ffn")
     assert trainable(model) == expected
+    block, x = model.transformer.decoder.block[0], torch.randn(2, 3, H)
+    with torch.no_grad():  # pre-LN pfeiffer: the feed-forward sub-layer gives x + h + A(x + h)
+        plain = x + block.layer[2].dropout.forward(block.layer[2].DenseReluDense(block.layer[2].layer_norm.forward(x)))
+        assert torch.allclose(block.layer[2](x), plain + block.adapter_ffn(plain), atol=1e-6)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
@@ -122,48 +126,100 @@ def test_t5_adapts_the_decoder_stack_after_its_last_sublayer():
 def test_zero_up_init_leaves_logits_unchanged_and_bert_init_changes_them(model_name, variant):
     tokenizer = load_tokenizer(resolve_model(model_name))
     before = logits(base_model(model_name).eval(), tokenizer)
-    assert torch.equal(logits(adapted(model_name, variant=variant), tokenizer), before)
+    assert torch.equal(logits(adapted(model_name, variant=variant, init="zero-up"), tokenizer), before)
     assert not torch.allclose(logits(adapted(model_name, variant=variant, init="bert"), tokenizer), before)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_t5])
 def test_zero_up_init_leaves_gpt2_and_t5_unchanged(make):
     before = token_logits(make())
-    assert torch.equal(token_logits(build_strategy("adapter", {"variant": "houlsby"}).apply(make())), before)
+    assert torch.equal(token_logits(build_strategy("adapter", {"variant": "houlsby", "init": "zero-up"}).apply(make())), before)
+
+
+def bottleneck(adapter, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A(v) written out from the adapter's weights: scaling * up(act(down(v))), no dropout (eval)."""
+    return scaling * F.linear(adapter.act(F.linear(v, adapter.down.weight, adapter.down.bias)),
+                              adapter.up.weight, adapter.up.bias)
+
+
+def reference_bert_logits(model, input_ids: torch.Tensor, variant: str, scaling: float) -> torch.Tensor:
+    """A tiny BERT's logits with adapters placed by hand as the papers place them (eval mode,
+    so dropout is the identity; `.forward` calls bypass the strategy's hooks):
+    houlsby  LN(x + h + A(h)) after both sub-layers, h taken after the sub-layer's dropout;
+    pfeiffer LN(x + h + A(LN(x + h))) after the feed-forward sub-layer, the same LayerNorm twice;
+    parallel LN(x + h + A(x)) beside the feed-forward sub-layer."""
+    hidden = model.bert.embeddings(input_ids=input_ids)
+    for layer in model.bert.encoder.layer:
+        attention = layer.attention
+        h = attention.output.dropout.forward(attention.output.dense.forward(attention.self(hidden)[0]))
+        if variant == "houlsby":
+            h = h + bottleneck(layer.adapter_attention, h, scaling)
+        x = attention.output.LayerNorm.forward(h + hidden)
+        out = layer.output
+        h = out.dropout.forward(out.dense.forward(layer.intermediate.forward(x)))
+        if variant == "houlsby":
+            hidden = out.LayerNorm.forward(x + h + bottleneck(layer.adapter_ffn, h, scaling))
+        elif variant == "pfeiffer":
+            hidden = out.LayerNorm.forward(x + h + bottleneck(layer.adapter_ffn, out.LayerNorm.forward(x + h), scaling))
+        else:
+            hidden = out.LayerNorm.forward(x + h + bottleneck(layer.adapter_ffn, x, scaling))
+    return model.classifier(model.bert.pooler(hidden))
 
 
 @pytest.mark.parametrize("variant", ["houlsby", "pfeiffer", "parallel"])
-def test_each_variant_reads_and_adds_where_it_should(variant):
-    # Llama's mlp contains down_proj, so one call of a layer's mlp/o_proj shows the whole rule.
+def test_each_variant_matches_the_published_design_on_bert(variant):
+    model = adapted("tiny-bert", variant=variant, init="bert", scaling=0.5)
+    input_ids = torch.tensor([[2, 15, 27, 33, 3], [2, 41, 8, 19, 3]])
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # adapters that matter: A(v) of order 1, not 1e-3
+            if ".adapter_" in name:
+                param.mul_(20)
+        expected = reference_bert_logits(model, input_ids, variant, scaling=0.5)
+        assert torch.allclose(model(input_ids=input_ids).logits, expected, atol=1e-6)
+        # and the adapters matter: without them, or with another scaling, logits (about 0.01) move 100x the tolerance
+        for other in (0.0, 1.0):
+            assert (reference_bert_logits(model, input_ids, variant, scaling=other) - expected).abs().max() > 1e-4
+
+
+def test_houlsby_adds_after_the_hidden_dropout_in_training():
+    # Houlsby's code: h = dropout(dense(a)); h = h + A(h); LN(h + x). The dropout must not drop A(h).
+    model = adapted("tiny-bert", variant="houlsby", init="bert").train()
+    layer = model.bert.encoder.layer[0]
+    a, x = torch.randn(2, 3, H), torch.randn(2, 3, H)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = layer.attention.output(a, x)
+        torch.manual_seed(7)
+        h = layer.attention.output.dropout.forward(layer.attention.output.dense.forward(a))
+        expected = layer.attention.output.LayerNorm.forward(h + bottleneck(layer.adapter_attention, h, 1.0) + x)
+        assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "pfeiffer", "parallel"])
+def test_each_variant_on_a_pre_ln_decoder(variant):
+    # Llama has no norm after its residuals: the feed-forward sub-layer adds h = mlp(norm(x))
+    # to the stream x, and the adapter reads h (houlsby), x + h (pfeiffer) or x (parallel).
     base = base_model("tiny-llama").model.layers[0]
     layer = adapted("tiny-llama", variant=variant, init="bert", scaling=0.5).model.layers[0]
     x = torch.randn(2, 3, H)
     with torch.no_grad():
-        mlp_base, mlp = base.mlp(x), layer.mlp(x)
+        h = base.mlp(base.post_attention_layernorm(x))
+        mlp = layer.mlp(layer.post_attention_layernorm(x))  # the norm's pre-hook captures x
+        source = {"houlsby": h, "pfeiffer": x + h, "parallel": x}[variant]
+        assert torch.allclose(mlp, h + bottleneck(layer.adapter_ffn, source, 0.5), atol=1e-6)
         o_base, o = base.self_attn.o_proj(x), layer.self_attn.o_proj(x)
-        adapter = layer.mlp.down_proj.adapter
-        if variant == "parallel":  # reads the block's input, scaled
-            assert adapter.scaling == 0.5
-            assert torch.allclose(mlp, mlp_base + adapter(x), atol=1e-6)
-        else:  # reads the projection's own output; scaling is for parallel only
-            assert adapter.scaling == 1.0
-            assert torch.allclose(mlp, mlp_base + adapter(mlp_base), atol=1e-6)
         if variant == "houlsby":
-            assert torch.allclose(o, o_base + layer.self_attn.o_proj.adapter(o_base), atol=1e-6)
+            assert torch.allclose(o, o_base + bottleneck(layer.adapter_attention, o_base, 0.5), atol=1e-6)
         else:
             assert torch.equal(o, o_base)
 
 
-def test_parallel_on_bert_reads_the_intermediate_input():
-    # In BERT the feed-forward block's input (`intermediate`) and its output projection
-    # (`output.dense`) are siblings: the adapter's input is captured by a pre-hook.
-    base = base_model("tiny-bert").bert.encoder.layer[0]
-    layer = adapted("tiny-bert", variant="parallel", init="bert").bert.encoder.layer[0]
-    x = torch.randn(2, 3, H)
-    with torch.no_grad():
-        inner = layer.intermediate(x)
-        out = layer.output.dense(inner)
-        assert torch.allclose(out, base.output.dense(inner) + layer.output.dense.adapter(x), atol=1e-6)
+def test_variants_default_to_their_published_settings():
+    houlsby, pfeiffer, parallel = (build_strategy("adapter", {"variant": v}) for v in ("houlsby", "pfeiffer", "parallel"))
+    assert (houlsby.reduction_factor, houlsby.non_linearity, houlsby.scaling, houlsby.init) == (16, "silu", 1.0, "houlsby")
+    assert (pfeiffer.reduction_factor, pfeiffer.non_linearity, pfeiffer.scaling, pfeiffer.init) == (16, "relu", 1.0, "bert")
+    assert (parallel.reduction_factor, parallel.non_linearity, parallel.scaling, parallel.init) == (2, "relu", 4.0, "zero-up")
+    assert build_strategy("adapter", {"variant": "parallel", "scaling": 1.0}).scaling == 1.0
 
 
 def test_layers_choose_where_and_bottleneck_size_overrides_reduction_factor():
@@ -183,7 +239,7 @@ def test_rejects_layers_the_model_lacks_and_bad_options():
 
 def test_unmapped_architecture_names_what_it_looked_for():
     model = tiny_from_config(DistilBertConfig(dim=H, hidden_dim=128, n_layers=L, n_heads=2, vocab_size=100))
-    message = r"DistilBertForSequenceClassification.*looked for.*attention\.output\.dense"
+    message = r"DistilBertForSequenceClassification.*looked for.*attention\.output\.dropout"
     with pytest.raises(PeftkitError, match=message):
         build_strategy("adapter", {}).apply(model)
 
@@ -192,13 +248,13 @@ def test_4bit_base_gets_float32_adapters_that_learn():
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
     model = build_strategy("adapter", {"init": "bert"}).apply(base_model("tiny-llama", quantization))
-    projection = model.model.layers[0].mlp.down_proj
-    assert type(projection.weight).__name__ == "Params4bit"
-    assert {p.dtype for p in projection.adapter.parameters()} == {torch.float32}
+    layer = model.model.layers[0]
+    assert type(layer.mlp.down_proj.weight).__name__ == "Params4bit"
+    assert {p.dtype for p in layer.adapter_ffn.parameters()} == {torch.float32}
     assert trainable(model) == expectation("tiny-llama", "pfeiffer")
     batch = load_tokenizer(resolve_model("tiny-llama"))(SENTENCES, padding=True, return_tensors="pt")
     model(**batch, labels=torch.tensor([0, 1])).loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if ".adapter." in n}
+    grads = {n: p.grad for n, p in model.named_parameters() if ".adapter_" in n}
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
@@ -212,7 +268,7 @@ def test_train_save_reload_gives_identical_results(tmp_path, data_dir):
     _, model, tokenizer, _ = load_run(result.output_dir)
     _, again, _, _ = load_run(result.output_dir)
     assert torch.equal(logits(model.eval(), tokenizer), logits(again.eval(), tokenizer))
-    assert not torch.equal(model.bert.encoder.layer[0].output.dense.adapter.up.weight, torch.zeros(H, H // 16))
+    assert not torch.equal(model.bert.encoder.layer[0].adapter_ffn.up.weight, torch.zeros(H, H // 16))
     reproduced = evaluate_run(result.output_dir)["metrics"]
     assert round(reproduced["accuracy"], 4) == round(result.metrics["accuracy"], 4)
     assert reproduced["loss"] == pytest.approx(result.metrics["loss"], abs=1e-5)
@@ -225,6 +281,7 @@ def test_minilm_pfeiffer_counts_and_zero_up_is_a_no_op():
     torch.manual_seed(0)
     before = logits(load_for_classification(source, ["neg", "pos"], tokenizer).eval(), tokenizer)
     torch.manual_seed(0)
-    model = build_strategy("adapter", {}).apply(load_for_classification(source, ["neg", "pos"], tokenizer)).eval()
+    model = build_strategy("adapter", {"init": "zero-up"}).apply(load_for_classification(source, ["neg", "pos"], tokenizer))
+    model.eval()
     assert count_parameters(model)[0] == 6 * (384 * 24 + 24 + 24 * 384 + 384) + 770
     assert torch.equal(logits(model, tokenizer), before)

@@ -44,7 +44,6 @@ def test_frozen_bottom_is_below_the_lowest_trainable_layer():
     ("tiny-bert", "partial", {"trainable_layers": 1}),  # dropout below: every step differs
     ("tiny-llama", "partial", {"trainable_layers": 1, "train_embeddings": True}),
     ("tiny-llama", "full", {}),
-    ("tiny-llama", "bitfit", {}),
     ("tiny-llama", "linear-probe", {}),  # the head's inputs are cached instead
     ("tiny-llama", "lora", {}),
 ])

@@ -106,8 +106,26 @@ def test_bitfit_trains_biases_and_head_bert():
     assert sum(names.values()) == 1410
 
 
-def test_bitfit_on_llama_has_no_biases_so_only_the_head_trains():
-    assert trainable(load("tiny-llama", "bitfit")) == ARCH["tiny-llama"]["head"]
+def test_bitfit_on_llama_refuses_because_only_the_head_would_train():
+    with pytest.raises(PeftkitError, match="bitfit: LlamaForSequenceClassification has no bias terms.*linear-probe"):
+        load("tiny-llama", "bitfit")
+
+
+@pytest.mark.parametrize(("strategy", "marker"), [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l")])
+def test_scales_neutral_at_one_take_no_weight_decay(strategy, marker):
+    # decay pulls toward 0; a DoRA magnitude or IA3 vector is "unchanged" at 1, so it must not decay
+    model = load("tiny-bert", strategy)
+    named = {id(p): n for n, p in model.named_parameters()}
+    groups = build_strategy(strategy).param_groups(model, lr=0.1, weight_decay=0.01)
+    decayed = {named[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {named[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert any(marker in n for n in undecayed) and not any(marker in n for n in decayed)
+    assert any("classifier" in n and n.endswith("weight") for n in decayed)
+
+
+def test_dora_refuses_use_dora_false():
+    with pytest.raises(PeftkitError, match="pick --strategy lora"):
+        build_strategy("dora", {"use_dora": False})
 
 
 def test_partial_top_layer_bert():

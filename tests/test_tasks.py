@@ -52,9 +52,8 @@ def trainable(model):
 
 @pytest.mark.parametrize("strategy,options,expected", [
     ("lora", {}, lambda n: "lora_" in n),
-    ("adapter", {}, lambda n: ".adapter." in n),
+    ("adapter", {}, lambda n: ".adapter_" in n),
     ("ia3", {}, lambda n: "ia3_" in n),
-    ("bitfit", {}, lambda n: n.endswith(".bias")),
     ("partial", {"trainable_layers": 1}, lambda n: n.startswith("model.layers.1.") or n == "model.norm.weight"),
     ("full", {}, lambda n: True),
 ])
@@ -66,9 +65,6 @@ def test_nothing_trains_beside_the_strategy_on_a_causal_lm(strategy, options, ex
     model = build_strategy(strategy, options).apply(base, TASKS["sft"])
     names = trainable(model)
     assert not any("modules_to_save" in n or "original_module" in n for n in names)
-    if strategy == "bitfit":  # Llama has no biases: nothing trains, which the run refuses (tested in test_cli)
-        assert names == set()
-        return
     assert names and all(expected(n) for n in names)
     if strategy == "full":
         assert names == everything

@@ -1,22 +1,28 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022), built in
-because neither PEFT nor AdapterHub offers them on transformers 5.
+"""Bottleneck adapters, built in because neither PEFT nor AdapterHub offers them on
+transformers 5. Each variant reproduces its published design (as AdapterHub's `adapters`
+library implements it, whose configs are the usual reference):
 
-An adapter is down-projection -> non-linearity -> dropout -> up-projection, added to the
-output of one of a layer's projections. One mechanism for every variant and architecture:
-the adapter becomes a child module named `adapter` of that projection (so its parameters are
-named e.g. `bert.encoder.layer.0.output.dense.adapter.down.weight`, and `state_dict`, `.to()`
-and the default trained-tensors save/load see it) and a forward hook adds its output. The
-variant only decides where adapters go and what they read:
+- houlsby (Houlsby et al. 2019; `DoubleSeqBnConfig`): after both sub-layers of every layer.
+  The adapter reads the sub-layer's output h after its dropout and adds to it, before the
+  layer's residual and LayerNorm: out = LN(x + h + A(h)).
+- pfeiffer (Pfeiffer et al. 2021, AdapterFusion; `SeqBnConfig`): after the feed-forward
+  sub-layer only, reading the output after its residual and LayerNorm, y = LN(x + h); the
+  same LayerNorm is applied again after the adapter's residual: out = LN(x + h + A(y)).
+  Pre-LN models (Llama, GPT-2, T5) have no norm there: out = x + h + A(x + h).
+- parallel (He et al. 2022, "Towards a Unified View"; `ParBnConfig`): beside the
+  feed-forward sub-layer, reading its input x (the residual stream it adds to):
+  out = LN(x + h + A(x)), or x + h + A(x) in pre-LN models.
 
-- houlsby: after the attention output projection and the feed-forward output projection,
-  reading that projection's output (h = proj(x); h = h + adapter(h));
-- pfeiffer: after the feed-forward output projection only, the same way;
-- parallel: beside the feed-forward block: reads the block's input, and `scaling` times its
-  output is added to the feed-forward output projection's output.
+A(v) = dropout(scaling * up(act(down(v)))), for every variant. Defaults per variant are the
+published ones (`VARIANT_DEFAULTS`); each can be overridden.
 
-The projections are found by relative path inside each layer of the stack `inspect_model`
-finds (`SITE_PATHS`); the base model's own parameters are never renamed or replaced, so a
-4-bit (bitsandbytes) base works unchanged.
+One mechanism for every variant and architecture: the adapters become child modules of their
+layer (`adapter_attention`, `adapter_ffn`, so `state_dict`, `.to()` and saving see them) and
+forward hooks on the sub-layer's existing modules add them: on the module whose output is h
+(the dropout after the output projection; Llama's down/o projections, which have none), a
+pre-hook captures x where the sub-layer reads it, and pfeiffer's hook on a post-LN model sits
+on the LayerNorm. The base model's own parameters are never renamed or replaced, so a 4-bit
+(bitsandbytes) base works unchanged.
 """
 
 from __future__ import annotations
@@ -35,89 +41,114 @@ from peftkit.strategies.freezing import parse_layer_ranges
 if TYPE_CHECKING:
     from peftkit.tasks.base import Task
 
-# Relative paths inside one layer, per architecture family: (attention output projection,
-# feed-forward output projection, feed-forward block whose input a parallel adapter reads).
-# A negative index counts from the end of a ModuleList: T5's feed-forward is the last
-# sub-layer (index 1 in the encoder, 2 in the decoder, after cross-attention).
-SITE_PATHS: tuple[tuple[str, str, str], ...] = (
-    ("attention.output.dense", "output.dense", "intermediate"),  # BERT, RoBERTa, DeBERTa
-    ("self_attn.o_proj", "mlp.down_proj", "mlp"),  # Llama, Mistral, Qwen
-    ("attn.c_proj", "mlp.c_proj", "mlp"),  # GPT-2 (projections are transformers Conv1D)
-    ("layer.0.SelfAttention.o", "layer.-1.DenseReluDense.wo", "layer.-1.DenseReluDense"),  # T5
+# Relative paths inside one layer, per architecture family: (module whose output is the
+# attention sub-layer's h, module whose output is the feed-forward sub-layer's h, module whose
+# input is the residual stream x the feed-forward sub-layer adds to, the LayerNorm applied to
+# x + h or "" in pre-LN models). A negative index counts from the end of a ModuleList: T5's
+# feed-forward is the last sub-layer (index 1 in the encoder, 2 in the decoder).
+SITE_PATHS: tuple[tuple[str, str, str, str], ...] = (
+    ("attention.output.dropout", "output.dropout", "intermediate", "output.LayerNorm"),  # BERT, RoBERTa, DeBERTa
+    ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm", ""),  # Llama, Mistral, Qwen
+    ("attn.resid_dropout", "mlp.dropout", "ln_2", ""),  # GPT-2
+    ("layer.0.dropout", "layer.-1.dropout", "layer.-1.layer_norm", ""),  # T5
 )
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
+# The published settings (AdapterHub's DoubleSeqBnConfig, SeqBnConfig, ParBnConfig).
+VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
+    "houlsby": {"reduction_factor": 16, "non_linearity": "silu", "scaling": 1.0, "init": "houlsby"},
+    "pfeiffer": {"reduction_factor": 16, "non_linearity": "relu", "scaling": 1.0, "init": "bert"},
+    "parallel": {"reduction_factor": 2, "non_linearity": "relu", "scaling": 4.0, "init": "zero-up"},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSites:
-    """The modules of one layer that adapters attach to."""
+    """The modules of one layer that adapters hook onto (see SITE_PATHS)."""
 
     attention_output: nn.Module
     ffn_output: nn.Module
-    ffn_input: nn.Module
+    ffn_stream_reader: nn.Module
+    ffn_norm: nn.Module | None
 
 
 class Adapter(nn.Module):
-    """down (width -> bottleneck) -> non-linearity -> dropout -> up (bottleneck -> width), times
-    `scaling`. Its hooks add it to a projection's output; `reads_block_input` (parallel) makes
-    it read the input a pre-hook captured from the feed-forward block instead of that output."""
+    """A(v) = dropout(scaling * up(act(down(v)))). Its hooks decide what v is and where A(v)
+    is added: `reads` is "output" (h), "stream" (x) or "sum" (x + h); with a `ffn_norm`
+    (pfeiffer on a post-LN model) the hook sits on the LayerNorm instead."""
 
     def __init__(self, width: int, bottleneck: int, non_linearity: str, dropout: float, scaling: float,
-                 init: str, reads_block_input: bool, device: torch.device, dtype: torch.dtype) -> None:
+                 init: str, reads: Literal["output", "stream", "sum"], device: torch.device,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         self.down = nn.Linear(width, bottleneck, device=device, dtype=dtype)
         self.act = ACTIVATIONS[non_linearity]()
-        self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, width, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)
         self.scaling = scaling
-        self.reads_block_input = reads_block_input
-        self._block_input: torch.Tensor | None = None
-        # zero-up (down keeps nn.Linear's init): the adapted model equals the base at step 0.
-        # bert: AdapterHub's "bert" init, normal(0, 0.02) weights and zero biases.
-        if init == "bert":
+        self.reads = reads
+        self._captured: torch.Tensor | None = None
+        with torch.no_grad():
             for linear in (self.down, self.up):
-                nn.init.normal_(linear.weight, std=0.02)
                 nn.init.zeros_(linear.bias)
-        else:
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
+            if init == "bert":  # BERT's own init: normal(0, 0.02)
+                nn.init.normal_(self.down.weight, std=0.02)
+                nn.init.normal_(self.up.weight, std=0.02)
+            elif init == "houlsby":  # near-identity: truncated normal(0, 0.01) within 2 std
+                for linear in (self.down, self.up):
+                    nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
+            else:  # zero-up (He et al.): down keeps nn.Linear's Kaiming init, A = 0 at step 0
+                nn.init.zeros_(self.up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * self.up(self.dropout(self.act(self.down(x))))
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.scaling * self.up(self.act(self.down(v))))
 
-    def capture_block_input(self, block: nn.Module, args: tuple) -> None:
-        """Forward pre-hook on the feed-forward block (parallel): keep its input for the projection hook."""
-        self._block_input = args[0]
+    def capture(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: keep the input of `module` (x, or x + h for the LayerNorm)."""
+        self._captured = args[0]
 
-    def add_to_output(self, projection: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the projection: its output plus this adapter's output."""
-        if self.reads_block_input:
-            source, self._block_input = self._block_input, None
-        else:
-            source = output
-        return output + self(source)
+    def _take(self) -> torch.Tensor:
+        captured, self._captured = self._captured, None
+        return captured
+
+    def add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the module whose output is h: h + A(h), h + A(x) or h + A(x + h)."""
+        if self.reads == "output":
+            return output + self(output)
+        stream = self._take()
+        return output + self(stream if self.reads == "stream" else stream + output)
+
+    def renormalize(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on a post-LN model's LayerNorm (pfeiffer): y = LN(x + h) becomes
+        LN(x + h + A(y)); `norm.forward` applies the same norm again without re-running hooks."""
+        return norm.forward(self._take() + self(output))
 
 
 @register("adapter")
 @dataclasses.dataclass
 class BottleneckAdapter(Strategy):
     """Small bottleneck modules inserted into every chosen layer; the base is frozen, the
-    adapters and the head train. bottleneck = `bottleneck_size`, else hidden // `reduction_factor`."""
+    adapters and what the task trains beside (a new head) train. bottleneck =
+    `bottleneck_size`, else hidden // `reduction_factor`; unset options take the variant's
+    published defaults (VARIANT_DEFAULTS)."""
 
     trains = "bottleneck adapters + new head"
     default_lr = 1e-3
     saves = "trained-tensors"
     variant: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
-    reduction_factor: int = 16
+    reduction_factor: int | None = None
     bottleneck_size: int | None = None
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] | None = None
     dropout: float = 0.0
-    scaling: float = 1.0
+    scaling: float | None = None
     layers: str | list[int] | None = None
-    init: Literal["zero-up", "bert"] = "zero-up"
+    init: Literal["zero-up", "bert", "houlsby"] | None = None
 
     def __post_init__(self) -> None:
+        for option, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, option) is None:
+                setattr(self, option, value)
         if self.reduction_factor < 1 or (self.bottleneck_size is not None and self.bottleneck_size < 1):
             raise PeftkitError("adapter needs reduction_factor >= 1 and bottleneck_size >= 1 (or unset)")
         if not 0 <= self.dropout < 1:
@@ -131,34 +162,38 @@ class BottleneckAdapter(Strategy):
         anatomy, beside = inspect_model(model), trained_beside(model, task)
         for name, param in model.named_parameters():
             param.requires_grad_(is_under(name, beside))
+        width = model.config.get_text_config().hidden_size
         stack = model.get_submodule(anatomy.layers_prefix)
         for index in self._chosen_layers(anatomy):
             layer = stack[index]
-            for projection, block in self._placements(find_sites(model, layer)):
-                self._attach(projection, block, next(p for p in layer.parameters() if p.is_floating_point()))
+            sites = find_sites(model, layer)
+            like = next(p for p in layer.parameters() if p.is_floating_point())  # never a packed 4-bit weight
+            if self.variant == "houlsby":
+                adapter = self._attach(layer, "adapter_attention", width, like, "output")
+                sites.attention_output.register_forward_hook(adapter.add_to_output)
+            self._attach_ffn(layer, sites, width, like)
         return model
 
-    def _attach(self, projection: nn.Module, block: nn.Module | None, like: torch.Tensor) -> None:
-        """Add an adapter to `projection`'s output, reading `block`'s input (or the output itself
-        when None), with its parameters on `like`'s device and dtype: a float parameter of the
-        layer, never a packed 4-bit weight."""
-        width = _out_features(projection)
-        adapter = Adapter(
-            width, self.bottleneck_size or width // self.reduction_factor, non_linearity=self.non_linearity,
-            dropout=self.dropout, scaling=self.scaling if block is not None else 1.0, init=self.init,
-            reads_block_input=block is not None, device=like.device, dtype=like.dtype,
-        )
-        projection.add_module("adapter", adapter)
-        projection.register_forward_hook(adapter.add_to_output)
-        if block is not None:
-            block.register_forward_pre_hook(adapter.capture_block_input)
+    def _attach_ffn(self, layer: nn.Module, sites: LayerSites, width: int, like: torch.Tensor) -> None:
+        if self.variant == "houlsby":
+            adapter = self._attach(layer, "adapter_ffn", width, like, "output")
+            sites.ffn_output.register_forward_hook(adapter.add_to_output)
+        elif self.variant == "pfeiffer" and sites.ffn_norm is not None:
+            adapter = self._attach(layer, "adapter_ffn", width, like, "output")
+            sites.ffn_norm.register_forward_pre_hook(adapter.capture)
+            sites.ffn_norm.register_forward_hook(adapter.renormalize)
+        else:
+            adapter = self._attach(layer, "adapter_ffn", width, like, "sum" if self.variant == "pfeiffer" else "stream")
+            sites.ffn_stream_reader.register_forward_pre_hook(adapter.capture)
+            sites.ffn_output.register_forward_hook(adapter.add_to_output)
 
-    def _placements(self, sites: LayerSites) -> list[tuple[nn.Module, nn.Module | None]]:
-        """(projection the adapter adds to, block whose input it reads or None for the projection's output)."""
-        if self.variant == "parallel":
-            return [(sites.ffn_output, sites.ffn_input)]
-        serial = [sites.attention_output, sites.ffn_output] if self.variant == "houlsby" else [sites.ffn_output]
-        return [(projection, None) for projection in serial]
+    def _attach(self, layer: nn.Module, name: str, width: int, like: torch.Tensor,
+                reads: Literal["output", "stream", "sum"]) -> Adapter:
+        adapter = Adapter(width, self.bottleneck_size or width // self.reduction_factor,
+                          non_linearity=self.non_linearity, dropout=self.dropout, scaling=self.scaling,
+                          init=self.init, reads=reads, device=like.device, dtype=like.dtype)
+        layer.add_module(name, adapter)
+        return adapter
 
     def _chosen_layers(self, anatomy: Anatomy) -> list[int]:
         if self.layers is None:
@@ -171,15 +206,16 @@ class BottleneckAdapter(Strategy):
 
 
 def find_sites(model: nn.Module, layer: nn.Module) -> LayerSites:
-    """The first row of `SITE_PATHS` whose three paths all exist in `layer`."""
+    """The first row of `SITE_PATHS` whose paths all exist in `layer`."""
     for paths in SITE_PATHS:
-        modules = [_find(layer, path) for path in paths]
-        if all(m is not None for m in modules):
-            return LayerSites(*modules)
-    looked_for = "; ".join(", ".join(paths) for paths in SITE_PATHS)
+        modules = [_find(layer, path) for path in paths[:3]]
+        norm = _find(layer, paths[3]) if paths[3] else None
+        if all(m is not None for m in modules) and (norm is not None or not paths[3]):
+            return LayerSites(*modules, ffn_norm=norm)
+    looked_for = "; ".join(", ".join(p for p in paths if p) for paths in SITE_PATHS)
     raise PeftkitError(
         f"adapter cannot place adapters in {type(model).__name__} (layer {type(layer).__name__}): "
-        f"looked for (attention output, feed-forward output, feed-forward block) paths {looked_for}"
+        f"looked for (attention output, feed-forward output, feed-forward input[, its LayerNorm]) paths {looked_for}"
     )
 
 
@@ -196,10 +232,3 @@ def _find(module: nn.Module, path: str) -> nn.Module | None:
             if module is None:
                 return None
     return module
-
-
-def _out_features(projection: nn.Module) -> int:
-    """Output width without reading the weight (a 4-bit weight is packed): Linear or GPT-2's Conv1D."""
-    from transformers.pytorch_utils import Conv1D
-
-    return projection.nf if isinstance(projection, Conv1D) else projection.out_features

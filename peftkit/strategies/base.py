@@ -24,7 +24,11 @@ if TYPE_CHECKING:
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
-NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
+# Parameter-name parts that take no weight decay: biases and norms (as transformers' Trainer
+# does), and the scales that mean "unchanged" at 1, PEFT's DoRA magnitudes and IA3 vectors,
+# which decay toward 0 would pull toward switching their layer off.
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_",
+                    "lora_magnitude_vector", "ia3_l")
 
 
 def register(name: str):

@@ -190,6 +190,14 @@ class BitFit(Freezing):
     def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
         return is_under(name, beside) or name.endswith(".bias")
 
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """Refuses a model without bias terms (Llama, Mistral, ...), where bitfit would silently be a linear probe."""
+        beside = trained_beside(model, task)
+        if not any(n.endswith(".bias") and not is_under(n, beside) for n, _ in model.named_parameters()):
+            raise PeftkitError(f"bitfit: {type(model).__name__} has no bias terms, so only the head would train: "
+                               "pick linear-probe for that, or ia3/lora to train something small in the layers")
+        return super().apply(model, task)
+
 
 @register("none")
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from peftkit.errors import PeftkitError
 from peftkit.models import four_bit_config
 from peftkit.strategies.base import register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
@@ -50,6 +51,10 @@ class DoRA(LoRA):
 
     trains = "magnitude + low-rank direction + new head"
     use_dora: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.use_dora:
+            raise PeftkitError("dora with use_dora=false would train plain LoRA: pick --strategy lora instead")
 
 
 @register("qlora")
