@@ -94,11 +94,15 @@ def train(
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps spent warming up."),
     early_stopping_patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
+    precision: Optional[str] = typer.Option(None, help="Autocast dtype: auto, fp32, bf16 or fp16."),
+    dtype: Optional[str] = typer.Option(None, help="Frozen weights: auto (bf16 on a GPU, else fp32), fp32, bf16 or fp16."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and its memory estimate; load nothing, train nothing."),
+    device: str = typer.Option("cuda", help="--dry-run: the device to estimate for (cuda or cpu)."),
 ) -> None:
     """Fine-tune one model with one strategy on one task."""
     from peftkit.config import apply_overrides, load_recipe, make_config
@@ -114,17 +118,43 @@ def train(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
         warmup_ratio=warmup_ratio, early_stopping_patience=early_stopping_patience, seed=seed,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, quantization=quantization, output_dir=output_dir,
-        overwrite=overwrite or None,
+        precision=precision, dtype=dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+        quantization=quantization, output_dir=output_dir, overwrite=overwrite or None,
     )
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     config = make_config(apply_overrides(values, set_))
+    if dry_run:
+        _dry_run(config, device)
+        return
     _quiet_libraries()
     from peftkit.run import train as run_training
 
     result = run_training(config)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     typer.echo(f"saved {result.output_dir} | {metrics}")
+
+
+def _dry_run(config: Any, device: str) -> None:
+    """The resolved config as YAML, the estimate for its settings on `device`, and the
+    smallest of the usual GPU sizes it fits; from the model's config alone."""
+    import yaml
+
+    from peftkit.estimate import FIT_SIZES_GB, estimate_run
+
+    if device not in ("cuda", "cpu"):
+        raise PeftkitError(f"--device must be cuda or cpu, got '{device}'")
+    typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
+    result = estimate_run(config, device=device)
+    settings = result.settings
+    _print_estimate(result, f"\n{settings['strategy']} on {config.model} ({settings['task']}): batch "
+                            f"{settings['batch_size']} x {settings['seq_len']} tokens, weights {settings['dtype']}, "
+                            f"compute {settings['precision']}, {settings['optimizer']}, gradient checkpointing "
+                            f"{'on' if settings['gradient_checkpointing'] else 'off'}, {device}")
+    if device == "cuda":
+        fits = [size for size in FIT_SIZES_GB if result.fits(size)]
+        typer.echo(f"smallest GPU it fits: {fits[0]} GB" if fits else
+                   f"fits none of {', '.join(map(str, FIT_SIZES_GB))} GB: see the switches in the README (qlora, "
+                   "gradient_checkpointing, optimizer paged-adamw-8bit, a smaller batch)")
 
 
 @app.command("eval")
@@ -325,9 +355,11 @@ def estimate(
     set_: list[str] = typer.Option([], "--set", help="Strategy option key=value, e.g. --set r=16."),
     batch_size: int = typer.Option(4, min=1),
     seq_len: int = typer.Option(512, min=1),
-    dtype: str = typer.Option("bf16", help="fp32, bf16 or fp16 (weights of frozen parts; activations)."),
+    dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16."),
+    precision: Optional[str] = typer.Option(None, help="Activations: fp32, bf16 or fp16 (default: --dtype)."),
+    attn_implementation: str = typer.Option("auto", help="auto, sdpa, eager or flash_attention_2."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit or sgd."),
+    optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
     quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
     eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: --batch-size)."),
@@ -335,29 +367,39 @@ def estimate(
     max_new_tokens: int = typer.Option(0, min=0, help="sft: tokens generated per evaluation prompt (the key/value cache)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
-    from rich.console import Console
-    from rich.table import Table
-
     from peftkit.config import apply_overrides
-    from peftkit.estimate import FIT_SIZES_GB, GB
+    from peftkit.estimate import FIT_SIZES_GB
     from peftkit.estimate import estimate as compute
     from peftkit.strategies import build_strategy
 
     options = apply_overrides({"strategy": strategy}, set_)["strategy"]
     result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
-                     eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens)
+                     eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
+                     attn_implementation=attn_implementation)
+    settings = result.settings
+    _print_estimate(result, f"{strategy} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
+                            f"weights {settings['dtype']}, compute {settings['precision']}, {optimizer}, "
+                            f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")
+    for size in FIT_SIZES_GB:
+        typer.echo(f"{size} GB: {'fits' if result.fits(size) else 'does not fit'}")
+
+
+def _print_estimate(result: Any, heading: str) -> None:
+    """An estimate's terms and total in GiB under a heading, and its parameter counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftkit.estimate import GB
+
     table = Table("term", "GiB")
     for term, value in result.terms.items():
         table.add_row(term, f"{value / GB:.2f}")
     table.add_row("total (training or evaluation phase, the larger)", f"{result.total_bytes / GB:.2f}")
     console = Console(width=120)
-    console.print(f"{strategy} on {model} ({result.settings['task']}): batch {batch_size} x {seq_len} tokens, {dtype}, {optimizer}, "
-                  f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")
+    console.print(heading)
     console.print(table)
     console.print(f"trainable {result.trainable_params:,} of {result.total_params:,} parameters")
-    for size in FIT_SIZES_GB:
-        console.print(f"{size} GB: {'fits' if result.fits(size) else 'does not fit'}")
 
 
 def main() -> None:

@@ -121,6 +121,8 @@ def _drop_partial_last_line(path: Path) -> None:
 def run_cell(cell: Cell, out: Path, command: str | None = None) -> dict:
     """Train one cell in a fresh `peftkit train` process; the record says ok or failed, and
     keeps the `peftkit compare` command line that asked for it."""
+    from peftkit.estimate import estimate_for
+
     config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
@@ -136,32 +138,6 @@ def run_cell(cell: Cell, out: Path, command: str | None = None) -> dict:
         return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}
     return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode),
             "estimate": estimate_for(cell.config, None)}
-
-
-def estimate_for(config: RunConfig, run: dict | None) -> dict:
-    """`peftkit estimate` for a run's own settings: its batch sizes at its longest training and
-    validation examples (length-grouped batches make those the peak batches), on its device.
-    Before a run (or when it failed) the maximum length stands in for the longest examples."""
-    import torch
-
-    from peftkit.estimate import estimate
-    from peftkit.trainer import precision_flags
-
-    data = (run or {}).get("data", {})
-    on_cpu = (run or {}).get("device", "cpu" if not torch.cuda.is_available() else "cuda").startswith("cpu")
-    flags = precision_flags(config.precision)
-    precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
-    try:
-        result = estimate(config.model, config.strategy.build(), config.batch_size,
-                          data.get("longest_train_example", config.max_length), precision,
-                          config.gradient_checkpointing, num_labels=len(data.get("label_names", [0, 1])), task=config.task_kind,
-                          device="cpu" if on_cpu else "cuda", quantization=config.quantization,
-                          eval_batch_size=config.eval_batch_size,
-                          eval_seq_len=data.get("longest_validation_example", config.max_length),
-                          max_new_tokens=config.max_new_tokens)
-    except PeftkitError as err:
-        return {"error": str(err)}
-    return result.as_dict()
 
 
 def _last_error(log_path: Path, returncode: int) -> str:

@@ -6,6 +6,7 @@ wrong type or an impossible combination is caught in one place, before any weigh
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +96,17 @@ class RunConfig(BaseModel):
     selection_fraction: float = Field(default=0.1, gt=0, lt=1)
     metric_for_best_model: str | None = None     # None: the task's (accuracy, or loss for sft)
     seed: int = 0
+    # autocast dtype of the computation; auto: the weights' dtype when it is bf16/fp16, else bf16
+    # (or fp16) on a GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # dtype of the frozen weights (and of 4-bit layers' computation); trainable weights stay fp32.
+    # auto: bf16 on a GPU that has it, else fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # memory switches (peftkit estimate counts each)
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "sgd", "adafactor"] = "adamw"
+    max_grad_norm: float = Field(default=1.0, ge=0)  # 0: no clipping
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    torch_compile: bool = False
     gradient_checkpointing: bool = False
     # load the frozen base in 4 bits (bitsandbytes) under any strategy that adds weights
     quantization: Literal["none", "nf4", "fp4"] = "none"
@@ -123,6 +134,13 @@ class RunConfig(BaseModel):
             raise ValueError("early_stopping_patience needs select=best: with select=last nothing is evaluated before the end")
         if self.train_file is None and self.task is None:
             raise ValueError("give a built-in task (--task sst2) or your own data (--train-file/--validation-file)")
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package (a CUDA GPU): "
+                             "pip install flash-attn, or use sdpa")
+        half = self.weights_dtype()
+        if half != "fp32" and self.compute_precision() != half:
+            raise ValueError(f"dtype {half} needs precision {half} (or auto): trainable fp32 weights meet the "
+                             f"{half} base under autocast")
         strategy = self.strategy.build()
         strategy.check_quantization(self.quantization)
         task = self.task_kind
@@ -153,10 +171,40 @@ class RunConfig(BaseModel):
         """The registered Task this run trains (`peftkit.tasks`)."""
         return resolve_task(self.task_name)[0]
 
+    def weights_dtype(self, device: str | None = None) -> str:
+        """`dtype` resolved on `device` (default: this machine's): auto is bf16 on a GPU that
+        has it, fp32 elsewhere."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if _gpu_precision(device) == "bf16" else "fp32"
+
+    def compute_precision(self, device: str | None = None) -> str:
+        """`precision` resolved on `device`: auto follows a half-precision `dtype`, else is
+        bf16 (fp16 without bf16 support) on a GPU and fp32 on CPU."""
+        if self.precision != "auto":
+            return self.precision
+        if self.dtype in ("bf16", "fp16"):
+            return self.dtype
+        return _gpu_precision(device)
+
     @property
     def lr(self) -> float:
         """The learning rate in force: the one given, else the strategy's own default."""
         return self.learning_rate if self.learning_rate is not None else self.strategy.build().default_lr
+
+
+def _gpu_precision(device: str | None) -> str:
+    """bf16 on a CUDA GPU that supports it (assumed for a device named "cuda" that is not
+    here, as in a dry run), fp16 on an older GPU, fp32 on CPU."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "fp32"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:

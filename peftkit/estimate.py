@@ -1,12 +1,16 @@
 """Analytic peak training memory from a model's config alone (no weights: meta device).
 
 Terms, each computed from the model as the strategy would train it:
-- weights: every stored tensor by dtype; a 4-bit base stores half a byte per value plus its
-  quantization constants (one fp32 absmax per 64-value block, or with double quantization one
-  byte per block plus one fp32 per 256 blocks);
+- weights: frozen tensors in the run's `dtype`, trainable ones in fp32; a 4-bit base stores
+  half a byte per value plus its quantization constants (one fp32 absmax per 64-value block,
+  or with double quantization one byte per block plus one fp32 per 256 blocks);
 - gradients: 4 bytes per trainable parameter (fp32, also under mixed precision);
-- optimizer: AdamW's two fp32 states (8 bytes per trainable parameter), 2 bytes for the 8-bit
-  and paged 8-bit variants, none for plain SGD;
+- optimizer, per trainable tensor: AdamW's two fp32 states (8 bytes per value, also paged
+  32-bit AdamW); bitsandbytes' 8-bit AdamW (plain or paged) one byte per state and an fp32
+  absmax per 256-value block for tensors of 4,096 values or more, fp32 states below that;
+  Adafactor (no first moment) one fp32 value per row and per column of a matrix, per value of a
+  vector; plain SGD none. Gradient clipping (max_grad_norm) and torch.compile add nothing
+  counted (compile can only fuse activations away: the count stays an upper bound);
 - best weights: peftkit keeps a copy of the trainable tensors at the best evaluation (4 bytes each);
 - activations saved for backward, per token and per layer from the lowest layer that needs
   gradients: norm inputs, the projection inputs, q/k/v (and q/k before a rotary embedding), the
@@ -45,7 +49,8 @@ from peftkit.tasks import Task, resolve_task
 GB = 1024**3
 FIT_SIZES_GB = (16, 24, 40, 80)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2, "paged-adamw-8bit": 2, "sgd": 0}
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "sgd", "adafactor")
+BNB_MIN_8BIT_SIZE, BNB_STATE_BLOCK = 4096, 256  # bitsandbytes' 8-bit optimizers: smaller tensors keep fp32 states
 BLOCK = 64               # bitsandbytes 4-bit block size
 CPU_RUNTIME_BYTES = 128 * 2**20   # measured: resident memory a CPU run adds beyond its tensors
 TRAINING_TERMS = ("activations", "output_layer")
@@ -107,18 +112,24 @@ def _read_json(path: Path) -> dict:
         raise PeftkitError(f"cannot read model config {path}: {err}") from None
 
 
-def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len: int = 512, dtype: str = "bf16",
+def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len: int = 512, dtype: str = "auto",
              gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
              device: str = "cuda", quantization: str = "none", eval_batch_size: int | None = None,
-             eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0) -> Estimate:
+             eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
+             precision: str | None = None, attn_implementation: str = "auto") -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
-    training batch), for `task` (a kind or a built-in data set name)."""
+    training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
+    weights' (auto: bf16 on cuda, fp32 on cpu); `precision` the activations' (default: dtype)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
-    if dtype not in DTYPE_BYTES:
-        raise PeftkitError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_BYTES)}")
-    if optimizer not in OPTIMIZER_BYTES:
-        raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZER_BYTES)}")
+    if dtype == "auto":
+        dtype = "fp32" if device == "cpu" else "bf16"
+    precision = precision or dtype
+    for name, value in (("dtype", dtype), ("precision", precision)):
+        if value not in DTYPE_BYTES:
+            raise PeftkitError(f"unknown {name} '{value}': choose one of {', '.join(DTYPE_BYTES)}")
+    if optimizer not in OPTIMIZERS:
+        raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZERS)}")
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
     task = resolve_task(task)[0] if isinstance(task, str) else task
     task.check_strategy(strategy)
@@ -127,18 +138,18 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     strategy.check_quantization(quantization)
     config = load_config(model)
     config.num_labels = num_labels
+    if attn_implementation != "auto":
+        config._attn_implementation = attn_implementation
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     meta = _meta_model(config, strategy, task)
     quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
-    weights_dtype = "fp32" if device == "cpu" or dtype == "fp32" else dtype
-
     trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
-    values_bytes = DTYPE_BYTES["fp32" if device == "cpu" else dtype]
+    values_bytes = DTYPE_BYTES[precision]
     terms = {
-        "weights": weight_bytes(meta, quantized, DTYPE_BYTES[weights_dtype], getattr(strategy, "double_quant", True)),
+        "weights": weight_bytes(meta, quantized, DTYPE_BYTES[dtype], getattr(strategy, "double_quant", True)),
         "gradients": 4 * trainable,
-        "optimizer": OPTIMIZER_BYTES[optimizer] * trainable,
+        "optimizer": optimizer_bytes(meta, optimizer),
         "best_weights": 4 * trainable,
         "activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes, gradient_checkpointing,
                                         device),
@@ -148,11 +159,28 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
-    settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+    settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len,
+                "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
                 "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
                 "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization,
                 "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len}
     return Estimate(terms, trainable, total, settings)
+
+
+def optimizer_bytes(model: nn.Module, optimizer: str) -> int:
+    """The optimizer's state for the trainable tensors (see the module docstring)."""
+    total = 0
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        n = param.numel()
+        if optimizer in ("adamw", "paged-adamw-32bit"):
+            total += 8 * n
+        elif optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+            total += 2 * n + 2 * 4 * -(-n // BNB_STATE_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 8 * n
+        elif optimizer == "adafactor":
+            total += 4 * (param.shape[-2] + param.shape[-1] if param.dim() >= 2 else n)
+    return total
 
 
 def _meta_model(config: Any, strategy: Strategy, task: Task) -> nn.Module:
@@ -263,14 +291,18 @@ def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train
     h, heads, head_dim, kv, intermediate = _sizes(config)
     gated = _gated(anatomy)
     attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout")
+    eager = getattr(config, "_attn_implementation", None) == "eager"
     hidden_dropout = _dropout(config, "hidden_dropout_prob", "resid_pdrop")
     values = 2 * h + (heads + 2 * kv) * head_dim            # the two norm inputs; q, k, v
     if getattr(config, "rope_parameters", None) or hasattr(config, "rope_theta"):
         values += (heads + kv) * head_dim                    # rotary embeddings keep q and k before rotation
     values += (3 if gated else 1) * intermediate             # the activation's input (gated: gate, up, act(gate))
-    if device == "cpu" and attention_dropout:  # the math path keeps the probabilities, their dropped-out copy, the mask
+    if device == "cpu" and attention_dropout or eager and attention_dropout:
+        # the math path keeps the probabilities, their dropped-out copy, the mask
         values += 2 * heads * seq_len
         masks = heads * seq_len
+    elif eager:  # the probabilities, which the product with the values keeps too
+        values, masks = values + heads * seq_len, 0
     else:  # fused attention kernels keep their output and a log-sum-exp per head instead
         values, masks = values + h + heads, 0
     masks += 2 * h if hidden_dropout else 0                  # after the attention and feed-forward outputs
@@ -403,3 +435,30 @@ def _lowest_layer_needing_grad(model: nn.Module, anatomy: Any) -> int | None:
             index = anatomy.num_layers - 1 if on_top else 0
         lowest = index if lowest is None else min(lowest, index)
     return lowest
+
+
+def estimate_run(config: Any, run: dict | None = None, device: str | None = None) -> Estimate:
+    """`estimate` for a RunConfig's own settings: its batch sizes at its longest training and
+    validation examples (length-grouped batches make those the peak batches), its dtype,
+    precision, optimizer, attention kernel and switches, on the run's device (`device`, else
+    the recorded one, else this machine's). Before a run the maximum length stands in for the
+    longest examples."""
+    data = (run or {}).get("data", {})
+    if device is None:
+        recorded = (run or {}).get("device", "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cpu" if recorded.startswith("cpu") else "cuda"
+    return estimate(config.model, config.strategy.build(), config.batch_size,
+                    data.get("longest_train_example", config.max_length), config.weights_dtype(device),
+                    config.gradient_checkpointing, config.optimizer, num_labels=len(data.get("label_names", [0, 1])),
+                    device=device, quantization=config.quantization, eval_batch_size=config.eval_batch_size,
+                    eval_seq_len=data.get("longest_validation_example", config.max_length), task=config.task_kind,
+                    max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
+                    attn_implementation=config.attn_implementation)
+
+
+def estimate_for(config: Any, run: dict | None) -> dict:
+    """`estimate_run` as a record field: the breakdown, or the error that stopped it."""
+    try:
+        return estimate_run(config, run).as_dict()
+    except PeftkitError as err:
+        return {"error": str(err)}

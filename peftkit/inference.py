@@ -8,6 +8,7 @@ from typing import Any
 
 from peftkit.run import load_run
 from peftkit.tasks import resolve_task
+from peftkit.trainer import autocast_for
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
@@ -15,14 +16,16 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     config, model, tokenizer, record = load_run(run_dir, data_dir=data_dir)
     task, dataset = resolve_task(config.task_name)
     data = task.load_data(config, dataset)
-    result = task.evaluate(model, config, task.prepare(data, tokenizer, config), tokenizer)
+    with autocast_for(config):
+        result = task.evaluate(model, config, task.prepare(data, tokenizer, config), tokenizer)
     return {"metrics": result.metrics, "recorded": record["metrics"]}
 
 
 def predict(run_dir: Path, texts: list[str]) -> str:
     """The run's answer for one input, as one line (a label and its probability, ...)."""
     config, model, tokenizer, record = load_run(run_dir)
-    return config.task_kind.predict(model, tokenizer, record, texts, config)
+    with autocast_for(config):
+        return config.task_kind.predict(model, tokenizer, record, texts, config)
 
 
 def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]], max_new_tokens: int | None = None) -> list[str]:
@@ -35,8 +38,9 @@ def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]], m
     if not getattr(TASKS.get(kind), "generates_text", False):  # checked before any weights load
         raise PeftkitError(f"{run_dir} is a {kind} run, which does not generate text: use `peftkit predict`")
     config, model, tokenizer, record = load_run(run_dir)
-    return config.task_kind.answer(model, tokenizer, conversations, max_new_tokens or config.max_new_tokens,
-                                   config.eval_batch_size)
+    with autocast_for(config):
+        return config.task_kind.answer(model, tokenizer, conversations, max_new_tokens or config.max_new_tokens,
+                                       config.eval_batch_size)
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:

@@ -177,6 +177,7 @@ def load_for_classification(
     tokenizer: Any,
     quantization: Any = None,
     dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """AutoModelForSequenceClassification for any encoder or decoder, labels named.
     The new head is initialised from the global seed (set it first for reproducible runs)."""
@@ -187,23 +188,29 @@ def load_for_classification(
         pad_token_id=tokenizer.pad_token_id,
     )
     skip = head_modules(source, labels) if quantization is not None else None
-    return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype, skip, **labels)
+    return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype, skip,
+                           attn_implementation, **labels)
 
 
 def load_causal_lm(source: ModelSource, tokenizer: Any, quantization: Any = None,
-                   dtype: torch.dtype = torch.float32) -> nn.Module:
+                   dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> nn.Module:
     """AutoModelForCausalLM with its own (pretrained) output layer; a 4-bit load keeps that
     layer unquantized (transformers' default), so a tied embedding stays one tensor."""
-    return load_pretrained("AutoModelForCausalLM", source, quantization, dtype, None, pad_token_id=tokenizer.pad_token_id)
+    return load_pretrained("AutoModelForCausalLM", source, quantization, dtype, None, attn_implementation,
+                           pad_token_id=tokenizer.pad_token_id)
 
 
 def load_pretrained(auto_class: str, source: ModelSource, quantization: Any, dtype: torch.dtype,
-                    skip_modules: list[str] | None, **config_overrides: Any) -> nn.Module:
-    """A model of a transformers Auto class (by name) from a source, optionally 4-bit with the
-    `skip_modules` left unquantized, training-ready: no key/value cache, own weights."""
+                    skip_modules: list[str] | None, attn_implementation: str | None = None,
+                    **config_overrides: Any) -> nn.Module:
+    """A model of a transformers Auto class (by name) from a source, its weights in `dtype`,
+    optionally 4-bit with the `skip_modules` left unquantized, with the given attention kernel
+    (None: transformers' choice), training-ready: no key/value cache, own weights."""
     import transformers
 
     kwargs: dict[str, Any] = dict(config_overrides, dtype=dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         if skip_modules is not None:
             quantization.llm_int8_skip_modules = skip_modules
@@ -233,6 +240,15 @@ def _own_unquantized_weights(model: nn.Module) -> nn.Module:
             for param in module.parameters(recurse=False):
                 if type(param).__name__ != "Params4bit" and param.device.type == "cpu":
                     param.data = param.data.clone()
+    return model
+
+
+def keep_trainable_fp32(model: nn.Module) -> nn.Module:
+    """Trainable weights in fp32 whatever the frozen base's dtype, as mixed precision wants
+    (PEFT does this for its adapters; a new head, our adapters and full training need it too)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
     return model
 
 

@@ -92,7 +92,7 @@ def with_current_estimate(record: dict) -> dict:
     config no longer validates keeps the estimate made when it ran."""
     from pydantic import ValidationError
 
-    from peftkit.compare import estimate_for
+    from peftkit.estimate import estimate_for
     from peftkit.config import RunConfig
 
     if record.get("status") != "ok" or not isinstance(record.get("config"), dict):

@@ -24,10 +24,11 @@ from peftkit.allocator import set_mmap_threshold
 from peftkit.config import RunConfig, make_config
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
-from peftkit.models import four_bit_config, keep_4bit_training_layout, load_model_config, load_tokenizer, resolve_model
+from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
+                             load_tokenizer, resolve_model)
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
-from peftkit.trainer import KeepBestTrainable, precision_flags
+from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
 
 RUN_RECORD = "run.json"
 PREDICTIONS = "predictions.jsonl"  # what the model generated for each validation example (sft)
@@ -73,10 +74,10 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
     prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
-    model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy))
+    model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = strategy.apply(model, task)
+    model = keep_trainable_fp32(strategy.apply(model, task))
     print(trainable_line(model), flush=True)
     trainable, total = count_parameters(model)
     if trainable == 0 and strategy.trains_anything:
@@ -87,8 +88,9 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
                                "eval_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
     if strategy.trains_anything:
         trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path)
-    final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
-    test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
+    with autocast_for(config):
+        final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
+        test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
     peak = memory.stop()
 
     tokens_per_epoch = int(sum(prepared.train["length"]))
@@ -176,15 +178,18 @@ def write_directory(output_dir: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _compute_dtype(config: RunConfig) -> torch.dtype:
-    flags = precision_flags(config.precision)
-    return torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else torch.float32
+def weight_options(config: RunConfig) -> dict[str, Any]:
+    """How the base's weights load: its `dtype`, and the attention kernel (None: transformers' choice)."""
+    attention = None if config.attn_implementation == "auto" else config.attn_implementation
+    return {"dtype": torch_dtype(config.weights_dtype()), "attn_implementation": attention}
 
 
 def base_quantization(config: RunConfig, strategy: Any) -> Any | None:
     """How the frozen base loads: as the strategy demands (qlora), else as the run's
-    `quantization` option says (4-bit NF4/FP4 with double quantization), else unquantized."""
-    dtype = _compute_dtype(config)
+    `quantization` option says (4-bit NF4/FP4 with double quantization), else unquantized.
+    4-bit layers compute in the weights' dtype when it is half precision, else in the run's."""
+    weights = config.weights_dtype()
+    dtype = torch_dtype(weights if weights != "fp32" else config.compute_precision())
     own = strategy.quantization_config(dtype)
     if own is not None or config.quantization == "none":
         return own
@@ -231,7 +236,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     quantization = base_quantization(config, strategy) if quantized else None
-    base = task.load_model(source, record["data"], tokenizer, quantization)
-    model = keep_4bit_training_layout(strategy.load(base, Path(run_dir), task))
+    base = task.load_model(source, record["data"], tokenizer, quantization, **weight_options(config))
+    model = keep_4bit_training_layout(keep_trainable_fp32(strategy.load(base, Path(run_dir), task)))
     model.eval()
     return config, model, tokenizer, record

@@ -118,13 +118,40 @@ class KeepBestTrainable(TrainerCallback):
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
-    """bf16/fp16 mixed precision where asked for, or where `auto` finds a GPU that has it."""
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
+    """Trainer's mixed-precision flags for a resolved precision (RunConfig.compute_precision)."""
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def autocast_for(config: RunConfig) -> Any:
+    """The autocast context the run computes under outside Trainer (evaluation, generation,
+    prediction), as Trainer does inside: trainable fp32 weights meet a bf16/fp16 base."""
+    precision = config.compute_precision()
+    if precision == "fp32":
+        return nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer a run asks for, over a strategy's parameter groups (each with its lr and
+    weight decay): torch's AdamW or SGD (no momentum: no state), bitsandbytes' 8-bit AdamW
+    (plain or paged) or paged 32-bit AdamW, or transformers' Adafactor at a fixed lr."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False)
+    import bitsandbytes as bnb
+
+    return {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw-8bit": bnb.optim.PagedAdamW8bit,
+            "paged-adamw-32bit": bnb.optim.PagedAdamW32bit}[name](groups)
 
 
 def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None,
@@ -158,6 +185,9 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         label_names=["labels"],
         dataloader_num_workers=0,
         disable_tqdm=False,  # transformers hides the bar when its log level is quiet; we want it
-        **precision_flags(config.precision),
+        max_grad_norm=config.max_grad_norm,
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on CPU unless told the run is on CPU
+        torch_compile=config.torch_compile,
+        **precision_flags(config.compute_precision()),
         **extra,
     )

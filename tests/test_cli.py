@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -116,3 +118,31 @@ def test_version_and_python_dash_m():
     assert invoke("--version").stdout.strip() == "peftkit 0.1.0"
     done = subprocess.run([sys.executable, "-m", "peftkit", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "peftkit 0.1.0"
+
+
+LARGE_RECIPES = sorted(p for family in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b")
+                       for p in (Path(__file__).parents[1] / "recipes").glob(f"{family}-*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", LARGE_RECIPES, ids=lambda p: p.stem)
+def test_large_llm_recipes_validate_with_dry_run(recipe, tmp_path):
+    """Each 7-8B recipe validates and is estimated from its model's config alone (the hub
+    config, committed under tests/configs/); the qlora ones fit one 24 GB GPU. No weights load."""
+    family = next(f for f in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b") if recipe.stem.startswith(f))
+    config = Path(__file__).parent / "configs" / f"{family}.json"
+    result = invoke("train", "--recipe", recipe, "--model", config, "--dry-run", "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "dtype: bf16" in result.output and "gradient_checkpointing: true" in result.output
+    fits = re.search(r"smallest GPU it fits: (\d+) GB", result.output)
+    assert fits, result.output
+    if recipe.stem.endswith("qlora"):
+        assert "paged-adamw-8bit" in result.output and int(fits.group(1)) <= 24
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_on_cpu_prints_the_estimate_without_training(tmp_path):
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "cpu",
+                    "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "weights fp32" in result.output and "total" in result.output and "smallest GPU" not in result.output
+    assert not (tmp_path / "run").exists()

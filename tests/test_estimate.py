@@ -30,10 +30,34 @@ def test_full_weights_gradients_optimizer_snapshot():
     assert terms["runtime"] == CPU_RUNTIME_BYTES
 
 
+# tiny BERT's tensors as (rows, columns) or (values,): word, position, type embeddings; per layer
+# q, k, v, o, intermediate, output weights and 9 vectors of 64 or 128; pooler, classifier
+MATRICES = [(30522, 64), (512, 64), (2, 64)] + 2 * ([(64, 64)] * 4 + [(128, 64), (64, 128)]) + [(64, 64), (2, 64)]
+VECTORS = [64, 64] + 2 * ([64] * 4 + [64, 64] + [128] + [64, 64, 64]) + [64, 2]
+
+
 def test_optimizer_variants():
-    assert cpu("full", optimizer="adamw-8bit").terms["optimizer"] == 2 * TOTAL
-    assert cpu("full", optimizer="paged-adamw-8bit").terms["optimizer"] == 2 * TOTAL
+    assert sum(r * c for r, c in MATRICES) + sum(VECTORS) == TOTAL
+    assert cpu("full", optimizer="paged-adamw-32bit").terms["optimizer"] == 8 * TOTAL
+    # bitsandbytes keeps 8-bit states (and an fp32 absmax per 256 values, per state) for tensors
+    # of 4,096 values or more, fp32 states for smaller ones
+    sizes = [r * c for r, c in MATRICES] + VECTORS
+    eight_bit = sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes)
+    assert cpu("full", optimizer="adamw-8bit").terms["optimizer"] == eight_bit
+    assert cpu("full", optimizer="paged-adamw-8bit").terms["optimizer"] == eight_bit
+    # Adafactor (no first moment): one fp32 per row and per column of a matrix, per value of a vector
+    assert cpu("full", optimizer="adafactor").terms["optimizer"] == 4 * (sum(r + c for r, c in MATRICES) + sum(VECTORS))
     assert cpu("full", optimizer="sgd").terms["optimizer"] == 0
+
+
+def test_dtype_sets_the_frozen_weights_and_precision_the_activations():
+    bf16, fp32 = (estimate("tiny-bert", "lora", batch_size=2, seq_len=10, dtype=d, device="cuda") for d in ("bf16", "fp32"))
+    assert fp32.terms["weights"] == 4 * TOTAL + 4 * LORA and bf16.terms["weights"] == 2 * TOTAL + 4 * LORA
+    assert bf16.terms["activations"] < 0.6 * fp32.terms["activations"]  # values halve; 1-byte dropout masks stay
+    mixed = estimate("tiny-bert", "lora", batch_size=2, seq_len=10, dtype="bf16", precision="fp32", device="cuda")
+    assert mixed.terms["weights"] == bf16.terms["weights"] and mixed.terms["activations"] == fp32.terms["activations"]
+    auto = estimate("tiny-bert", "lora", batch_size=2, seq_len=10, device="cpu")
+    assert auto.settings["dtype"] == "fp32"
 
 
 def test_qlora_weights_are_4bit_with_double_quantized_constants():

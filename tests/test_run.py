@@ -129,3 +129,41 @@ def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
     # (on CPUs with AVX512-BF16) and the second epoch would then fail in autograd
     record = train(tmp_path, data_dir, "qlora", epochs=2).record
     assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter", "full"])
+def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, strategy):
+    """dtype bf16: the frozen base loads in bf16, what trains is fp32 (mixed precision), and the
+    run trains, evaluates and reloads under bf16 autocast on CPU."""
+    from peftkit.models import load_for_classification, load_tokenizer, resolve_model
+    from peftkit.models import keep_trainable_fp32
+    from peftkit.run import weight_options
+    from peftkit.config import make_config
+    from peftkit.strategies import build_strategy
+
+    config = make_config({**BASE, "data_dir": data_dir, "strategy": strategy, "dtype": "bf16"})
+    assert config.compute_precision() == "bf16"
+    source = resolve_model("tiny-bert")
+    base = load_for_classification(source, ["neg", "pos"], load_tokenizer(source), **weight_options(config))
+    model = keep_trainable_fp32(build_strategy(strategy).apply(base))
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes
+    assert strategy == "full" or (False, torch.bfloat16) in dtypes
+    result = train(tmp_path, data_dir, strategy, dtype="bf16")
+    assert result.record["config"]["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1
+    assert result.metrics["loss"] == result.metrics["loss"]  # not NaN
+    reproduced = evaluate_run(result.output_dir)["metrics"]
+    assert reproduced["loss"] == pytest.approx(result.metrics["loss"], abs=1e-2)
+
+
+def test_dtype_and_precision_must_agree():
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match="dtype bf16 needs precision bf16"):
+        peftkit.train({**BASE, "dtype": "bf16", "precision": "fp32"})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-32bit", "adafactor", "sgd"])
+def test_every_optimizer_trains(tmp_path, data_dir, optimizer):
+    record = train(tmp_path, data_dir, "lora", optimizer=optimizer, max_grad_norm=0.5, attn_implementation="eager").record
+    assert record["config"]["optimizer"] == optimizer and record["metrics"]["loss"] == record["metrics"]["loss"]

@@ -247,3 +247,18 @@ def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_d
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     again = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], 2, 4)
     assert again == [r["generated"] for r in rows]  # the saved run generates what the run itself did
+
+
+def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir):
+    """An instruction-tuning run on a bf16 base under bf16 autocast (CPU): the LoRA weights
+    train in fp32, the base stays bf16, and the saved run regenerates the run's own greedy text."""
+    from peftkit.inference import generate_answers
+
+    result = tiny_run(tmp_path, data_dir, dtype="bf16")
+    _, model, _, _ = load_run(result.output_dir)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
+    again = generate_answers(result.output_dir, [[{"role": "user", "content": r["prompt"]}] for r in rows])
+    assert again == [r["generated"] for r in rows]

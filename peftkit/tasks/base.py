@@ -126,8 +126,10 @@ class Task:
 
         data.train, data.selection = split_off(data.train, config.selection_fraction, config.seed)
 
-    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
-        """The model for this task from a source; `info` is `TaskData.info` (or a run's record of it)."""
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
+                   **weights: Any) -> nn.Module:
+        """The model for this task from a source; `info` is `TaskData.info` (or a run's record
+        of it); `weights` are `peftkit.models.load_pretrained`'s dtype and attn_implementation."""
         raise NotImplementedError
 
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:

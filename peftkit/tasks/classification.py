@@ -74,10 +74,11 @@ class Classification(Task):
         return TaskData(splits["train"], splits["validation"],
                         {"label_names": label_names, "text_columns": list(text_columns)}, test=splits.get("test"))
 
-    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
+                   **weights: Any) -> nn.Module:
         from peftkit.models import load_for_classification
 
-        return load_for_classification(source, info["label_names"], tokenizer, quantization)
+        return load_for_classification(source, info["label_names"], tokenizer, quantization, **weights)
 
     def hold_out_selection(self, data: TaskData, config: RunConfig) -> None:
         """The selection slice keeps each label's share of the training data."""
@@ -105,7 +106,7 @@ class Classification(Task):
         from peftkit.anatomy import inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
         from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
-        from peftkit.trainer import TimedTrainer, training_arguments
+        from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
@@ -145,7 +146,7 @@ class Classification(Task):
             processing_class=tokenizer,
             data_collator=collate,
             compute_metrics=compute_metrics,
-            optimizers=(torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay)), None),
+            optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
             callbacks=callbacks,
         )
         trainer.setup_seconds, trainer.replay = setup_seconds, replay

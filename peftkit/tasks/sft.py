@@ -82,10 +82,11 @@ class InstructionTuning(Task):
                         {"columns": columns, "answer_format": dataset.answer_format if dataset else "text"},
                         test=splits.get("test"))
 
-    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None) -> nn.Module:
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
+                   **weights: Any) -> nn.Module:
         from peftkit.models import load_causal_lm
 
-        return load_causal_lm(source, tokenizer, quantization)
+        return load_causal_lm(source, tokenizer, quantization, **weights)
 
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
         """Token ids with labels on the assistant turns only; the chat template is set on the
@@ -105,9 +106,9 @@ class InstructionTuning(Task):
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
-        import torch
+        from peftkit.trainer import build_optimizer
 
-        optimizer = torch.optim.AdamW(strategy.param_groups(model, config.lr, config.weight_decay))
+        optimizer = build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay))
         return _sft_trainer(model, config, tokenizer, scratch_dir, train=prepared.train, evaluation=prepared.selection,
                             optimizers=(optimizer, None), callbacks=callbacks)
 
