@@ -37,6 +37,7 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output or pass --overwrite")
 
     config, model, tokenizer, _ = load_run(run_dir, quantized=False)
+    quantized = strategy.quantization_config(None) is not None or config.quantization != "none"
     try:
         merged = model.merge_and_unload()
     except (NotImplementedError, ValueError) as err:  # PEFT: a method or layer without a merge
@@ -47,7 +48,12 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
         "model": config.model,
         "strategy": record["config"]["strategy"],
         "merged_into": f"unquantized {next(merged.parameters()).dtype} base".replace("torch.", ""),
-        "run_metrics": record["metrics"],
+        # the run's metrics describe these weights only when the run's base was not 4-bit: a
+        # qlora adapter folded into the unquantized base computes something else
+        "run_metrics": None if quantized else record["metrics"],
+        "metrics_note": ("the run trained on a 4-bit base; these merged weights were never evaluated "
+                         "(peftkit's metrics are the run's): evaluate them before relying on them")
+                        if quantized else "the run's validation metrics, which these merged weights reproduce",
         "versions": package_versions(),
     }
 

@@ -43,6 +43,7 @@ def test_merged_checkpoint_gives_the_runs_logits(tmp_path, data_dir, strategy):
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
     note = json.loads((out / "merge.json").read_text())
     assert note["strategy"]["name"] == strategy and note["merged_into"] == "unquantized float32 base"
+    assert note["run_metrics"] == json.loads((run / "run.json").read_text())["metrics"]  # they describe these weights
 
     _, model, tokenizer, _ = load_run(run)
     merged = load_merged(out)
@@ -52,7 +53,8 @@ def test_merged_checkpoint_gives_the_runs_logits(tmp_path, data_dir, strategy):
 
 def test_qlora_merges_into_the_unquantized_base(tmp_path, data_dir):
     run = train(tmp_path, data_dir, "qlora")
-    merge_run(run, tmp_path / "merged")
+    note = merge_run(run, tmp_path / "merged")
+    assert note["run_metrics"] is None and "never evaluated" in note["metrics_note"]  # the 4-bit run's are not these
     _, quantized, tokenizer, _ = load_run(run)
     four_bit = outputs(quantized, tokenizer)
     merged = outputs(load_merged(tmp_path / "merged"), tokenizer)
