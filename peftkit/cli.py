@@ -283,6 +283,8 @@ def compare(
     set_: list[str] = typer.Option([], "--set", help="key=value for every run."),
     data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl."),
     retry_failed: bool = typer.Option(False, help="Run again the cells whose last attempt failed."),
+    num_processes: int = typer.Option(1, min=1, help="Run each cell data-parallel under `accelerate launch` with N processes."),
+    accelerate_config: Optional[Path] = typer.Option(None, help="An accelerate config (recipes/accelerate/*.yaml) for every cell."),
 ) -> None:
     """Run every (strategy, seed) in a fresh process; resumable; one JSON line per run."""
     from rich.console import Console
@@ -297,6 +299,7 @@ def compare(
         raise PeftkitError(f"--seeds takes comma-separated integers, got '{seeds}'") from None
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     cells = harness.plan(model, task, names, seed_list, out, recipe_dir, set_, data_dir)
+    start = harness.launcher(num_processes, accelerate_config)
     out.mkdir(parents=True, exist_ok=True)
     records = harness.read_runs(out)
     todo = harness.pending(cells, records, retry_failed)
@@ -323,7 +326,7 @@ def compare(
         for cell in todo:
             running = cell
             live.update(table(), refresh=True)
-            harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]])))
+            harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]]), start))
         running = None
         live.update(table(), refresh=True)
     failed = [k for k, r in harness.read_runs(out).items() if r["status"] != "ok"]

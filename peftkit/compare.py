@@ -118,9 +118,29 @@ def _drop_partial_last_line(path: Path) -> None:
     path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def run_cell(cell: Cell, out: Path, command: str | None = None) -> dict:
-    """Train one cell in a fresh `peftkit train` process; the record says ok or failed, and
-    keeps the `peftkit compare` command line that asked for it."""
+def launcher(num_processes: int = 1, accelerate_config: Path | None = None) -> list[str]:
+    """The command that starts a cell's `peftkit train`: this Python, or `accelerate launch`
+    with N data-parallel processes and/or an accelerate config file. (`--multi_gpu` also
+    starts CPU ranks, with gloo, where there is no GPU; accelerate's `--cpu` launcher would
+    start one process.)"""
+    if num_processes == 1 and accelerate_config is None:
+        return [sys.executable]
+    if accelerate_config is not None and not Path(accelerate_config).is_file():
+        raise PeftkitError(f"--accelerate-config {accelerate_config} does not exist: see recipes/accelerate/")
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        command += ["--config_file", str(accelerate_config)]
+    if num_processes > 1:
+        command += ["--num_processes", str(num_processes)]
+        if accelerate_config is None:
+            command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command
+
+
+def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str] | None = None) -> dict:
+    """Train one cell in a fresh `peftkit train` process (started by `start`, default this
+    Python; see `launcher`); the record says ok or failed, and keeps the `peftkit compare`
+    command line that asked for it."""
     from peftkit.estimate import estimate_for
 
     config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
@@ -129,7 +149,7 @@ def run_cell(cell: Cell, out: Path, command: str | None = None) -> dict:
     log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
+        proc = subprocess.run([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
                               stdout=log, stderr=subprocess.STDOUT)
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
             "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -9,6 +9,7 @@ a failed run leaves nothing half-written behind.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -85,7 +86,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
                            "(e.g. bitfit on a model without biases): pick another strategy")
 
     trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
-                               "eval_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
+                               "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
     if strategy.trains_anything:
         trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path)
     with autocast_for(config):
@@ -102,6 +103,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         "learning_rate": config.lr,
         "versions": package_versions(),
         "device": _device_name(device),
+        "processes": world_size(),  # data-parallel ranks; metrics and throughput are over all of them
         "data": {
             "train_examples": len(prepared.train),
             "selection_examples": len(prepared.selection) if prepared.selection is not None else 0,
@@ -125,8 +127,19 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         "tokens_per_s": tokens_per_epoch * epochs_done / train_time if train_time else None,
         "saved_as": strategy.saves,
     }
+    if not is_main_process():  # a distributed launch: every rank holds the same weights, rank 0 writes them
+        return RunResult(output_dir, record)
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (`accelerate launch`, torchrun: they set RANK), or a plain run."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared: Any, tokenizer: Any,
@@ -144,6 +157,8 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
         "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
         "best_epoch": keep_best.best_epoch,
         "eval_history": keep_best.history,
+        "train_loss_history": [{"epoch": log["epoch"], "loss": log["loss"]} for log in trainer.state.log_history
+                               if "loss" in log and "epoch" in log],  # per epoch, over all ranks
         "epochs_trained": float(trainer.state.epoch or config.epochs),
         "train_time_s": output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds,
     }

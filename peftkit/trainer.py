@@ -54,7 +54,17 @@ class Timed:
 
 
 class TimedTrainer(Timed, Trainer):
-    """transformers' Trainer with peftkit's eval-time bookkeeping."""
+    """transformers' Trainer with peftkit's eval-time bookkeeping, for models whose loss is a
+    mean over the batch (sequence classifiers)."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        # A model whose forward takes **kwargs is assumed to normalise its loss by the
+        # `num_items_in_batch` Trainer passes; a classifier's loss ignores it and is a batch
+        # mean. Left assumed, Trainer neither divides by the gradient accumulation steps nor
+        # leaves data-parallel ranks unscaled: gradients came out 2x with 2 accumulation steps
+        # or 2 processes (tests/test_distributed.py), which changes clipping and SGD.
+        self.model_accepts_loss_kwargs = False
 
 
 def evaluate_once(build: Callable[[str], Any]) -> dict[str, float]:
