@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -228,7 +229,7 @@ def merge(
 @user_errors
 def strategies(
     model: Optional[str] = typer.Option(None, help="Also count trainable parameters on this model."),
-    all_peft: bool = typer.Option(False, help="With --model, also count every peft:<method> (slow: ~40 more)."),
+    all_peft: bool = typer.Option(False, help="Also list every peft:<method> (~40 rows; counted too with --model, slowly)."),
     task: str = typer.Option("classification", help="Task kind or built-in data set: what applies to it, and counts for it."),
 ) -> None:
     """List the registered strategies, what they train, their options, whether they apply to
@@ -249,17 +250,21 @@ def strategies(
         counts = count_for_model(model, [n for n in sorted(STRATEGIES) if all_peft or not n.startswith("peft:")], kind)
         table.add_column("trainable", justify="right")
         table.add_column("%", justify="right")
-    for name, cls in sorted(STRATEGIES.items()):
+    shown = [n for n in sorted(STRATEGIES) if all_peft or not n.startswith("peft:")]
+    for name in shown:
+        cls = STRATEGIES[name]
         row = [name, cls.trains, cls.main_options(), _applies(build_strategy, name, kind)]
-        if model and name not in counts:
-            row += ["(--all-peft)", ""]
-        elif model and counts[name] is None:
+        if model and counts[name] is None:
             row += ["-", "-"]  # cannot train this model with its default options
         elif model:
             trainable, total = counts[name]
             row += [f"{trainable:,}", f"{100 * trainable / total:.3f}"]
         table.add_row(*row)
-    Console(width=200).print(table)
+    console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # the terminal's, or 160 when piped
+    console.print(table)
+    hidden = len(STRATEGIES) - len(shown)
+    if hidden:
+        console.print(f"and {hidden} peft:<method> strategies (every other PEFT method, e.g. peft:loha): --all-peft lists them")
 
 
 def _applies(build: Callable, name: str, task: Any) -> str:

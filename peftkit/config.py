@@ -6,6 +6,8 @@ wrong type or an impossible combination is caught in one place, before any weigh
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -245,6 +247,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     values = dict(values)
     strategy = values.get("strategy", "lora")
     strategy = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
+    plain: list[str] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -258,8 +261,29 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             values[key] = value
         else:
             strategy[key] = value
+            plain.append(key)
+    _check_plain_keys(plain, strategy.get("name"))
     values["strategy"] = strategy
     return values
+
+
+def _check_plain_keys(keys: list[str], strategy_name: Any) -> None:
+    """A plain `--set key=value` that is no option of the strategy but close to a run option
+    is a typo of that run option (`lerning_rate`), not a strategy option: say so."""
+    from peftkit.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(strategy_name) if isinstance(strategy_name, str) else None
+    if cls is None:
+        return  # peft:<method> and unknown names are checked where the strategy is built
+    options = {f.name for f in dataclasses.fields(cls)}
+
+    def best(key: str, names: Any) -> tuple[float, str]:
+        return max(((difflib.SequenceMatcher(None, key, n).ratio(), n) for n in names), default=(0.0, ""))
+
+    for key in keys:
+        score, run_option = best(key, RunConfig.model_fields)
+        if key not in options and score >= 0.8 and score > best(key, options)[0]:
+            raise PeftkitError(f"unknown option '{key}' (did you mean '{run_option}'?)")
 
 
 def _yaml_or_text(raw: str) -> Any:

@@ -76,10 +76,35 @@ def _read_file(path: Path, split: str) -> Any:
         raise PeftkitError(f"{split} file {path}: unsupported format; use .jsonl, .json, .csv or .parquet")
     if not path.is_file():
         raise PeftkitError(f"{split} file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise PeftkitError(f"{split} file {path} is empty (0 bytes): it needs a header or one example per line")
+    if fmt != "parquet":
+        lines = _check_text(path, split)
+        if lines <= (1 if fmt == "csv" else 0):
+            raise PeftkitError(f"{split} file {path} has no examples (only a header?): add at least one row")
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        data = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - parse errors from arrow/pandas vary by format
         raise PeftkitError(f"cannot read {split} file {path} as {fmt}: {str(err).splitlines()[0][:200]}") from None
+    if len(data) == 0:
+        raise PeftkitError(f"{split} file {path} has no examples (only a header?): add at least one row")
+    return data
+
+
+def _check_text(path: Path, split: str) -> int:
+    """Text data must be UTF-8: say which byte is not, rather than the parser's vague failure.
+    Returns the number of non-blank lines."""
+    filled = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            filled += bool(line.strip())
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise PeftkitError(f"{split} file {path} is not UTF-8 (line {number}, byte {err.start + 1}: "
+                                   f"{line[err.start:err.start + 1]!r}): re-save it as UTF-8, e.g. "
+                                   f"iconv -f latin1 -t utf-8") from None
+    return filled
 
 
 def require_columns(splits: dict[str, Any], columns: list[str], fix: str) -> None:

@@ -91,7 +91,8 @@ def resolve_model(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise PeftkitError(f"model directory {path} has no config.json: point --model at a saved checkpoint")
         return ModelSource(name, str(path), "local")
-    if not HUB_ID.fullmatch(name):
+    if not HUB_ID.fullmatch(name) or path.parent.is_dir() and path.parent != Path("."):
+        # `models/my-bert` reads like a hub id, but with a local `models/` it is a missing folder
         raise PeftkitError(
             f"model path {name} does not exist: pass an existing directory, a hub id, "
             f"or one of {', '.join([*PACKAGED, *TINY])}"

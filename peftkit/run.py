@@ -56,6 +56,9 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     task, dataset = resolve_task(config.task_name)
     code = code_version()  # now, before the checkout can move on while this run trains
     output_dir = Path(config.output_dir)
+    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise PeftkitError(f"--output-dir {output_dir}: {blocking} is a file, not a directory: choose another --output-dir")
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
     source = resolve_model(config.model)

@@ -50,6 +50,21 @@ def test_typo_in_recipe(tmp_path, data_dir):
     assert_clean_failure(result, "unknown option 'learnin_rate' (did you mean 'learning_rate'?)", out)
 
 
+def test_typo_of_a_run_option_in_set_is_not_called_a_strategy_option(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--set", "lerning_rate=0.1",
+                    "--data-dir", data_dir, "--output-dir", out)
+    assert_clean_failure(result, "unknown option 'lerning_rate' (did you mean 'learning_rate'?)", out)
+
+
+def test_output_dir_naming_a_file(tmp_path, data_dir):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--data-dir", data_dir, "--output-dir", taken)
+    assert_clean_failure(result, f"{taken} is a file, not a directory", tmp_path / "nothing")
+    assert taken.read_text() == "keep me"
+
+
 def test_data_without_label_column(tmp_path, jsonl):
     rows = [{"text": "fine", "target": 1}]
     out = tmp_path / "out"
@@ -99,6 +114,11 @@ def test_strategies_lists_the_registry():
     assert result.exit_code == 0
     for name in ("full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora"):
         assert name in result.stdout
+    # the ~40 peft:<method> rows are summarised in one line unless asked for
+    assert "peft:loha " not in result.stdout and "--all-peft lists them" in result.stdout
+    assert len(result.stdout.splitlines()) < 60
+    everything = invoke("strategies", "--all-peft")
+    assert "peft:loha" in everything.stdout and "--all-peft lists them" not in everything.stdout
 
 
 def test_train_eval_predict_through_the_cli(tmp_path, data_dir):

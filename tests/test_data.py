@@ -77,6 +77,20 @@ def test_unreadable_file(tmp_path):
         load_data(make_config({"train_file": bad, "validation_file": bad}))
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("empty.jsonl", b"", "train file .*empty.jsonl is empty \\(0 bytes\\)"),
+    ("header.csv", b"text,label\n", "train file .*header.csv has no examples \\(only a header\\?\\)"),
+    ("latin1.csv", "text,label\ncaf\u00e9 cr\u00e8me,pos\n".encode("latin-1"),
+     "train file .*latin1.csv is not UTF-8 \\(line 2, byte 4: b'\\\\xe9'\\): re-save it as UTF-8"),
+])
+def test_empty_header_only_and_non_utf8_files_are_named(tmp_path, name, content, message):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    good = write_jsonl(tmp_path / "v.jsonl", [{"text": "fine", "label": "pos"}])
+    with pytest.raises(PeftkitError, match=message):
+        load_data(make_config({"train_file": bad, "validation_file": good}))
+
+
 def test_unknown_task():
     with pytest.raises(PeftkitError, match="unknown task 'mnli'"):
         load_data(make_config({"task": "mnli"}))

@@ -27,6 +27,14 @@ def test_missing_path_is_an_error():
         resolve_model("./no/such/model")
 
 
+def test_a_relative_path_under_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    # `models/my-bert` looks like org/name; with a local `models/` folder it is a missing checkpoint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(PeftkitError, match="model path models/my-bert does not exist"):
+        resolve_model("models/my-bert")
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(PeftkitError, match="no config.json"):
         resolve_model(str(tmp_path))
