@@ -21,6 +21,10 @@ _API = {
 }
 __all__ = [*_API, "__version__"]
 
+from peftkit import library_noise  # noqa: E402 - logging filters only: imports nothing heavy
+
+library_noise.install()
+
 
 def __getattr__(name: str) -> Any:
     if name in _API:

@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -60,15 +59,13 @@ def user_errors(command: Callable) -> Callable:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for peftkit's own lines and the progress bar."""
+    """Keep the terminal for peftkit's own lines and the training progress bar: no per-map
+    progress bars from datasets. Library warnings still show, except the few that say
+    nothing to a user (peftkit.library_noise)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
     import datasets
-    import transformers
 
-    transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 @app.command()
@@ -178,14 +175,24 @@ def eval_(
 @app.command()
 @user_errors
 def predict(
-    texts: list[str] = typer.Argument(..., help="The text to classify (two texts for a sentence-pair task)."),
+    texts: list[str] = typer.Argument(None, help="One input: the text to classify (two texts for a sentence-pair task)."),
     run: Path = typer.Option(..., help="A run directory written by `peftkit train`."),
+    file: Optional[Path] = typer.Option(None, help="JSON Lines of inputs, each with the run's text columns; one process, batched."),
 ) -> None:
-    """Classify text with a trained run: prints the label and its probability."""
-    _quiet_libraries()
-    from peftkit.inference import predict as predict_label
+    """Classify text with a trained run: prints the label and its probability (per --file line,
+    a JSON object with the input and its prediction)."""
+    import json
 
-    typer.echo(predict_label(run, texts))
+    from peftkit.inference import predict as predict_labels
+    from peftkit.inference import read_inputs
+
+    if bool(texts) == bool(file):
+        raise PeftkitError("give one input as arguments or many with --file FILE.jsonl, not both and not neither")
+    inputs = read_inputs(run, file) if file else [texts]
+    _quiet_libraries()
+    lines = predict_labels(run, inputs)
+    for example, line in zip(inputs, lines):
+        typer.echo(json.dumps({"input": example, "prediction": line}, ensure_ascii=False) if file else line)
 
 
 @app.command()

@@ -21,11 +21,40 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     return {"metrics": result.metrics, "recorded": record["metrics"]}
 
 
-def predict(run_dir: Path, texts: list[str]) -> str:
-    """The run's answer for one input, as one line (a label and its probability, ...)."""
+def predict(run_dir: Path, examples: list[list[str]]) -> list[str]:
+    """The run's answer for each input (its texts), one line each (a label and its probability, ...)."""
     config, model, tokenizer, record = load_run(run_dir)
     with autocast_for(config):
-        return config.task_kind.predict(model, tokenizer, record, texts, config)
+        return config.task_kind.predict(model, tokenizer, record, examples, config)
+
+
+def read_inputs(run_dir: Path, path: Path) -> list[list[str]]:
+    """A JSON Lines file of inputs for `predict`: each line an object with the run's input
+    fields (its text columns; `prompt` for instruction tuning), checked before weights load."""
+    import json
+
+    from peftkit.errors import PeftkitError
+    from peftkit.run import read_record
+    from peftkit.tasks import TASKS
+
+    record = read_record(run_dir)
+    fields = TASKS[record.get("task_kind", "classification")].input_fields(record)
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise PeftkitError(f"cannot read --file {path}: {err}") from None
+    inputs = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PeftkitError(f"--file {path} line {number} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
+            raise PeftkitError(f"--file {path} line {number}: each line needs text field(s) {', '.join(fields)}")
+        inputs.append([row[f] for f in fields])
+    if not inputs:
+        raise PeftkitError(f"--file {path} has no inputs")
+    return inputs
 
 
 def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]], max_new_tokens: int | None = None) -> list[str]:

@@ -188,9 +188,12 @@ def load_for_classification(
         label2id={name: i for i, name in enumerate(label_names)},
         pad_token_id=tokenizer.pad_token_id,
     )
-    skip = head_modules(source, labels) if quantization is not None else None
-    return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype, skip,
-                           attn_implementation, **labels)
+    from peftkit.library_noise import new_head_expected
+
+    head = head_modules(source, labels)
+    with new_head_expected(head):
+        return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype,
+                               head if quantization is not None else None, attn_implementation, **labels)
 
 
 def load_causal_lm(source: ModelSource, tokenizer: Any, quantization: Any = None,

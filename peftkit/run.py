@@ -80,7 +80,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
     model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = keep_trainable_fp32(strategy.apply(model, task))
     print(trainable_line(model), flush=True)
     trainable, total = count_parameters(model)

@@ -132,6 +132,17 @@ def test_train_eval_predict_through_the_cli(tmp_path, data_dir):
     assert f"accuracy: {accuracy:.4f}" in evaluated.stdout
     predicted = invoke("predict", "--run", out, "what a film")
     assert predicted.exit_code == 0 and predicted.stdout.split("\t")[0] in ("negative", "positive")
+    # a batch in one process: one JSON line per input, the same answer as one at a time
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"sentence": "what a film"}\n{"sentence": "dull and far too long"}\n')
+    batch = invoke("predict", "--run", out, "--file", inputs)
+    assert batch.exit_code == 0, batch.output
+    rows = [json.loads(line) for line in batch.stdout.splitlines() if line.startswith("{")]
+    assert [r["input"] for r in rows] == [["what a film"], ["dull and far too long"]]
+    assert rows[0]["prediction"] == predicted.stdout.strip()
+    inputs.write_text('{"text": "no sentence field"}\n')
+    assert_clean_failure(invoke("predict", "--run", out, "--file", inputs), "each line needs text field(s) sentence",
+                         tmp_path / "nothing")
 
 
 def test_version_and_python_dash_m():
@@ -166,3 +177,15 @@ def test_dry_run_on_cpu_prints_the_estimate_without_training(tmp_path):
     assert result.exit_code == 0, result.output
     assert "weights fp32" in result.output and "total" in result.output and "smallest GPU" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_python_api_prints_no_library_noise(tmp_path, data_dir):
+    """A qlora run through the Python API: peftkit's lines and Trainer's progress, no load
+    report for the new head, no bitsandbytes kernel hint, no deprecation warnings."""
+    script = (f"import peftkit; peftkit.train({{'model': 'tiny-bert', 'task': 'sst2', 'data_dir': {str(data_dir)!r}, "
+              f"'max_train_samples': 16, 'max_eval_samples': 8, 'epochs': 1, 'strategy': 'qlora', "
+              f"'gradient_checkpointing': True, 'output_dir': {str(tmp_path / 'run')!r}}})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    assert not [line for line in lines if "Warning" in line or "LOAD REPORT" in line or "kernels" in line], lines

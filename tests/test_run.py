@@ -43,7 +43,7 @@ def test_train_save_reload_gives_identical_results(tmp_path, data_dir, strategy,
     reproduced = evaluate_run(result.output_dir)["metrics"]
     assert round(reproduced["accuracy"], 4) == round(record["metrics"]["accuracy"], 4)
     assert reproduced["loss"] == pytest.approx(record["metrics"]["loss"], abs=1e-5)
-    label, probability = predict(result.output_dir, ["a gripping , funny film"]).split("\t")
+    label, probability = predict(result.output_dir, [["a gripping , funny film"]])[0].split("\t")
     assert label in ("negative", "positive") and 0.5 <= float(probability) <= 1.0
     again = load_run(result.output_dir)[1]
     assert torch.equal(logits(model, tokenizer), logits(again, tokenizer))
@@ -82,7 +82,7 @@ def test_llama_decoder_trains_as_a_classifier(tmp_path, data_dir):
 def test_sentence_pair_task(tmp_path, data_dir):
     result = train(tmp_path, data_dir, "bitfit", task="rte")
     assert result.record["data"]["text_columns"] == ["sentence1", "sentence2"]
-    label, _ = predict(result.output_dir, ["A man sleeps.", "Someone is asleep."]).split("\t")
+    label, _ = predict(result.output_dir, [["A man sleeps.", "Someone is asleep."]])[0].split("\t")
     assert label in ("entailment", "not_entailment")
 
 

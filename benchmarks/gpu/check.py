@@ -129,7 +129,7 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
     model = load_causal_lm(resolve_model(str(checkpoint)), tokenizer, base_quantization(config, strategy),
                            **weight_options(config))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = keep_trainable_fp32(strategy.apply(model, task))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 30000, ((steps + 2) * batch, length), generator=generator).tolist()

@@ -74,6 +74,7 @@ class QLoRA(LoRA):
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
-        gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Checkpointing, when asked for, is already on (non-reentrant, so inputs need no
+        # gradient); PEFT's switch would turn it on again, reentrant, through a deprecated call.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return super().apply(model, task)

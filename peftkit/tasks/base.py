@@ -146,9 +146,14 @@ class Task:
         """The final metrics of the model as saved on one split, and what it produced (generations)."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
-                config: RunConfig) -> str:
-        """What a trained model says about one input, as one line (`peftkit predict`)."""
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+                config: RunConfig) -> list[str]:
+        """What a trained model says about each input (its texts, in `input_fields` order), one
+        line each (`peftkit predict`)."""
+        raise NotImplementedError
+
+    def input_fields(self, record: dict[str, Any]) -> list[str]:
+        """The fields one input to `predict` has, in order (a `--file` line's keys)."""
         raise NotImplementedError
 
     def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,

@@ -163,19 +163,29 @@ class Classification(Task):
             processing_class=tokenizer, data_collator=PadToLongest(tokenizer), compute_metrics=compute_metrics))
         return Evaluation({k: v for k, v in metrics.items() if k in self.metrics})
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
-                config: RunConfig) -> str:
-        """The predicted label of one input (a text, or a sentence pair) and its probability."""
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+                config: RunConfig) -> list[str]:
+        """Each input's predicted label and its probability ("label<TAB>probability"), in
+        batches of `eval_batch_size`."""
         import torch
 
-        columns = record["data"]["text_columns"]
-        if len(texts) != len(columns):
-            raise PeftkitError(f"this run classifies {len(columns)} text(s) per example ({', '.join(columns)}); got {len(texts)}")
-        inputs = tokenizer(*texts, truncation=True, max_length=config.max_length, return_tensors="pt")
-        with torch.no_grad():
-            probs = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float().softmax(-1)[0]
-        index = int(probs.argmax())
-        return f"{record['data']['label_names'][index]}\t{float(probs[index]):.4f}"
+        columns, names = record["data"]["text_columns"], record["data"]["label_names"]
+        for example in examples:
+            if len(example) != len(columns):
+                raise PeftkitError(f"this run classifies {len(columns)} text(s) per example ({', '.join(columns)}); "
+                                   f"got {len(example)}")
+        lines = []
+        for first in range(0, len(examples), config.eval_batch_size):
+            batch = examples[first: first + config.eval_batch_size]
+            texts = [[example[i] for example in batch] for i in range(len(columns))]
+            inputs = tokenizer(*texts, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                probs = model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float().softmax(-1)
+            lines += [f"{names[int(row.argmax())]}\t{float(row.max()):.4f}" for row in probs]
+        return lines
+
+    def input_fields(self, record: dict[str, Any]) -> list[str]:
+        return list(record["data"]["text_columns"])
 
 
 def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int, sort: bool = False) -> Any:

@@ -134,11 +134,14 @@ class InstructionTuning(Task):
                        for c, r, g in zip(conversations, references, generated)]
         return Evaluation(metrics, predictions)
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], texts: list[str],
-                config: RunConfig) -> str:
-        """The model's answer to one user message (several texts are joined by blank lines)."""
-        conversation = [{"role": "user", "content": "\n\n".join(texts)}]
-        return generate(model, tokenizer, [conversation], config.max_new_tokens, 1)[0]
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+                config: RunConfig) -> list[str]:
+        """The model's answer to each user message (an input's texts joined by blank lines)."""
+        conversations = [[{"role": "user", "content": "\n\n".join(texts)}] for texts in examples]
+        return generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
+
+    def input_fields(self, record: dict[str, Any]) -> list[str]:
+        return ["prompt"]
 
     def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
                batch_size: int) -> list[str]:
