@@ -139,7 +139,7 @@ def failures(records: list[dict]) -> list[str]:
 def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | None = None) -> str:
     others = list(rows[0].other_metrics) if rows else []
     tested = any(r.test_metric_mean is not None for r in rows)
-    header = ["strategy", "trainable", "trainable %", f"{metric} (mean ± std)", *others,
+    header = ["strategy", "trainable", "trainable %", f"{metric} ({_spread_label(rows)})", *others,
               *([f"test {metric}"] if tested else []), "n", "peak MB", "estimate MB",
               "estimate/measured", "train s", "samples/s", "tokens/s", "disk MB"]
     lines = [f"# {title}", "", *provenance(records or []), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -199,9 +199,9 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
     ax.step([r.trainable_params for r in front], [r.metric_mean for r in front], where="post", linestyle="--",
             color="grey", label="Pareto frontier")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"dev {metric} (mean ± std over seeds)")
+    ax.set_ylabel(f"dev {metric} ({_spread_label(rows)})")
     ax.set_title(f"{metric} vs trainable parameters")
-    ax.legend(loc="lower right")
+    _legend_below(ax)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "metric_vs_params.png"))
 
@@ -212,13 +212,23 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
         ax.bar(names, [getattr(r, attribute) for r in rows], color="tab:blue", label="measured")
         if attribute == "peak_memory_mb" and any(r.estimate_mb for r in rows):
             ax.scatter(names, [r.estimate_mb or float("nan") for r in rows], color="tab:orange", zorder=3, label="estimate")
-            ax.legend()
+            _legend_below(ax)
         ax.set_ylabel(label)
         ax.set_title(f"{label.split(' (')[0]} per strategy")
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names never collide
         ax.grid(axis="y", alpha=0.3)
         paths.append(_save(fig, out / name))
     return paths
+
+
+def _spread_label(rows: list[Row]) -> str:
+    """What a metric cell holds: a mean and standard deviation over seeds, or one seed's value."""
+    return "mean ± std" if any(r.n > 1 for r in rows) else "one seed"
+
+
+def _legend_below(ax: Any) -> None:
+    """The legend under the axes, where it can never hide a point or a bar."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False, fontsize=9)
 
 
 def _save(fig, path: Path) -> Path:

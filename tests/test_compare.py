@@ -125,6 +125,26 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
     assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
     assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
+    assert "accuracy (mean ± std)" in text
+
+
+def test_a_one_seed_table_says_so_and_its_legend_sits_below_the_points(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftkit.report import _legend_below, markdown, plots
+
+    rows = aggregate([fake("full", 0, 0.90, 10000), fake("lora", 0, 0.86, 100)], "accuracy")
+    text = markdown(rows, "accuracy", "t")
+    assert "accuracy (one seed)" in text and "±" not in text
+    assert (tmp_path / "metric_vs_params.png") in plots(rows, "accuracy", tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([1], [1], "o", label="a point")
+    _legend_below(ax)
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0  # outside the axes: it hides nothing
 
 
 def test_point_labels_do_not_overlap():
