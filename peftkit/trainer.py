@@ -43,7 +43,11 @@ class Timed:
         indices = inputs.pop(INDEX_COLUMN, None)
         if self.replay is not None and indices is not None:
             self.replay.use(indices, inputs["attention_mask"])
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise_diverged(self.state.global_step + 1, "the loss", self._get_learning_rate())
+        return result
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -86,6 +90,29 @@ def _declare_trainable_additions(model: nn.Module) -> None:
 
     if getattr(model, "is_quantized", False) and not isinstance(model, PeftModel):
         model._hf_peft_config_loaded = True
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops a run whose loss or gradients stop being finite, at the step where it happens,
+    with one line naming the step and learning rate (instead of training on NaN to the end
+    and saving it). The loss is checked in `Timed.compute_loss`, gradients before each
+    optimizer step."""
+
+    def __init__(self, model: nn.Module):
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.trained if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(grads).sum()):
+            lr = kwargs["optimizer"].param_groups[0]["lr"] if kwargs.get("optimizer") else args.learning_rate
+            raise_diverged(state.global_step + 1, "a gradient", lr)
+
+
+def raise_diverged(step: int, what: str, lr: float) -> None:
+    from peftkit.errors import PeftkitError
+
+    raise PeftkitError(f"training diverged at step {step}: {what} is NaN or infinite (learning rate {lr:.3g}); nothing "
+                       "was saved: lower --learning-rate, keep max_grad_norm on, or use precision fp32/bf16 over fp16")
 
 
 class KeepBestTrainable(TrainerCallback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -167,3 +168,33 @@ def test_dtype_and_precision_must_agree():
 def test_every_optimizer_trains(tmp_path, data_dir, optimizer):
     record = train(tmp_path, data_dir, "lora", optimizer=optimizer, max_grad_norm=0.5, attn_implementation="eager").record
     assert record["config"]["optimizer"] == optimizer and record["metrics"]["loss"] == record["metrics"]["loss"]
+
+
+def test_a_diverging_run_stops_at_the_step_with_one_line_and_saves_nothing(tmp_path, data_dir):
+    from test_cli import invoke
+
+    out = tmp_path / "run"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "full", "--data-dir", data_dir,
+                    "--max-train-samples", 64, "--max-eval-samples", 16, "--optimizer", "sgd", "--lr", "1e30",
+                    "--set", "max_grad_norm=0", "--set", "select=last", "--output-dir", out)
+    # after the progress bar, one error line naming the step and learning rate; no traceback, nothing written
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert re.search(r"error: training diverged at step \d+: the loss is NaN or infinite \(learning rate \S+\)", last)
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_non_finite_gradients_stop_before_the_optimizer_step():
+    from types import SimpleNamespace
+
+    from peftkit.errors import PeftkitError
+    from peftkit.trainer import StopOnNonFinite
+
+    layer = torch.nn.Linear(2, 2)
+    guard = StopOnNonFinite(layer)
+    state, optimizer = SimpleNamespace(global_step=6), torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.weight.grad, layer.bias.grad = torch.ones(2, 2), torch.ones(2)
+    guard.on_pre_optimizer_step(SimpleNamespace(learning_rate=0.5), state, None, optimizer=optimizer)  # finite: nothing
+    layer.bias.grad = torch.tensor([1.0, float("inf")])
+    with pytest.raises(PeftkitError, match=r"diverged at step 7: a gradient is NaN or infinite \(learning rate 0.5\)"):
+        guard.on_pre_optimizer_step(SimpleNamespace(learning_rate=0.5), state, None, optimizer=optimizer)
