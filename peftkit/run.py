@@ -112,7 +112,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "selection_examples": len(prepared.selection) if prepared.selection is not None else 0,
             "validation_examples": len(prepared.validation),
             "test_examples": len(prepared.splits["test"]) if test else 0,
-            **data.info,
+            **prepared.info,
             "train_tokens_per_epoch": tokens_per_epoch,
             "longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
             "longest_validation_example": int(max(prepared.validation["length"])),

@@ -102,3 +102,23 @@ def test_hub_failure_explains_the_local_alternative(monkeypatch):
     monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
     with pytest.raises(PeftkitError, match="cannot download nyu-mll/glue/sst2.*--data-dir"):
         load_data(make_config({"task": "sst2"}))
+
+
+def test_training_data_with_one_label_is_refused(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "pos"}])
+    with pytest.raises(PeftkitError, match=r"the training data has one label only \(pos\): a classifier needs"):
+        load_data(make_config({"train_file": train, "validation_file": train}))
+
+
+def test_mixed_integer_and_string_labels_are_named(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "pos"}])
+    with pytest.raises(PeftkitError, match=r"labels mix integers and strings \(1 and .pos.\): use one type"):
+        load_data(make_config({"train_file": train, "validation_file": train}))
+
+
+def test_validation_examples_seen_in_training_are_counted_and_warned(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    dev = write_jsonl(tmp_path / "v.jsonl", [{"text": "a", "label": "pos"}, {"text": "c", "label": "neg"}])
+    data = load_data(make_config({"train_file": train, "validation_file": dev}))
+    assert data.info["validation_in_train"] == 1
+    assert "warning: 1 of 2 validation examples also appear in the training data" in capsys.readouterr().err

@@ -198,3 +198,17 @@ def test_non_finite_gradients_stop_before_the_optimizer_step():
     layer.bias.grad = torch.tensor([1.0, float("inf")])
     with pytest.raises(PeftkitError, match=r"diverged at step 7: a gradient is NaN or infinite \(learning rate 0.5\)"):
         guard.on_pre_optimizer_step(SimpleNamespace(learning_rate=0.5), state, None, optimizer=optimizer)
+
+
+def test_truncated_examples_are_counted_per_split(tmp_path, data_dir):
+    from datasets import Dataset
+
+    from peftkit.models import load_tokenizer, resolve_model
+    from peftkit.tasks.classification import tokenize
+
+    tokenizer = load_tokenizer(resolve_model("tiny-bert"))
+    rows = Dataset.from_dict({"sentence": ["short", "a much longer sentence that runs well past eight tokens of text"]})
+    assert tokenize(rows, tokenizer, ["sentence"], 8)["truncated"] == [0, 1]
+    record = train(tmp_path, data_dir, "bitfit", max_length=8, select="last").record
+    counts = record["data"]["truncated_examples"]
+    assert set(counts) == {"train", "validation"} and 0 < counts["train"] <= 64 and 0 < counts["validation"] <= 48

@@ -262,3 +262,14 @@ def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir):
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     again = generate_answers(result.output_dir, [[{"role": "user", "content": r["prompt"]}] for r in rows])
     assert again == [r["generated"] for r in rows]
+
+
+def test_truncated_and_dropped_examples_are_recorded(tmp_path, data_dir):
+    """At max_length 56 many sst2-chat conversations (48-82 tokens here) run over:
+    each split counts its cut examples, and training examples cut before their answer are dropped."""
+    record = tiny_run(tmp_path, data_dir, max_length=56).record["data"]
+    assert record["truncated_examples"]["train"] > 0 and record["truncated_examples"]["validation"] > 0
+    assert record["dropped_train_examples"] > 0
+    assert record["train_examples"] + record["selection_examples"] + record["dropped_train_examples"] == 48
+    assert tiny_run(tmp_path / "long", data_dir, max_length=512).record["data"]["truncated_examples"] == {
+        "train": 0, "selection": 0, "validation": 0}

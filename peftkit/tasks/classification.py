@@ -11,6 +11,7 @@ dropout-free frozen bottom sits below every trainable weight, it is replayed
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +72,14 @@ class Classification(Task):
             data = data.remove_columns([c for c in data.column_names if c not in keep])
             splits[split] = data.map(lambda b: {"labels": [encode(v) for v in b[label_column]]}, batched=True,
                                      remove_columns=[label_column] if label_column != "labels" else [])
+        present = sorted(set(splits["train"]["labels"]))
+        if len(present) < 2:
+            raise PeftkitError(f"the training data has one label only ({label_names[present[0]] if present else 'none'}): "
+                               "a classifier needs examples of at least two; check the label column or the data")
+        overlap = _repeated_in_train(splits, list(text_columns))
         return TaskData(splits["train"], splits["validation"],
-                        {"label_names": label_names, "text_columns": list(text_columns)}, test=splits.get("test"))
+                        {"label_names": label_names, "text_columns": list(text_columns), "validation_in_train": overlap},
+                        test=splits.get("test"))
 
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
                    **weights: Any) -> nn.Module:
@@ -90,9 +97,13 @@ class Classification(Task):
         data.train, data.selection = split_off(labelled, config.selection_fraction, config.seed, stratify="labels")
 
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
+        """Token ids per split, and how many examples each split had cut at `max_length`."""
         columns = data.info["text_columns"]
-        return Prepared({name: tokenize(split, tokenizer, columns, config.max_length, sort=name != "train")
-                         for name, split in data.splits().items()}, data.splits(), data.info)
+        splits = {name: tokenize(split, tokenizer, columns, config.max_length, sort=name != "train")
+                  for name, split in data.splits().items()}
+        truncated = {name: int(sum(split["truncated"])) for name, split in splits.items()}
+        splits = {name: split.remove_columns("truncated") for name, split in splits.items()}
+        return Prepared(splits, data.splits(), {**data.info, "truncated_examples": truncated})
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
@@ -191,12 +202,15 @@ class Classification(Task):
 def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int, sort: bool = False) -> Any:
     """Token ids per example, truncated, not padded (the collator pads each batch to its
     longest); a `length` column lets the sampler group examples of similar length.
-    `sort=True` orders by length, for evaluation: batches then carry almost no padding."""
+    `sort=True` orders by length, for evaluation: batches then carry almost no padding. A
+    `truncated` column (0/1) says which examples were cut at `max_length`."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [batch[c] for c in text_columns]
         out = tokenizer(*texts, truncation=True, max_length=max_length)
         out["length"] = [len(ids) for ids in out["input_ids"]]
+        whole = tokenizer(*texts, verbose=False)["input_ids"]  # untruncated, to count what was cut
+        out["truncated"] = [int(len(ids) > max_length) for ids in whole]
         return out
 
     keep = {"labels"}
@@ -242,6 +256,20 @@ def _guess_text_column(columns: list[str]) -> list[str]:
     raise PeftkitError(f"cannot tell which column holds the text (columns: {', '.join(columns)}); pass --text-column")
 
 
+def _repeated_in_train(splits: dict[str, Any], text_columns: list[str]) -> int:
+    """How many validation examples (same texts) also appear in the training data; warned on
+    stderr, since their score measures memory rather than generalization."""
+    def rows(data: Any) -> list[tuple]:
+        return list(zip(*(data[c] for c in text_columns)))
+
+    seen = set(rows(splits["train"]))
+    repeated = sum(row in seen for row in rows(splits["validation"]))
+    if repeated:
+        print(f"warning: {repeated} of {len(splits['validation'])} validation examples also appear in the training "
+              "data (recorded as validation_in_train)", file=sys.stderr, flush=True)
+    return repeated
+
+
 def _label_encoding(train_labels: list[Any], known: list[str] | None):
     """Label names and a value -> index function (None for a value outside the set).
 
@@ -252,5 +280,9 @@ def _label_encoding(train_labels: list[Any], known: list[str] | None):
     values = sorted(set(train_labels), key=lambda v: (isinstance(v, str), v))
     if any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in values):
         raise PeftkitError(f"labels must be strings or integers, found {values[:5]}")
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1:
+        number, text = next(v for v in values if isinstance(v, int)), next(v for v in values if isinstance(v, str))
+        raise PeftkitError(f"labels mix integers and strings ({number!r} and {text!r}): use one type in the label column")
     index = {v: i for i, v in enumerate(values)}
     return [str(v) for v in values], index.get

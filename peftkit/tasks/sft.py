@@ -95,14 +95,21 @@ class InstructionTuning(Task):
 
         def encode(row: dict[str, Any]) -> dict[str, Any]:
             ids, labels = tokenize_conversation(tokenizer, row["messages"], config.max_length)
-            return {"input_ids": ids, "labels": labels, "length": len(ids)}
+            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            whole = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": int(whole > config.max_length)}
 
         splits = {name: split.map(encode, remove_columns=["messages"]) for name, split in data.splits().items()}
+        truncated = {name: int(sum(split["truncated"])) for name, split in splits.items()}
+        splits = {name: split.remove_columns("truncated") for name, split in splits.items()}
+        before = len(splits["train"])
         splits["train"] = splits["train"].filter(lambda row: any(label != -100 for label in row["labels"]))
         if len(splits["train"]) == 0:
             raise PeftkitError(f"no training example keeps an answer token within max_length={config.max_length}: "
                                "raise --max-length")
-        return Prepared(splits, data.splits(), data.info)
+        info = {**data.info, "truncated_examples": truncated,
+                "dropped_train_examples": before - len(splits["train"])}  # cut before any answer token
+        return Prepared(splits, data.splits(), info)
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
