@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 REGIONS = ("embeddings", "layer", "top", "head")
 
@@ -58,6 +61,8 @@ def is_under(name: str, modules: tuple[str, ...]) -> bool:
 def inspect_model(model: nn.Module) -> Anatomy:
     """Find the layer stack, embeddings and head of a (not yet wrapped) task model."""
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    from torch import nn
+
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if num_layers is not None:
         stacks = [(n, m) for n, m in stacks if len(m) == num_layers]
@@ -92,6 +97,7 @@ def inspect_model(model: nn.Module) -> Anatomy:
 
 def _is_linear(module: nn.Module) -> bool:
     """nn.Linear (bitsandbytes' 4/8-bit layers subclass it) and GPT-2's transposed Conv1D."""
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (nn.Linear, Conv1D))

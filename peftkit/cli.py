@@ -244,10 +244,12 @@ def strategies(
     from rich.console import Console
     from rich.table import Table
 
-    from peftkit.strategies import STRATEGIES, build_strategy
+    from peftkit.strategies import STRATEGIES, build_strategy, load_peft_registry
     from peftkit.tasks import resolve_task
 
     kind = resolve_task(task)[0]
+    if all_peft:
+        load_peft_registry()
     table = Table("strategy", "trains", "options", f"applies to {kind.name}", title="peftkit strategies")
     counts: dict[str, tuple[int, int] | None] = {}
     if model:
@@ -269,9 +271,8 @@ def strategies(
         table.add_row(*row)
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)  # the terminal's, or 160 when piped
     console.print(table)
-    hidden = len(STRATEGIES) - len(shown)
-    if hidden:
-        console.print(f"and {hidden} peft:<method> strategies (every other PEFT method, e.g. peft:loha): --all-peft lists them")
+    if not all_peft:
+        console.print("and peft:<method> for every other PEFT method (peft:loha, peft:vera, ...): --all-peft lists them")
 
 
 def _applies(build: Callable, name: str, task: Any) -> str:

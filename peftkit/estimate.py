@@ -43,7 +43,7 @@ from torch import nn
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
-from peftkit.strategies.adapters import Adapter
+from peftkit.strategies.bottleneck import Adapter
 from peftkit.tasks import Task, resolve_task
 
 GB = 1024**3

@@ -14,7 +14,7 @@ from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.measure import count_parameters
 from peftkit.run import load_run
-from peftkit.strategies import STRATEGIES, build_strategy
+from peftkit.strategies import STRATEGIES, build_strategy, load_peft_registry
 from test_strategies import ARCH, L, load, trainable
 
 R = 8  # default rank of loha and lokr
@@ -239,12 +239,13 @@ def test_prompt_tuning_on_a_decoder_pads_left_so_the_last_token_is_read(tmp_path
 
 
 def test_default_learning_rates():
+    load_peft_registry()
     lrs = {name: STRATEGIES[name].default_lr for name in ("lora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning", "peft:loha")}
     assert lrs == {"lora": 1e-3, "ia3": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "p-tuning": 1e-3, "peft:loha": 1e-3}
 
 
 def test_strategies_command_lists_every_method():
-    result = CliRunner().invoke(app, ["strategies"])
+    result = CliRunner().invoke(app, ["strategies", "--all-peft"])
     assert result.exit_code == 0, result.output
     listed = {line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") > 2}
     assert {"full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora", "ia3", "prompt-tuning",

@@ -16,7 +16,9 @@ library implements it, whose configs are the usual reference):
 A(v) = dropout(scaling * up(act(down(v)))), for every variant. Defaults per variant are the
 published ones (`VARIANT_DEFAULTS`); each can be overridden.
 
-One mechanism for every variant and architecture: the adapters become child modules of their
+The adapter module itself (`peftkit.strategies.bottleneck`, imported when a model is adapted,
+so the option schema loads without torch). One mechanism for every variant and architecture:
+the adapters become child modules of their
 layer (`adapter_attention`, `adapter_ffn`, so `state_dict`, `.to()` and saving see them) and
 forward hooks on the sub-layer's existing modules add them: on the module whose output is h
 (the dropout after the output projection; Llama's down/o projections, which have none), a
@@ -30,15 +32,16 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
-
 from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
 from peftkit.strategies.base import Strategy, register, trained_beside
 from peftkit.strategies.freezing import parse_layer_ranges
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from peftkit.strategies.bottleneck import Adapter
     from peftkit.tasks.base import Task
 
 # Relative paths inside one layer, per architecture family: (module whose output is the
@@ -53,7 +56,6 @@ SITE_PATHS: tuple[tuple[str, str, str, str], ...] = (
     ("layer.0.dropout", "layer.-1.dropout", "layer.-1.layer_norm", ""),  # T5
 )
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 # The published settings (AdapterHub's DoubleSeqBnConfig, SeqBnConfig, ParBnConfig).
 VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
@@ -71,58 +73,6 @@ class LayerSites:
     ffn_output: nn.Module
     ffn_stream_reader: nn.Module
     ffn_norm: nn.Module | None
-
-
-class Adapter(nn.Module):
-    """A(v) = dropout(scaling * up(act(down(v)))). Its hooks decide what v is and where A(v)
-    is added: `reads` is "output" (h), "stream" (x) or "sum" (x + h); with a `ffn_norm`
-    (pfeiffer on a post-LN model) the hook sits on the LayerNorm instead."""
-
-    def __init__(self, width: int, bottleneck: int, non_linearity: str, dropout: float, scaling: float,
-                 init: str, reads: Literal["output", "stream", "sum"], device: torch.device,
-                 dtype: torch.dtype) -> None:
-        super().__init__()
-        self.down = nn.Linear(width, bottleneck, device=device, dtype=dtype)
-        self.act = ACTIVATIONS[non_linearity]()
-        self.up = nn.Linear(bottleneck, width, device=device, dtype=dtype)
-        self.dropout = nn.Dropout(dropout)
-        self.scaling = scaling
-        self.reads = reads
-        self._captured: torch.Tensor | None = None
-        with torch.no_grad():
-            for linear in (self.down, self.up):
-                nn.init.zeros_(linear.bias)
-            if init == "bert":  # BERT's own init: normal(0, 0.02)
-                nn.init.normal_(self.down.weight, std=0.02)
-                nn.init.normal_(self.up.weight, std=0.02)
-            elif init == "houlsby":  # near-identity: truncated normal(0, 0.01) within 2 std
-                for linear in (self.down, self.up):
-                    nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
-            else:  # zero-up (He et al.): down keeps nn.Linear's Kaiming init, A = 0 at step 0
-                nn.init.zeros_(self.up.weight)
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.scaling * self.up(self.act(self.down(v))))
-
-    def capture(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook: keep the input of `module` (x, or x + h for the LayerNorm)."""
-        self._captured = args[0]
-
-    def _take(self) -> torch.Tensor:
-        captured, self._captured = self._captured, None
-        return captured
-
-    def add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the module whose output is h: h + A(h), h + A(x) or h + A(x + h)."""
-        if self.reads == "output":
-            return output + self(output)
-        stream = self._take()
-        return output + self(stream if self.reads == "stream" else stream + output)
-
-    def renormalize(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on a post-LN model's LayerNorm (pfeiffer): y = LN(x + h) becomes
-        LN(x + h + A(y)); `norm.forward` applies the same norm again without re-running hooks."""
-        return norm.forward(self._take() + self(output))
 
 
 @register("adapter")
@@ -189,6 +139,8 @@ class BottleneckAdapter(Strategy):
 
     def _attach(self, layer: nn.Module, name: str, width: int, like: torch.Tensor,
                 reads: Literal["output", "stream", "sum"]) -> Adapter:
+        from peftkit.strategies.bottleneck import Adapter
+
         adapter = Adapter(width, self.bottleneck_size or width // self.reduction_factor,
                           non_linearity=self.non_linearity, dropout=self.dropout, scaling=self.scaling,
                           init=self.init, reads=reads, device=like.device, dtype=like.dtype)
@@ -221,6 +173,8 @@ def find_sites(model: nn.Module, layer: nn.Module) -> LayerSites:
 
 def _find(module: nn.Module, path: str) -> nn.Module | None:
     """The submodule at a dotted path, where an integer (negative too) indexes a ModuleList; None if absent."""
+    from torch import nn
+
     for part in path.split("."):
         if isinstance(module, nn.ModuleList) and part.lstrip("-").isdigit():
             index = int(part)

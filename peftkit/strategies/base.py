@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydantic
-import torch
-from torch import nn
 
 from peftkit.anatomy import Anatomy, inspect_model
 from peftkit.errors import PeftkitError, did_you_mean
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from peftkit.tasks.base import Task
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -155,8 +156,15 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default_factory()  # type: ignore[misc]
 
 
+def load_peft_registry() -> None:
+    """Register every `peft:<method>` strategy (imports PEFT: done only when one is asked for)."""
+    import peftkit.strategies.peft_registry  # noqa: F401  (registration side effect)
+
+
 def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
     """Validate `options` against the strategy's fields and return the instance."""
+    if name.startswith("peft:") and name not in STRATEGIES:
+        load_peft_registry()
     cls = STRATEGIES.get(name)
     if cls is None:
         own = sorted(n for n in STRATEGIES if not n.startswith("peft:"))

@@ -11,14 +11,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-
 from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
-from peftkit.pooling import MeanPooling
 from peftkit.strategies.base import Strategy, _skips_decay, register, trained_beside
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from peftkit.tasks.base import Task
 
 
@@ -42,6 +41,8 @@ class Freezing(Strategy):
 
     def pool(self, model: nn.Module) -> nn.Module:
         if self.pooling == "mean":
+            from peftkit.pooling import MeanPooling
+
             MeanPooling(model)
         return model
 

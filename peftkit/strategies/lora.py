@@ -10,16 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import LoraConfig
-from torch import nn
-
 from peftkit.errors import PeftkitError
-from peftkit.models import four_bit_config
 from peftkit.strategies.base import register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from peftkit.tasks.base import Task
 
 
@@ -37,7 +35,7 @@ class LoRA(PeftStrategy):
     use_rslora: bool = False
     use_dora: bool = False
 
-    config_type = LoraConfig
+    config_name = "LoraConfig"
 
     def config_options(self, model: nn.Module) -> dict[str, Any]:
         return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.use_rslora,
@@ -68,6 +66,10 @@ class QLoRA(LoRA):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def quantization_config(self, compute_dtype: torch.dtype | None) -> Any:
+        import torch
+
+        from peftkit.models import four_bit_config
+
         dtype = compute_dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
         return four_bit_config(self.quant_type, self.double_quant, dtype or torch.float32)
 

@@ -13,13 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
-
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
 from peftkit.strategies.base import Strategy, trained_beside
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from peftkit.tasks.base import Task
 
 
@@ -32,7 +32,14 @@ class PeftStrategy(Strategy):
     # What PEFT raises when a config does not fit the model (targets that match nothing, sizes
     # that do not divide): the user's to fix, so reported in one line.
     config_errors: ClassVar[tuple[type[Exception], ...]] = (ValueError,)
-    config_type: ClassVar[type]  # the PEFT config class, e.g. peft.LoraConfig
+    config_name: ClassVar[str] = ""  # the PEFT config class's name, e.g. "LoraConfig" (peft loads when used)
+
+    @property
+    def config_type(self) -> type:
+        """The PEFT config class (generated `peft:<method>` strategies set it directly)."""
+        import peft
+
+        return getattr(peft, self.config_name)
 
     def config_options(self, model: nn.Module) -> dict[str, Any]:
         """The method's own PEFT config options for this model."""
