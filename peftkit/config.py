@@ -121,6 +121,8 @@ class RunConfig(BaseModel):
     # where results go
     output_dir: Path | None = None
     overwrite: bool = False
+    # run even when peftkit estimate says the run needs more memory than the device has free
+    force: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -64,6 +65,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     strategy.check(model_config)
+    check_memory(config)
     data = task.load_data(config, dataset)
     if config.select == "best":
         task.hold_out_selection(data, config)
@@ -134,6 +136,64 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         return RunResult(output_dir, record)
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Memory the run can still take: free GPU memory, or the kernel's MemAvailable on CPU
+    (None where neither can be read)."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config: RunConfig) -> None:
+    """Before any weights load: stop (or, with `force`, warn) when `peftkit estimate` says
+    the run needs more memory than the device has free, naming the switches that would fit."""
+    from peftkit.estimate import estimate_run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    free = free_memory_bytes(device)
+    try:
+        needed = estimate_run(config, device=device).total_bytes
+    except Exception:  # noqa: BLE001 - the guard is advisory: a model the estimate cannot take still trains
+        return
+    if free is None or needed <= free:
+        return
+    gib = 2**30
+    message = (f"this run needs about {needed / gib:.2f} GiB by peftkit estimate, and {device} has "
+               f"{free / gib:.2f} GiB free; {_switches_that_fit(config, device, free)}")
+    if not config.force:
+        raise PeftkitError(message + ", or --force to try anyway")
+    print(f"warning: {message} (--force: trying anyway)", file=sys.stderr, flush=True)
+
+
+def _switches_that_fit(config: RunConfig, device: str, free: int) -> str:
+    """The single changes (gradient checkpointing, half the batch, 8-bit optimizer states,
+    qlora for lora) under which the estimate fits `free`, named as flags."""
+    from peftkit.config import make_config
+    from peftkit.estimate import estimate_run
+
+    candidates = {"--gradient-checkpointing": {"gradient_checkpointing": True},
+                  f"--batch-size {max(1, config.batch_size // 2)} (more --gradient-accumulation-steps)":
+                      {"batch_size": max(1, config.batch_size // 2), "eval_batch_size": max(1, config.eval_batch_size // 2)},
+                  "--optimizer paged-adamw-8bit": {"optimizer": "paged-adamw-8bit"}}
+    if config.strategy.name == "lora":
+        candidates["--strategy qlora"] = {"strategy": {**config.strategy.model_dump(), "name": "qlora"}}
+    fitting = []
+    for flag, change in candidates.items():
+        try:
+            changed = make_config({**config.model_dump(mode="json"), **change})
+            if estimate_run(changed, device=device).total_bytes <= free:
+                fitting.append(flag)
+        except PeftkitError:
+            continue
+    return f"these fit: {', '.join(fitting)}" if fitting else "no single switch fits (try several, or a smaller model)"
 
 
 def is_main_process() -> bool:

@@ -212,3 +212,26 @@ def test_truncated_examples_are_counted_per_split(tmp_path, data_dir):
     record = train(tmp_path, data_dir, "bitfit", max_length=8, select="last").record
     counts = record["data"]["truncated_examples"]
     assert set(counts) == {"train", "validation"} and 0 < counts["train"] <= 64 and 0 < counts["validation"] <= 48
+
+
+def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(tmp_path, data_dir, monkeypatch):
+    import peftkit.run
+    from peftkit.config import make_config
+    from peftkit.errors import PeftkitError
+    from peftkit.estimate import estimate_run
+
+    config = make_config({**BASE, "data_dir": data_dir, "strategy": "lora", "output_dir": tmp_path / "run"})
+    needed = estimate_run(config, device="cpu").total_bytes
+    halved = make_config({**config.model_dump(mode="json"), "batch_size": 8, "eval_batch_size": 128})
+    assert estimate_run(halved, device="cpu").total_bytes < needed
+    monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: needed - 1)
+    loaded = []
+    monkeypatch.setattr(peftkit.run, "load_tokenizer", lambda *a: loaded.append(a))  # nothing may load
+    with pytest.raises(PeftkitError, match=r"needs about .* GiB by peftkit estimate.*these fit: .*--batch-size 8"
+                                           r".*or --force to try anyway"):
+        peftkit.train(config)
+    assert not loaded and not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 1)
+    result = peftkit.train({**config.model_dump(mode="json"), "force": True, "max_train_samples": 16, "epochs": 1})
+    assert result.record["config"]["force"] is True
