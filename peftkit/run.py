@@ -65,7 +65,6 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     strategy.check(model_config)
-    check_memory(config)
     data = task.load_data(config, dataset)
     if config.select == "best":
         task.hold_out_selection(data, config)
@@ -80,6 +79,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
     prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
+    check_memory(config, {"data": {"longest_train_example": int(max(prepared.train["length"])),
+                                   "longest_validation_example": int(max(prepared.validation["length"]))}})
     model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -152,28 +153,29 @@ def free_memory_bytes(device: str) -> int | None:
     return None
 
 
-def check_memory(config: RunConfig) -> None:
-    """Before any weights load: stop (or, with `force`, warn) when `peftkit estimate` says
-    the run needs more memory than the device has free, naming the switches that would fit."""
+def check_memory(config: RunConfig, lengths: dict[str, Any] | None = None) -> None:
+    """Before any weights load: stop (or, with `force`, warn) when `peftkit estimate`, at the
+    data's longest examples (`lengths`, as a run record's "data" has them), says the run needs
+    more memory than the device has free, naming the switches that would fit."""
     from peftkit.estimate import estimate_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     free = free_memory_bytes(device)
     try:
-        needed = estimate_run(config, device=device).total_bytes
+        needed = estimate_run(config, lengths, device=device).total_bytes
     except Exception:  # noqa: BLE001 - the guard is advisory: a model the estimate cannot take still trains
         return
     if free is None or needed <= free:
         return
     gib = 2**30
     message = (f"this run needs about {needed / gib:.2f} GiB by peftkit estimate, and {device} has "
-               f"{free / gib:.2f} GiB free; {_switches_that_fit(config, device, free)}")
+               f"{free / gib:.2f} GiB free; {_switches_that_fit(config, lengths, device, free)}")
     if not config.force:
         raise PeftkitError(message + ", or --force to try anyway")
     print(f"warning: {message} (--force: trying anyway)", file=sys.stderr, flush=True)
 
 
-def _switches_that_fit(config: RunConfig, device: str, free: int) -> str:
+def _switches_that_fit(config: RunConfig, lengths: dict[str, Any] | None, device: str, free: int) -> str:
     """The single changes (gradient checkpointing, half the batch, 8-bit optimizer states,
     qlora for lora) under which the estimate fits `free`, named as flags."""
     from peftkit.config import make_config
@@ -189,7 +191,7 @@ def _switches_that_fit(config: RunConfig, device: str, free: int) -> str:
     for flag, change in candidates.items():
         try:
             changed = make_config({**config.model_dump(mode="json"), **change})
-            if estimate_run(changed, device=device).total_bytes <= free:
+            if estimate_run(changed, lengths, device=device).total_bytes <= free:
                 fitting.append(flag)
         except PeftkitError:
             continue

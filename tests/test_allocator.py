@@ -30,6 +30,7 @@ def retained_mb(threshold_kb: int) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_fixed_threshold_returns_freed_blocks_that_the_default_keeps():
     assert retained_mb(0) >= 100  # glibc's own policy: 128 MB of holes stay resident

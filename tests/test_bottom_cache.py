@@ -94,6 +94,7 @@ def test_replay_gives_the_logits_and_gradients_of_a_full_forward_pass(data_dir, 
     torch.testing.assert_close(after_logits, fresh_logits)
 
 
+@pytest.mark.slow
 def test_a_partial_run_replays_its_bottom_and_learns_the_same(data_dir, tmp_path):
     def run(cache, out):
         return peftkit.train({"model": "tiny-llama", "task": "sst2", "data_dir": data_dir, "max_train_samples": 64,

@@ -155,6 +155,7 @@ LARGE_RECIPES = sorted(p for family in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7
                        for p in (Path(__file__).parents[1] / "recipes").glob(f"{family}-*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", LARGE_RECIPES, ids=lambda p: p.stem)
 def test_large_llm_recipes_validate_with_dry_run(recipe, tmp_path):
     """Each 7-8B recipe validates and is estimated from its model's config alone (the hub
@@ -179,6 +180,7 @@ def test_dry_run_on_cpu_prints_the_estimate_without_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_python_api_prints_no_library_noise(tmp_path, data_dir):
     """A qlora run through the Python API: peftkit's lines and Trainer's progress, no load
     report for the new head, no bitsandbytes kernel hint, no deprecation warnings."""

@@ -23,6 +23,7 @@ def compare_command(out, data_dir, strategies="bitfit,linear-probe", seeds="0,1"
             "--strategies", strategies, "--seeds", seeds, "--data-dir", str(data_dir), "--out", str(out), *SMALL, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_dir):
     out = tmp_path / "cmp"
     proc = subprocess.Popen(compare_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -47,6 +48,7 @@ def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_
         assert read_runs(out)[key]["train_time_s"] == record["train_time_s"]
 
 
+@pytest.mark.slow
 def test_failed_run_is_recorded_and_retried_on_request(tmp_path, data_dir):
     out = tmp_path / "cmp"
     # target modules are only checked against the loaded model, inside the run: one failed row

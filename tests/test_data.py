@@ -97,8 +97,14 @@ def test_unknown_task():
 
 
 def test_hub_failure_explains_the_local_alternative(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # offline at once (the libraries read these settings when imported, so set their constants too)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
     with pytest.raises(PeftkitError, match="cannot download nyu-mll/glue/sst2.*--data-dir"):
         load_data(make_config({"task": "sst2"}))

@@ -34,6 +34,7 @@ def load_merged(directory):
     return AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["lora", "dora", "ia3", "peft:loha"])
 def test_merged_checkpoint_gives_the_runs_logits(tmp_path, data_dir, strategy):
     run = train(tmp_path, data_dir, strategy)

@@ -28,6 +28,7 @@ def logits(model, tokenizer):
         return model(**batch).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora"])
 def test_train_save_reload_gives_identical_results(tmp_path, data_dir, strategy, capsys):
     result = train(tmp_path, data_dir, strategy)
@@ -50,6 +51,7 @@ def test_train_save_reload_gives_identical_results(tmp_path, data_dir, strategy,
     assert torch.equal(logits(model, tokenizer), logits(again, tokenizer))
 
 
+@pytest.mark.slow
 def test_saved_forms_are_the_smallest_faithful_ones(tmp_path, data_dir):
     probe = train(tmp_path, data_dir, "linear-probe").output_dir
     assert set(load_file(probe / "trained_weights.safetensors")) == {"classifier.weight", "classifier.bias"}
@@ -115,6 +117,7 @@ def test_adapter_trains_on_a_4bit_base_and_reloads(tmp_path, data_dir):
     assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["full", "bitfit"])
 def test_mean_pooling_trains_and_reloads_for_strategies_that_tune_the_model(tmp_path, data_dir, strategy):
     result = train(tmp_path, data_dir, {"name": strategy, "pooling": "mean"})
@@ -132,6 +135,7 @@ def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
     assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["lora", "adapter", "full"])
 def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, strategy):
     """dtype bf16: the frozen base loads in bf16, what trains is fp32 (mixed precision), and the
@@ -164,6 +168,7 @@ def test_dtype_and_precision_must_agree():
         peftkit.train({**BASE, "dtype": "bf16", "precision": "fp32"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-32bit", "adafactor", "sgd"])
 def test_every_optimizer_trains(tmp_path, data_dir, optimizer):
     record = train(tmp_path, data_dir, "lora", optimizer=optimizer, max_grad_norm=0.5, attn_implementation="eager").record
@@ -215,23 +220,32 @@ def test_truncated_examples_are_counted_per_split(tmp_path, data_dir):
 
 
 def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(tmp_path, data_dir, monkeypatch):
-    import peftkit.run
-    from peftkit.config import make_config
-    from peftkit.errors import PeftkitError
-    from peftkit.estimate import estimate_run
+    """The guard asks the estimate at the data's longest examples; here an estimate that only
+    half the batch brings under the free memory."""
+    from types import SimpleNamespace
 
-    config = make_config({**BASE, "data_dir": data_dir, "strategy": "lora", "output_dir": tmp_path / "run"})
-    needed = estimate_run(config, device="cpu").total_bytes
-    halved = make_config({**config.model_dump(mode="json"), "batch_size": 8, "eval_batch_size": 128})
-    assert estimate_run(halved, device="cpu").total_bytes < needed
-    monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: needed - 1)
+    import peftkit.estimate
+    import peftkit.run
+    from peftkit.errors import PeftkitError
+
+    asked = []
+
+    def estimate_run(config, run=None, device=None):
+        asked.append(run)
+        return SimpleNamespace(total_bytes=2**30 * config.batch_size)  # 1 GiB per example in the batch
+
+    monkeypatch.setattr(peftkit.estimate, "estimate_run", estimate_run)
+    monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 12 * 2**30)
     loaded = []
-    monkeypatch.setattr(peftkit.run, "load_tokenizer", lambda *a: loaded.append(a))  # nothing may load
-    with pytest.raises(PeftkitError, match=r"needs about .* GiB by peftkit estimate.*these fit: .*--batch-size 8"
-                                           r".*or --force to try anyway"):
+    monkeypatch.setattr(peftkit.run, "base_quantization", lambda *a: loaded.append(a))  # called right before loading
+    config = {**BASE, "data_dir": data_dir, "strategy": "lora", "output_dir": tmp_path / "run"}
+    with pytest.raises(PeftkitError, match=r"needs about 16.00 GiB by peftkit estimate, and cpu has 12.00 GiB free; "
+                                           r"these fit: --batch-size 8 \(more --gradient-accumulation-steps\), "
+                                           r"or --force to try anyway"):
         peftkit.train(config)
-    assert not loaded and not (tmp_path / "run").exists()
+    assert not loaded and not (tmp_path / "run").exists()  # stopped before any weights loaded
+    assert asked[0]["data"]["longest_train_example"] <= 128  # the data's longest example, not max_length's guess
     monkeypatch.undo()
     monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 1)
-    result = peftkit.train({**config.model_dump(mode="json"), "force": True, "max_train_samples": 16, "epochs": 1})
+    result = peftkit.train({**config, "force": True, "max_train_samples": 16, "epochs": 1})
     assert result.record["config"]["force"] is True

@@ -65,6 +65,6 @@ def test_early_stopping_needs_a_selection_slice():
 
 
 def test_too_little_data_to_hold_out_is_one_line(tmp_path, jsonl):
-    path = jsonl("one.jsonl", [{"text": "only", "label": 1}])
-    with pytest.raises(PeftkitError, match="cannot hold out 10% of 1 training examples"):
+    path = jsonl("two.jsonl", [{"text": "only", "label": 1}, {"text": "these", "label": 0}])
+    with pytest.raises(PeftkitError, match="cannot hold out 10% of 2 training examples"):
         peftkit.train({"model": "tiny-bert", "train_file": path, "validation_file": path, "output_dir": tmp_path / "o"})

@@ -108,6 +108,7 @@ def test_packing_never_attends_across_examples():
         start = end
 
 
+@pytest.mark.slow
 def test_packed_training_runs_and_records(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir, packing=True, max_generate_samples=0)
     assert result.record["config"]["packing"] is True
@@ -138,6 +139,7 @@ def test_untuned_model_is_recorded_with_strategy_none(tmp_path, data_dir):
     assert (result.output_dir / "predictions.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_reload_and_merge_generate_the_same_greedy_text(tmp_path, data_dir):
     run = tiny_run(tmp_path, data_dir, learning_rate=5e-2).output_dir  # a large step: the adapter changes answers
     _, model, tokenizer, _ = load_run(run)
@@ -158,6 +160,7 @@ def test_reload_and_merge_generate_the_same_greedy_text(tmp_path, data_dir):
     assert generate(plain, tokenizer, conversations, 5, 2) == reloaded
 
 
+@pytest.mark.slow
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, data_dir):
     run = tiny_run(tmp_path, data_dir, learning_rate=5e-2).output_dir
     _, model, tokenizer, _ = load_run(run)
@@ -166,6 +169,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tmp_path, da
     assert batched == [generate(model, tokenizer, [c], 6, 1)[0] for c in conversations]
 
 
+@pytest.mark.slow
 def test_generate_command(tmp_path, data_dir):
     run = tiny_run(tmp_path, data_dir).output_dir
     result = invoke("generate", "--run", run, "a gripping , funny film")
@@ -238,6 +242,7 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     assert len(history) == 1 and history[0]["loss"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["full", "partial", "dora", "qlora", "ia3", "adapter", "prompt-tuning",
                                       "prefix-tuning", "p-tuning", "peft:loha"])
 def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_dir, strategy):
@@ -249,6 +254,7 @@ def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_d
     assert again == [r["generated"] for r in rows]  # the saved run generates what the run itself did
 
 
+@pytest.mark.slow
 def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir):
     """An instruction-tuning run on a bf16 base under bf16 autocast (CPU): the LoRA weights
     train in fp32, the base stays bf16, and the saved run regenerates the run's own greedy text."""
@@ -264,6 +270,7 @@ def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir):
     assert again == [r["generated"] for r in rows]
 
 
+@pytest.mark.slow
 def test_truncated_and_dropped_examples_are_recorded(tmp_path, data_dir):
     """At max_length 56 many sst2-chat conversations (48-82 tokens here) run over:
     each split counts its cut examples, and training examples cut before their answer are dropped."""

@@ -203,6 +203,7 @@ def logits(model, tokenizer, texts=("a gripping , funny film", "dull and far too
         return model(**tokenizer(list(texts), padding=True, return_tensors="pt")).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", RELOADED)
 def test_reloading_a_run_gives_identical_logits(tmp_path, data_dir, strategy):
     run = train(tmp_path, data_dir, strategy)
@@ -210,6 +211,7 @@ def test_reloading_a_run_gives_identical_logits(tmp_path, data_dir, strategy):
     assert torch.equal(logits(first, tokenizer), logits(load_run(run)[1], tokenizer))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
 def test_prefix_tuning_trains_and_padding_does_not_leak(tmp_path, data_dir, model):
     """The prefixes reach every attention layer through the key/value cache, and the attention

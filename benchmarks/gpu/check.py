@@ -7,7 +7,8 @@ weights are random, saved once to a scratch checkpoint, and loaded through peftk
     python benchmarks/gpu/check.py --out benchmarks/results/gpu/CARD.md   # one GPU, under 8 minutes
     python benchmarks/gpu/check.py --smoke                               # CPU, a tiny config (the tests run it)
 
-Each cell runs in its own process, so one cell's memory never shows in another's peak. A
+On a GPU each cell runs in its own process, so one cell's memory never shows in another's
+peak (the CPU smoke run keeps them in one process: it checks the path, not the numbers). A
 cell whose estimate exceeds the device's memory is reported as skipped, not attempted.
 """
 
@@ -58,7 +59,8 @@ def main() -> None:
         for shape, config in shapes.items():
             checkpoint = save_random_checkpoint(config, Path(scratch) / shape, settings["device"])
             for strategy in STRATEGIES:
-                rows.append({"shape": shape, "strategy": strategy, **run_cell(checkpoint, strategy, settings)})
+                cell = measure(checkpoint, strategy, settings) if args.smoke else run_cell(checkpoint, strategy, settings)
+                rows.append({"shape": shape, "strategy": strategy, **cell})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     table = markdown(rows, settings, " ".join(["python benchmarks/gpu/check.py", *sys.argv[1:]]))
     print(table)
