@@ -26,20 +26,20 @@ def compare_command(out, data_dir, strategies="bitfit,linear-probe", seeds="0,1"
 @pytest.mark.slow
 def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_dir):
     out = tmp_path / "cmp"
-    proc = subprocess.Popen(compare_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(compare_command(out, data_dir, seeds="0"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(read_runs(out)) < 1:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the harness and the run it had started
     proc.wait()
     first = read_runs(out)
-    assert 1 <= len(first) < 4, "kill came too late to test resuming"
+    assert len(first) == 1, "kill came too late to test resuming"
 
-    subprocess.run(compare_command(out, data_dir), check=True, capture_output=True)
+    subprocess.run(compare_command(out, data_dir, seeds="0"), check=True, capture_output=True)
     lines = [json.loads(line) for line in (out / RUNS_FILE).read_text().splitlines()]
     keys = [(r["strategy"], r["seed"]) for r in lines]
-    assert sorted(keys) == sorted({("bitfit", 0), ("bitfit", 1), ("linear-probe", 0), ("linear-probe", 1)})
+    assert sorted(keys) == [("bitfit", 0), ("linear-probe", 0)]
     assert all(r["status"] == "ok" for r in lines)
     for record in lines:  # the analytic estimate rides along, for the report's estimate/measured ratio
         assert record["estimate"]["total_bytes"] > 0

@@ -23,4 +23,6 @@ def test_smoke_run_measures_every_strategy(tmp_path):
     for row in rows:
         assert row[-1].strip() == "ok"
         step_s, tokens_per_s, peak, estimate = (float(row[i].replace(",", "")) for i in (3, 4, 5, 7))
-        assert step_s > 0 and tokens_per_s > 0 and peak > 0 and estimate > 0
+        # the CPU smoke run keeps its cells in one process, where a later cell can reuse memory an
+        # earlier one freed: its peak may read 0 (the GPU run gives each cell its own process)
+        assert step_s > 0 and tokens_per_s > 0 and peak >= 0 and estimate > 0
