@@ -30,7 +30,7 @@ from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_tra
                              load_tokenizer, resolve_model)
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
-from peftkit.trainer import KeepBestTrainable, StopOnNonFinite, autocast_for, torch_dtype
+from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
 
 RUN_RECORD = "run.json"
 PREDICTIONS = "predictions.jsonl"  # what the model generated for each validation example (sft)
@@ -214,8 +214,7 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience,
                                   task.greater_is_better(config.metric_for_best_model), task.metrics)
     with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
-        trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, scratch, model_dir,
-                                     [keep_best, StopOnNonFinite(model)])
+        trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, scratch, model_dir, [keep_best])
         output = trainer.train()
         keep_best.restore()
     return {

@@ -21,7 +21,8 @@ class Timed:
     """Mixin for a Trainer class: keeps the seconds spent evaluating, so training time can
     exclude them, and the seconds of training work done before `train()` (computing cached
     features). With a `replay`, the model's frozen bottom replays stored outputs while it
-    trains and evaluates (peftkit.bottom_cache)."""
+    trains and evaluates (peftkit.bottom_cache). A loss or gradient norm that stops being
+    finite stops training at that step (`raise_diverged`)."""
 
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
@@ -48,6 +49,14 @@ class Timed:
         if model.training and not torch.isfinite(loss.detach()).all():
             raise_diverged(self.state.global_step + 1, "the loss", self._get_learning_rate())
         return result
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """Trainer's gradient norm, computed before every optimizer step anyway (for clipping
+        and logging): a non-finite one stops the run before the step, as a non-finite loss does."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+            raise_diverged(self.state.global_step + 1, "a gradient", self._get_learning_rate())
+        return grad_norm
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -92,23 +101,9 @@ def _declare_trainable_additions(model: nn.Module) -> None:
         model._hf_peft_config_loaded = True
 
 
-class StopOnNonFinite(TrainerCallback):
-    """Stops a run whose loss or gradients stop being finite, at the step where it happens,
-    with one line naming the step and learning rate (instead of training on NaN to the end
-    and saving it). The loss is checked in `Timed.compute_loss`, gradients before each
-    optimizer step."""
-
-    def __init__(self, model: nn.Module):
-        self.trained = [p for p in model.parameters() if p.requires_grad]
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.trained if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(grads).sum()):
-            lr = kwargs["optimizer"].param_groups[0]["lr"] if kwargs.get("optimizer") else args.learning_rate
-            raise_diverged(state.global_step + 1, "a gradient", lr)
-
-
 def raise_diverged(step: int, what: str, lr: float) -> None:
+    """Stop a run whose loss or gradients stopped being finite (checked in `Timed`), with one
+    line naming the step and learning rate, instead of training on NaN to the end and saving it."""
     from peftkit.errors import PeftkitError
 
     raise PeftkitError(f"training diverged at step {step}: {what} is NaN or infinite (learning rate {lr:.3g}); nothing "
