@@ -184,6 +184,13 @@ class Prepared:
         return self.splits.get("selection")
 
 
+def take_truncation_counts(splits: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The splits without their 0/1 `truncated` column, and how many examples each had cut at
+    `max_length` (the run record's `truncated_examples`)."""
+    counts = {name: int(sum(split["truncated"])) for name, split in splits.items()}
+    return {name: split.remove_columns("truncated") for name, split in splits.items()}, counts
+
+
 @dataclass
 class Evaluation:
     """Final metrics, and per-example outputs to save beside the model (None when the task has none)."""

@@ -19,7 +19,8 @@ import numpy as np
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.tasks.base import DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task,
+                                take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -99,10 +100,9 @@ class Classification(Task):
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
         """Token ids per split, and how many examples each split had cut at `max_length`."""
         columns = data.info["text_columns"]
-        splits = {name: tokenize(split, tokenizer, columns, config.max_length, sort=name != "train")
-                  for name, split in data.splits().items()}
-        truncated = {name: int(sum(split["truncated"])) for name, split in splits.items()}
-        splits = {name: split.remove_columns("truncated") for name, split in splits.items()}
+        splits, truncated = take_truncation_counts({
+            name: tokenize(split, tokenizer, columns, config.max_length, sort=name != "train")
+            for name, split in data.splits().items()})
         return Prepared(splits, data.splits(), {**data.info, "truncated_examples": truncated})
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
@@ -209,8 +209,11 @@ def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: 
         texts = [batch[c] for c in text_columns]
         out = tokenizer(*texts, truncation=True, max_length=max_length)
         out["length"] = [len(ids) for ids in out["input_ids"]]
-        whole = tokenizer(*texts, verbose=False)["input_ids"]  # untruncated, to count what was cut
-        out["truncated"] = [int(len(ids) > max_length) for ids in whole]
+        # only an example that now fills max_length can have been cut: tokenize those again, whole
+        full = [i for i, n in enumerate(out["length"]) if n == max_length]
+        whole = tokenizer(*[[column[i] for i in full] for column in texts], verbose=False)["input_ids"] if full else []
+        cut = {i for i, ids in zip(full, whole) if len(ids) > max_length}
+        out["truncated"] = [int(i in cut) for i in range(len(out["length"]))]
         return out
 
     keep = {"labels"}

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.tasks.base import DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task,
+                                take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -95,13 +96,11 @@ class InstructionTuning(Task):
 
         def encode(row: dict[str, Any]) -> dict[str, Any]:
             ids, labels = tokenize_conversation(tokenizer, row["messages"], config.max_length)
-            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
-            whole = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-            return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": int(whole > config.max_length)}
+            cut = len(ids) == config.max_length and _untruncated_length(tokenizer, row["messages"]) > config.max_length
+            return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": int(cut)}
 
-        splits = {name: split.map(encode, remove_columns=["messages"]) for name, split in data.splits().items()}
-        truncated = {name: int(sum(split["truncated"])) for name, split in splits.items()}
-        splits = {name: split.remove_columns("truncated") for name, split in splits.items()}
+        splits, truncated = take_truncation_counts(
+            {name: split.map(encode, remove_columns=["messages"]) for name, split in data.splits().items()})
         before = len(splits["train"])
         splits["train"] = splits["train"].filter(lambda row: any(label != -100 for label in row["labels"]))
         if len(splits["train"]) == 0:
@@ -218,6 +217,12 @@ def set_chat_template(tokenizer: Any, template: str | None) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise PeftkitError("the model's tokenizer has no chat template: pass one with --set chat_template=FILE.jinja "
                            "(or the template text)")
+
+
+def _untruncated_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of the whole rendered conversation (asked only of one that fills max_length)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
