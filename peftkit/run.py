@@ -79,8 +79,9 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     tokenizer = load_tokenizer(source)
     strategy.prepare_tokenizer(tokenizer, model_config)
     prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
-    check_memory(config, {"data": {"longest_train_example": int(max(prepared.train["length"])),
-                                   "longest_validation_example": int(max(prepared.validation["length"]))}})
+    longest = {"longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
+               "longest_validation_example": int(max(prepared.validation["length"]))}
+    check_memory(config, {"data": longest}, device)
     model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -88,8 +89,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     print(trainable_line(model), flush=True)
     trainable, total = count_parameters(model)
     if trainable == 0 and strategy.trains_anything:
-        raise PeftkitError(f"strategy '{strategy.name}' trains no parameter of {config.model} "
-                           "(e.g. bitfit on a model without biases): pick another strategy")
+        raise PeftkitError(f"strategy '{strategy.name}' trains no parameter of {config.model}: pick another strategy")
 
     trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
                                "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
@@ -117,8 +117,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "test_examples": len(prepared.splits["test"]) if test else 0,
             **prepared.info,
             "train_tokens_per_epoch": tokens_per_epoch,
-            "longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
-            "longest_validation_example": int(max(prepared.validation["length"])),
+            **longest,
         },
         "metrics": final.metrics,  # the validation split, scored once at the end
         "test_metrics": test.metrics if test else None,
@@ -153,13 +152,12 @@ def free_memory_bytes(device: str) -> int | None:
     return None
 
 
-def check_memory(config: RunConfig, lengths: dict[str, Any] | None = None) -> None:
+def check_memory(config: RunConfig, lengths: dict[str, Any], device: str) -> None:
     """Before any weights load: stop (or, with `force`, warn) when `peftkit estimate`, at the
     data's longest examples (`lengths`, as a run record's "data" has them), says the run needs
-    more memory than the device has free, naming the switches that would fit."""
+    more memory than `device` has free, naming the switches that would fit."""
     from peftkit.estimate import estimate_run
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     free = free_memory_bytes(device)
     try:
         needed = estimate_run(config, lengths, device=device).total_bytes
@@ -175,7 +173,7 @@ def check_memory(config: RunConfig, lengths: dict[str, Any] | None = None) -> No
     print(f"warning: {message} (--force: trying anyway)", file=sys.stderr, flush=True)
 
 
-def _switches_that_fit(config: RunConfig, lengths: dict[str, Any] | None, device: str, free: int) -> str:
+def _switches_that_fit(config: RunConfig, lengths: dict[str, Any], device: str, free: int) -> str:
     """The single changes (gradient checkpointing, half the batch, 8-bit optimizer states,
     qlora for lora) under which the estimate fits `free`, named as flags."""
     from peftkit.config import make_config
