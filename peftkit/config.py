@@ -177,10 +177,11 @@ class RunConfig(BaseModel):
 
     def weights_dtype(self, device: str | None = None) -> str:
         """`dtype` resolved on `device` (default: this machine's): auto is bf16 on a GPU that
-        has it, fp32 elsewhere."""
+        has it, fp32 elsewhere, and on a GPU follows an explicit `precision` (never contradicts it)."""
         if self.dtype != "auto":
             return self.dtype
-        return "bf16" if _gpu_precision(device) == "bf16" else "fp32"
+        gpu = "bf16" if _gpu_precision(device) == "bf16" else "fp32"
+        return gpu if gpu == "fp32" or self.precision == "auto" else self.precision
 
     def compute_precision(self, device: str | None = None) -> str:
         """`precision` resolved on `device`: auto follows a half-precision `dtype`, else is

@@ -71,3 +71,16 @@ def test_unreadable_recipe(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(PeftkitError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_auto_dtype_on_a_gpu_follows_an_explicit_precision(monkeypatch):
+    import peftkit.config
+
+    monkeypatch.setattr(peftkit.config, "_gpu_precision", lambda device: "bf16")  # as on a GPU with bf16
+    assert make_config({"model": "tiny-bert"}).weights_dtype() == "bf16"
+    fp32 = make_config({"model": "tiny-bert", "precision": "fp32"})  # refused before: dtype bf16 vs precision fp32
+    assert (fp32.weights_dtype(), fp32.compute_precision()) == ("fp32", "fp32")
+    fp16 = make_config({"model": "tiny-bert", "precision": "fp16"})
+    assert (fp16.weights_dtype(), fp16.compute_precision()) == ("fp16", "fp16")
+    monkeypatch.setattr(peftkit.config, "_gpu_precision", lambda device: "fp32")  # CPU: as before
+    assert make_config({"model": "tiny-bert", "precision": "bf16"}).weights_dtype() == "fp32"
