@@ -210,3 +210,9 @@ def test_the_option_schemas_import_neither_torch_nor_peft():
     code = "import sys, peftkit.config, peftkit.strategies; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_dry_run_device_must_be_cuda_or_cpu(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "tpu", "--output-dir", out)
+    assert_clean_failure(result, "--device must be cuda or cpu, got 'tpu'", out)
