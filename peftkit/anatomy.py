@@ -30,16 +30,14 @@ class Anatomy:
     head_modules: tuple[str, ...]   # e.g. ("classifier",)
     embedding_params: frozenset[str]
     layer_linear_suffixes: tuple[str, ...]  # Linear paths inside one layer, e.g. "attention.self.query"
+    # the head reads every token's hidden state: a token classifier, or a decoder's sequence
+    # classifier (`score`), which scores every position and then picks the last real one
+    head_scores_every_token: bool = False
 
     def layer_index(self, param_name: str) -> int | None:
         """The index of the layer a parameter belongs to, or None outside the stack."""
         match = re.match(re.escape(self.layers_prefix) + r"\.(\d+)\.", param_name)
         return int(match.group(1)) if match else None
-
-    @property
-    def head_scores_every_token(self) -> bool:
-        """Decoder classifiers (`score`) score every position, then pick the last real one."""
-        return self.head_modules[0] == "score"
 
     def is_head(self, param_name: str) -> bool:
         return is_under(param_name, self.head_modules)
@@ -92,7 +90,8 @@ def inspect_model(model: nn.Module) -> Anatomy:
         name for name, module in stack[0].named_modules()
         if name and _is_linear(module)
     )
-    return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes)
+    every_token = head[0] == "score" or type(model).__name__.endswith("ForTokenClassification")
+    return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes, every_token)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -73,6 +73,9 @@ class RunConfig(BaseModel):
     prompt_column: str | None = None             # ... or a prompt and a completion
     completion_column: str | None = None
     chat_template: str | None = None             # sft: a Jinja file or template text (default: the model's own)
+    tokens_column: str | None = None             # token classification: a list of words per example ...
+    tags_column: str | None = None               # ... and one tag per word (strings, or integers ...
+    tag_names: list[str] | None = None           # ... named by these, in order)
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=8)  # None: the task's default (128 classification, 1024 sft)
@@ -148,6 +151,7 @@ class RunConfig(BaseModel):
         strategy = self.strategy.build()
         strategy.check_quantization(self.quantization)
         task = self.task_kind
+        _check_column_options(self, task)
         task.check_strategy(strategy)
         if self.metric_for_best_model is None:
             self.metric_for_best_model = task.selects
@@ -210,6 +214,17 @@ def _gpu_precision(device: str | None) -> str:
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return "fp16"
     return "bf16"
+
+
+def _check_column_options(config: RunConfig, task: Any) -> None:
+    """A column option of another task kind (`tokens_column` on sst2) is a mistake: say whose it is."""
+    from peftkit.tasks import TASKS
+
+    for other in TASKS.values():
+        for name in other.column_options:
+            if name not in task.column_options and getattr(config, name) is not None:
+                raise ValueError(f"{name} is an option of task '{other.name}', and this run's task is "
+                                 f"'{task.name}': drop it or pick a {other.name} task")
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:

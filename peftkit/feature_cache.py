@@ -9,7 +9,9 @@ length. A cache built for anything else is never reused.
 Heads that read one vector per example (BERT's classifier on the pooled output) are cached
 as is. Decoder heads (`score`) run on every position and the model then takes the logits of
 the last non-padding token; since the head is linear, taking that token's hidden state first
-is the same thing, and that vector is what is cached.
+is the same thing, and that vector is what is cached. A token classifier's loss reads only the
+labelled tokens (each word's first sub-token), so their hidden states are what is cached, one
+row per labelled token, in order.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def _tokenizer_signature(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def head_inputs(model: nn.Module, dataset: Any, collate: Any, batch_size: int) -> torch.Tensor:
-    """One row per example: the vector the head turns into logits, in dataset order."""
+def head_inputs(model: nn.Module, dataset: Any, collate: Any, batch_size: int) -> torch.Tensor | list[torch.Tensor]:
+    """What the head turns into logits, in dataset order: one row per example, or for labels
+    per token (token classification), per example the rows of its labelled tokens."""
     anatomy = inspect_model(model)
     head = model.get_submodule(anatomy.head_modules[0])
     captured: list[torch.Tensor] = []
@@ -87,18 +90,21 @@ def head_inputs(model: nn.Module, dataset: Any, collate: Any, batch_size: int) -
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 batch = collate([dataset[i] for i in order[start:start + batch_size]])
-                batch.pop("labels", None)
+                labels = batch.pop("labels", None)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 captured.clear()
                 model(**batch)
-                rows.append(_pool(captured[0], batch, model).float().cpu())
+                if labels is not None and labels.dim() == 2:  # per token: each example's labelled rows
+                    rows += [hidden[keep].float().cpu() for hidden, keep in zip(captured[0], labels.to(model.device) != -100)]
+                else:
+                    rows += list(_pool(captured[0], batch, model).float().cpu())
     finally:
         hook.remove()
         model.train(was_training)
-    features = torch.cat(rows)
-    restored = torch.empty_like(features)
-    restored[torch.tensor(order)] = features
-    return restored
+    restored: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for position, row in zip(order, rows):
+        restored[position] = row
+    return restored if restored and restored[0].dim() == 2 else torch.stack(restored)
 
 
 def _pool(head_input: torch.Tensor, batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
@@ -150,13 +156,26 @@ class HeadOnFeatures(nn.Module):
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Cached features with their labels, in the shape the default collator stacks."""
+    """Cached features with their labels: one vector and label per example, or per example
+    the rows of its labelled tokens and their labels (the -100 of unlabelled tokens dropped,
+    as their rows were). `collate` batches either kind."""
 
-    def __init__(self, features: torch.Tensor, labels: list[int]):
-        self.features, self.labels = features, torch.tensor(labels)
+    def __init__(self, features: torch.Tensor | list[torch.Tensor], labels: list[int] | list[list[int]]):
+        self.features = features
+        self.labels = [torch.tensor([v for v in row if v != -100]) for row in labels] \
+            if isinstance(features, list) else torch.tensor(labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"features": self.features[index], "labels": self.labels[index]}
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stacked vectors, or token rows padded to the batch's longest example (labels with -100)."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        if not isinstance(self.features, list):
+            return {"features": torch.stack([i["features"] for i in items]), "labels": torch.stack([i["labels"] for i in items])}
+        return {"features": pad_sequence([i["features"] for i in items], batch_first=True),
+                "labels": pad_sequence([i["labels"] for i in items], batch_first=True, padding_value=-100)}

@@ -42,17 +42,22 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def new_head_expected(head_modules: list[str]) -> Iterator[None]:
+def new_head_expected(head_modules: list[str], unused: tuple[str, ...] = ()) -> Iterator[None]:
     """While a task model loads: drop a load report that lists nothing but the new head's
-    weights as MISSING. A report with anything else in it still shows."""
+    weights as MISSING, and checkpoint modules the task model has no use for (`unused`, e.g.
+    BERT's pooler under a token classifier) as UNEXPECTED. A report with anything else in it
+    still shows."""
+    def expected(key: str, status: str) -> bool:
+        if status == "UNEXPECTED":
+            return any(part in unused for part in key.split("."))
+        return status == "MISSING" and any(key == h or key.startswith(h + ".") for h in head_modules)
+
     def only_new_head(message: str) -> bool:
         if "LOAD REPORT" not in message:
             return False
         rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
         rows = [row for row in rows[1:] if len(row) >= 2 and row[0]]  # after the "Key | Status" header
-        return bool(rows) and all(
-            status == "MISSING" and any(key == h or key.startswith(h + ".") for h in head_modules)
-            for key, status, *_ in rows)
+        return bool(rows) and all(expected(key, status) for key, status, *_ in rows)
 
     logger = logging.getLogger(TRANSFORMERS_LOADING_LOGGER)
     dropping = _DropMatching(only_new_head)

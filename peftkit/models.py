@@ -179,9 +179,12 @@ def load_for_classification(
     quantization: Any = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    auto_class: str = "AutoModelForSequenceClassification",
 ) -> nn.Module:
-    """AutoModelForSequenceClassification for any encoder or decoder, labels named.
-    The new head is initialised from the global seed (set it first for reproducible runs)."""
+    """A model with a new classifier head for any encoder or decoder, labels named: one label
+    per text (`AutoModelForSequenceClassification`) or per token (`auto_class`
+    `AutoModelForTokenClassification`). The new head is initialised from the global seed
+    (set it first for reproducible runs)."""
     labels = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
@@ -190,9 +193,10 @@ def load_for_classification(
     )
     from peftkit.library_noise import new_head_expected
 
-    head = head_modules(source, labels)
-    with new_head_expected(head):
-        return load_pretrained("AutoModelForSequenceClassification", source, quantization, dtype,
+    head = head_modules(source, labels, auto_class)
+    per_token = auto_class == "AutoModelForTokenClassification"
+    with new_head_expected(head, unused=("pooler",) if per_token else ()):  # a token classifier has no pooler
+        return load_pretrained(auto_class, source, quantization, dtype,
                                head if quantization is not None else None, attn_implementation, **labels)
 
 
@@ -275,16 +279,17 @@ def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dt
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def head_modules(source: ModelSource, labels: dict[str, Any]) -> list[str]:
+def head_modules(source: ModelSource, labels: dict[str, Any], auto_class: str = "AutoModelForSequenceClassification") -> list[str]:
     """Names of the task head's modules, found on an empty (meta) model: never quantized."""
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from peftkit.anatomy import inspect_model
 
     config = _from_pretrained(AutoConfig, source, **labels)
     with init_empty_weights():
-        empty = AutoModelForSequenceClassification.from_config(config)
+        empty = getattr(transformers, auto_class).from_config(config)
     return list(inspect_model(empty).head_modules)
 
 

@@ -98,9 +98,35 @@ class PromptLearning(PeftStrategy):
     def config_options(self, model: nn.Module) -> dict[str, Any]:
         return {"num_virtual_tokens": self.num_virtual_tokens, **self.prompt_options(model)}
 
+    def wrapped(self, model: nn.Module) -> nn.Module:
+        """PEFT 0.21's token classifier puts the virtual tokens in front of the input and
+        returns logits for them too, while the labels cover the real tokens only (the loss
+        then fails on the length). Aligned here: the labels get -100 at the virtual positions,
+        and the logits returned are the real tokens' only."""
+        if self.virtual_tokens_enter == "input" and type(model).__name__ == "PeftModelForTokenClassification":
+            _skip_virtual_positions(model, self.num_virtual_tokens)
+        return model
+
     def prompt_options(self, model: nn.Module) -> dict[str, Any]:
         """The prompt-learning method's own options for this model."""
         raise NotImplementedError
+
+
+def _skip_virtual_positions(model: nn.Module, count: int) -> None:
+    """Hooks that make a prompt-learned token classifier take and return the real tokens only."""
+    import torch
+
+    def pad_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (count, 0), value=-100)
+        return args, kwargs
+
+    def drop_virtual_logits(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        output["logits"] = output["logits"][:, count:]
+        return output
+
+    model.register_forward_pre_hook(pad_labels, with_kwargs=True)
+    model.register_forward_hook(drop_virtual_logits, with_kwargs=True)
 
 
 @register("prompt-tuning")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
@@ -86,7 +86,8 @@ class Classification(Task):
                    **weights: Any) -> nn.Module:
         from peftkit.models import load_for_classification
 
-        return load_for_classification(source, info["label_names"], tokenizer, quantization, **weights)
+        return load_for_classification(source, info["label_names"], tokenizer, quantization, auto_class=self.model_class,
+                                       **weights)
 
     def hold_out_selection(self, data: TaskData, config: RunConfig) -> None:
         """The selection slice keeps each label's share of the training data."""
@@ -112,7 +113,6 @@ class Classification(Task):
         head on cached features; when a frozen, dropout-free bottom sits below the lowest
         trainable layer, it replays that bottom's stored outputs (peftkit.bottom_cache)."""
         import torch
-        from transformers import default_data_collator
 
         from peftkit.anatomy import inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
@@ -121,7 +121,7 @@ class Classification(Task):
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
-        collate: Any = PadToLongest(tokenizer)
+        collate: Any = self.collator(tokenizer)
         start = time.perf_counter()
         variant = repr((sorted(strategy.options().items()), config.quantization))
         on_features = strategy.frozen_below_head and config.cache_features
@@ -132,7 +132,7 @@ class Classification(Task):
                         for split in splits]
             train_dataset, eval_dataset = features[0], features[1] if len(features) > 1 else None
             model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
-            collate = default_data_collator
+            collate = features[0].collate
         elif config.cache_features and (bottom := frozen_bottom(model)):
             site = f"{inspect_model(model).layers_prefix}.{bottom - 1}"
             outputs = BottomOutputs.joined([
@@ -156,7 +156,8 @@ class Classification(Task):
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=collate,
-            compute_metrics=compute_metrics,
+            compute_metrics=self.metric_function(prepared.info),
+            preprocess_logits_for_metrics=self.reduce_logits,
             optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
             callbacks=callbacks,
         )
@@ -171,8 +172,9 @@ class Classification(Task):
 
         metrics = evaluate_once(lambda scratch: TimedTrainer(
             model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
-            processing_class=tokenizer, data_collator=PadToLongest(tokenizer), compute_metrics=compute_metrics))
-        return Evaluation({k: v for k, v in metrics.items() if k in self.metrics})
+            processing_class=tokenizer, data_collator=self.collator(tokenizer),
+            compute_metrics=self.metric_function(prepared.info), preprocess_logits_for_metrics=self.reduce_logits))
+        return Evaluation({k: v for k, v in metrics.items() if self.records_metric(k)})
 
     def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
                 config: RunConfig) -> list[str]:
@@ -197,6 +199,21 @@ class Classification(Task):
 
     def input_fields(self, record: dict[str, Any]) -> list[str]:
         return list(record["data"]["text_columns"])
+
+    # What the shared trainer and evaluation take from a kind of classification (a token
+    # classifier overrides them): the collator, the metrics, and a reduction of each batch's
+    # logits before they are gathered (None: keep them whole).
+    reduce_logits: ClassVar[Any] = None
+
+    def collator(self, tokenizer: Any) -> Any:
+        return PadToLongest(tokenizer)
+
+    def metric_function(self, info: dict[str, Any]) -> Callable[[Any], dict[str, float]]:
+        return compute_metrics
+
+    def records_metric(self, name: str) -> bool:
+        """Whether the run record keeps a metric the evaluation computed."""
+        return name in self.metrics
 
 
 def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: int, sort: bool = False) -> Any:
