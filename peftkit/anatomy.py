@@ -30,7 +30,7 @@ class Anatomy:
     head_modules: tuple[str, ...]   # e.g. ("classifier",)
     embedding_params: frozenset[str]
     layer_linear_suffixes: tuple[str, ...]  # Linear paths inside one layer, e.g. "attention.self.query"
-    # the head reads every token's hidden state: a token classifier, or a decoder's sequence
+    # the head reads every token's hidden state: a token classifier, a span (QA) head, or a decoder's sequence
     # classifier (`score`), which scores every position and then picks the last real one
     head_scores_every_token: bool = False
 
@@ -90,7 +90,7 @@ def inspect_model(model: nn.Module) -> Anatomy:
         name for name, module in stack[0].named_modules()
         if name and _is_linear(module)
     )
-    every_token = head[0] == "score" or type(model).__name__.endswith("ForTokenClassification")
+    every_token = head[0] == "score" or type(model).__name__.endswith(("ForTokenClassification", "ForQuestionAnswering"))
     return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes, every_token)
 
 

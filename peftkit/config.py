@@ -76,6 +76,10 @@ class RunConfig(BaseModel):
     tokens_column: str | None = None             # token classification: a list of words per example ...
     tags_column: str | None = None               # ... and one tag per word (strings, or integers ...
     tag_names: list[str] | None = None           # ... named by these, in order)
+    question_column: str | None = None           # extractive QA (default: SQuAD's question, context, answers)
+    context_column: str | None = None
+    answers_column: str | None = None
+    doc_stride: int | None = Field(default=None, ge=0)  # QA: tokens neighbouring context windows share (a third of max_length)
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=8)  # None: the task's default (128 classification, 1024 sft)

@@ -187,9 +187,10 @@ def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None,
-                       args_class: type | None = None, **extra: Any) -> Any:
+                       args_class: type | None = None, label_names: tuple[str, ...] = ("labels",), **extra: Any) -> Any:
     """TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` fields) from
-    a RunConfig; checkpoints off (the run saves its own outputs)."""
+    a RunConfig; checkpoints off (the run saves its own outputs). `label_names`: the batch's
+    targets (extractive QA has two: the answer's start and end positions)."""
     from transformers import TrainingArguments
 
     group_by_length = config.group_by_length if group_by_length is None else group_by_length
@@ -214,7 +215,7 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,
-        label_names=["labels"],
+        label_names=list(label_names),
         dataloader_num_workers=0,
         disable_tqdm=False,  # transformers hides the bar when its log level is quiet; we want it
         max_grad_norm=config.max_grad_norm,

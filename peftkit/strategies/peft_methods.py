@@ -99,11 +99,14 @@ class PromptLearning(PeftStrategy):
         return {"num_virtual_tokens": self.num_virtual_tokens, **self.prompt_options(model)}
 
     def wrapped(self, model: nn.Module) -> nn.Module:
-        """PEFT 0.21's token classifier puts the virtual tokens in front of the input and
-        returns logits for them too, while the labels cover the real tokens only (the loss
-        then fails on the length). Aligned here: the labels get -100 at the virtual positions,
-        and the logits returned are the real tokens' only."""
-        if self.virtual_tokens_enter == "input" and type(model).__name__ == "PeftModelForTokenClassification":
+        """PEFT 0.21's token classifier and extractive QA model put the virtual tokens in front
+        of the input and return logits for them too, while labels and answer positions count
+        the real tokens only: the token classifier's loss fails on the length, and the QA loss
+        silently reads every answer `num_virtual_tokens` too early. Aligned here: labels get
+        -100 at the virtual positions, answer positions move past them, and the logits
+        returned are the real tokens' only."""
+        if self.virtual_tokens_enter == "input" and type(model).__name__ in (
+                "PeftModelForTokenClassification", "PeftModelForQuestionAnswering"):
             _skip_virtual_positions(model, self.num_virtual_tokens)
         return model
 
@@ -116,16 +119,21 @@ def _skip_virtual_positions(model: nn.Module, count: int) -> None:
     """Hooks that make a prompt-learned token classifier take and return the real tokens only."""
     import torch
 
-    def pad_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def shift_targets(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         if kwargs.get("labels") is not None:
             kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (count, 0), value=-100)
+        for name in ("start_positions", "end_positions"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name] + count
         return args, kwargs
 
     def drop_virtual_logits(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        output["logits"] = output["logits"][:, count:]
+        for name in ("logits", "start_logits", "end_logits"):
+            if output.get(name) is not None:
+                output[name] = output[name][:, count:]
         return output
 
-    model.register_forward_pre_hook(pad_labels, with_kwargs=True)
+    model.register_forward_pre_hook(shift_targets, with_kwargs=True)
     model.register_forward_hook(drop_virtual_logits, with_kwargs=True)
 
 

@@ -83,7 +83,7 @@ class Task:
     pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
     generates_text: ClassVar[bool] = False   # True: `answer` generates replies (`peftkit generate`)
     default_max_length: ClassVar[int] = 128
-    column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields naming this kind's columns
+    column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields only this kind reads (its columns, ...)
 
     def check_strategy(self, strategy: Strategy) -> None:
         """Refuse a strategy that means nothing for this task, before any weights load."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
+from peftkit.text_metrics import normalize_answer
 from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task,
                                 take_truncation_counts)
 
@@ -279,13 +279,6 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
 
 
 def gsm8k_answer(text: str) -> str:
