@@ -86,10 +86,13 @@ def inspect_model(model: nn.Module) -> Anatomy:
         elif not seen_stack and not any(name.startswith(h + ".") for h in head):
             embeddings.add(name)
 
-    suffixes = tuple(
-        name for name, module in stack[0].named_modules()
+    # an encoder-decoder has two stacks whose layers differ (the decoder's has cross-attention,
+    # and its feed-forward sits one sub-layer later): a layer's projections are both stacks'
+    blocks = [m[0] for _, m in stacks] if getattr(model.config, "is_encoder_decoder", False) else [stack[0]]
+    suffixes = tuple(dict.fromkeys(
+        name for block in blocks for name, module in block.named_modules()
         if name and _is_linear(module)
-    )
+    ))
     every_token = head[0] == "score" or type(model).__name__.endswith(("ForTokenClassification", "ForQuestionAnswering"))
     return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes, every_token)
 

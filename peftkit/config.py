@@ -73,12 +73,19 @@ class RunConfig(BaseModel):
     prompt_column: str | None = None             # ... or a prompt and a completion
     completion_column: str | None = None
     chat_template: str | None = None             # sft: a Jinja file or template text (default: the model's own)
+    prompt_template: str | None = None           # sft: the user turn made of a prompt column, "{prompt}" marking it
+    references_column: str | None = None         # sft, seq2seq: a list of reference texts per example to score against
     tokens_column: str | None = None             # token classification: a list of words per example ...
     tags_column: str | None = None               # ... and one tag per word (strings, or integers ...
     tag_names: list[str] | None = None           # ... named by these, in order)
     question_column: str | None = None           # extractive QA (default: SQuAD's question, context, answers)
     context_column: str | None = None
     answers_column: str | None = None
+    source_column: str | None = None             # seq2seq (default: source, target)
+    target_column: str | None = None
+    source_prefix: str | None = None             # seq2seq: put before every source, e.g. "summarize: " for T5
+    max_target_length: int | None = Field(default=None, ge=1)  # seq2seq: target tokens kept (128)
+    num_beams: int | None = Field(default=None, ge=1)  # seq2seq generation: 1 is greedy
     doc_stride: int | None = Field(default=None, ge=0)  # QA: tokens neighbouring context windows share (a third of max_length)
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)

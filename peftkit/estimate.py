@@ -137,6 +137,9 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
     strategy.check_quantization(quantization)
     config = load_config(model)
+    if getattr(config, "is_encoder_decoder", False):  # one layer stack is modelled; T5/BART have two, and cross-attention
+        raise PeftkitError(f"peftkit estimate models one layer stack, and {config.model_type} is an encoder-decoder "
+                           "(two stacks, cross-attention): no estimate for it yet; measure a short run instead")
     config.num_labels = num_labels
     if attn_implementation != "auto":
         config._attn_implementation = attn_implementation

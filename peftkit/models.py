@@ -45,6 +45,8 @@ TINY = {
                       intermediate_size=128, max_position_embeddings=512),
     "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512),
+    "tiny-t5": dict(model_type="t5", d_model=64, d_kv=32, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2,
+                    relative_attention_num_buckets=8),
 }
 
 
@@ -142,11 +144,13 @@ def _tiny_checkpoint(alias: str) -> Path:
     language-model head, so a causal LM loads the same output layer every time."""
 
     def write(directory: Path) -> None:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm"))
         config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY[alias])
-        auto = AutoModel if config.model_type == "bert" else AutoModelForCausalLM
+        auto = {"bert": AutoModel, "t5": AutoModelForSeq2SeqLM}.get(config.model_type, AutoModelForCausalLM)
+        if config.is_encoder_decoder:  # decoding starts at padding and stops at [SEP], the tokenizer's end of text
+            config.decoder_start_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.sep_token_id
         with torch.random.fork_rng():
             torch.manual_seed(0)
             auto.from_config(config).save_pretrained(directory)

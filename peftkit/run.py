@@ -64,7 +64,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
     source = resolve_model(config.model)
     model_config = load_model_config(source)
-    strategy.check(model_config)
+    strategy.check(model_config, task)
     data = task.load_data(config, dataset)
     if config.select == "best":
         task.hold_out_selection(data, config)

@@ -26,7 +26,7 @@ def count_for_model(model_name: str, names: list[str], task: Task, num_labels: i
     for name in names:
         try:
             strategy = build_strategy(name)
-            strategy.check(model_config)
+            strategy.check(model_config, task)
             task.check_strategy(strategy)
             quantization = strategy.quantization_config(torch.float32)
             model = copy.deepcopy(plain) if quantization is None else task.load_model(source, info, tokenizer, quantization)

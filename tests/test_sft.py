@@ -119,11 +119,11 @@ def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir)
     record = result.record
     assert record["task_kind"] == "sft"
-    assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "generated"}
-    assert rows[0]["reference"] in ("positive", "negative")
+    assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "references", "generated"}
+    assert rows[0]["reference"] in ("positive", "negative") and rows[0]["references"] == [rows[0]["reference"]]
     assert (result.output_dir / "adapter_config.json").is_file()
     assert (result.output_dir / "chat_template.jinja").read_text() == CHATML  # generate renders prompts the same way
     # the tied LM head is not trained as a copy: only LoRA matrices are in the adapter
@@ -198,12 +198,12 @@ def test_prompt_completion_layout_and_gsm8k_answers(tmp_path, jsonl):
     assert result.record["data"]["columns"] == {"prompt": "q", "completion": "a"}
     assert gsm8k_answer("so 3 + 4 = 7.\n#### 1,234") == "1234"
     assert gsm8k_answer("the answer is 12.") == "12"
-    scores = score_generations(["#### 7", "it is 8"], ["x #### 7", "#### 9"], "gsm8k")
+    scores = score_generations(["#### 7", "it is 8"], [["x #### 7"], ["#### 9"]], "gsm8k")
     assert scores["exact_match"] == 0.5
 
 
 def test_exact_match_is_normalized_and_rouge_l_from_rouge_score():
-    scores = score_generations(["Positive.", "the cat sat"], ["positive", "a cat sat down"])
+    scores = score_generations(["Positive.", "the cat sat"], [["positive"], ["a cat sat down"]])
     assert scores["exact_match"] == 0.5
     # "cat sat" is the longest common subsequence: precision 2/3, recall 2/4, F1 4/7
     assert scores["rouge_l"] == pytest.approx((1.0 + 4 / 7) / 2)
@@ -247,7 +247,7 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
                                       "prefix-tuning", "p-tuning", "peft:loha"])
 def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_dir, strategy):
     result = tiny_run(tmp_path, data_dir, strategy, max_train_samples=20, max_eval_samples=4, max_new_tokens=2)
-    assert result.record["trainable_params"] > 0 and set(result.metrics) == {"loss", "perplexity", "exact_match", "rouge_l"}
+    assert result.record["trainable_params"] > 0 and set(result.metrics) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     _, model, tokenizer, _ = load_run(result.output_dir)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     again = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], 2, 4)

@@ -165,9 +165,9 @@ T5_HEAD = {"classification_head.modules_to_save.default.dense.weight": 64 * 64, 
 
 
 def test_ia3_and_loha_on_t5(tiny_t5):
-    # Layer paths come from the decoder block (self-attention layer.0, cross-attention layer.1,
-    # FFN layer.2); layer.0's paths match the encoder blocks too, so the encoder's attention is
-    # adapted but not its FFN (layer.1 there): the anatomy's limitation, shared with lora.
+    # Layer paths come from both stacks' blocks: the encoder's (self-attention layer.0, FFN
+    # layer.1) and the decoder's (self-attention layer.0, cross-attention layer.1, FFN layer.2).
+    # ia3 rescales the feed-forward output it finds last (the decoder's FFN).
     stem = "base_model.model.transformer"
     ia3 = build_strategy("ia3").apply(tiny_t5())
     kv = {f"{stack}.block.{i}.layer.{sub}.{kind}.{p}.ia3_l.default": 64 for i in range(2) for p in "kv"
@@ -178,9 +178,9 @@ def test_ia3_and_loha_on_t5(tiny_t5):
     assert count_parameters(ia3)[0] == 2 * (6 * 64 + 128) + 4290  # head: 64x64+64 dense, 64x2+2 out_proj
 
     # loha: 8 attention projections per decoder block and 4 per encoder block (64x64: 16*128 = 2048
-    # each), the decoder FFN (64x128, 128x64: 16*192 = 3072 each)
+    # each), both stacks' FFNs (64x128, 128x64: 16*192 = 3072 each)
     loha_model = build_strategy("peft:loha").apply(tiny_t5())
-    assert count_parameters(loha_model)[0] == 2 * (4 * 2048) + 2 * (8 * 2048 + 2 * 3072) + 4290
+    assert count_parameters(loha_model)[0] == 2 * (4 * 2048 + 2 * 3072) + 2 * (8 * 2048 + 2 * 3072) + 4290
 
 
 @pytest.mark.parametrize("strategy", ["prompt-tuning", "p-tuning", "prefix-tuning"])

@@ -64,9 +64,10 @@ class Strategy:
         "only PEFT adapters (lora, dora, qlora, ia3, peft:<method>) fold into the base weights"
     )
 
-    def check(self, model_config: Any) -> None:
+    def check(self, model_config: Any, task: Task | None = None) -> None:
         """Reject an impossible (strategy, architecture) pair from the model's transformers
-        config alone, before any weights load. Raises PeftkitError; the default accepts all."""
+        config alone (and the task it trains for), before any weights load. Raises
+        PeftkitError; the default accepts all."""
 
     def check_task(self, task: Task) -> None:
         """Refuse a task this strategy cannot train, before any weights load (default: none)."""

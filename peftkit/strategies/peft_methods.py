@@ -82,8 +82,8 @@ class PromptLearning(PeftStrategy):
         if self.num_virtual_tokens < 1:
             raise PeftkitError(f"{self.name} needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}")
 
-    def check(self, model_config: Any) -> None:
-        if getattr(model_config, "is_encoder_decoder", False):
+    def check(self, model_config: Any, task: Task | None = None) -> None:
+        if getattr(model_config, "is_encoder_decoder", False) and not (task and task.generates_text):
             raise PeftkitError(
                 f"{self.name} cannot train a {model_config.model_type} classifier: encoder-decoder classifiers find "
                 "their end-of-sequence token in input_ids, which prompt learning replaces with embeddings; use lora or ia3"
@@ -181,8 +181,8 @@ class PrefixTuning(PromptLearning):
     projection: bool = False
     encoder_hidden_size: int | None = None
 
-    def check(self, model_config: Any) -> None:
-        super().check(model_config)
+    def check(self, model_config: Any, task: Task | None = None) -> None:
+        super().check(model_config, task)
         _check_takes_key_value_cache(self.name, model_config, ("cache", "past_key_values"))
 
     def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:

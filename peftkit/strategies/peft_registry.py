@@ -66,7 +66,7 @@ class PeftMethod(PeftStrategy):
             raise PeftkitError(f"strategy {self.name} cannot train here: {self.unsupported}")
         self._build(target_modules=None, head=None, task_type="CAUSAL_LM")
 
-    def check(self, model_config: Any) -> None:
+    def check(self, model_config: Any, task: Task | None = None) -> None:
         if self.peft_type in PREFIX_LIKE:
             _check_takes_key_value_cache(self.name, model_config)
 

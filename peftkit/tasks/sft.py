@@ -30,11 +30,15 @@ if TYPE_CHECKING:
 
     from peftkit.config import RunConfig
 
+SUMMARY_PROMPT = "Summarize this scientific abstract in one sentence.\n\n{prompt}"
+
 DATASETS["sst2-chat"] = BuiltinDataset("sft", {"messages_column": "messages"})
 DATASETS["dolly"] = BuiltinDataset("sft", {"messages_column": "messages"})
 DATASETS["gsm8k"] = BuiltinDataset("sft", {"prompt_column": "prompt", "completion_column": "completion"},
                                    hub=("openai/gsm8k", "main"), hub_columns={"question": "prompt", "answer": "completion"},
                                    answer_format="gsm8k")
+DATASETS["scitldr"] = BuiltinDataset("sft", {"prompt_column": "document", "completion_column": "summary",
+                                              "references_column": "references", "prompt_template": SUMMARY_PROMPT})
 
 
 @register_task("sft")
@@ -43,14 +47,14 @@ class InstructionTuning(Task):
     model_class = "AutoModelForCausalLM"
     model_suffix = "ForCausalLM"
     peft_task_type = "CAUSAL_LM"
-    metrics = ("loss", "perplexity", "exact_match", "rouge_l")
+    metrics = ("loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu")
     selects = "loss"
     primary = "exact_match"
     table_metrics = ("exact_match", "rouge_l", "perplexity")
     pretrained_head = True
     generates_text = True
     default_max_length = 1024
-    column_options = ("messages_column", "prompt_column", "completion_column")
+    column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template")
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int) -> dict[str, int]:
@@ -76,11 +80,16 @@ class InstructionTuning(Task):
         require_columns(splits, list(columns.values()), "name them with --set messages_column=... or "
                         "--set prompt_column=... --set completion_column=...")
         splits = cap_samples(splits, config)
+        template = config.prompt_template or defaults.get("prompt_template")
+        if template is not None and "messages" in columns:
+            raise PeftkitError("prompt_template formats a prompt column, and this data has chat messages: drop it")
+        references = config.references_column or defaults.get("references_column")
         for split, data in splits.items():
-            splits[split] = data.map(lambda row, i: {"messages": _conversation(row, columns, split, i)}, with_indices=True,
-                                     remove_columns=data.column_names)
+            splits[split] = data.map(lambda row, i: _example(row, columns, template, references, split, i),
+                                     with_indices=True, remove_columns=data.column_names)
         return TaskData(splits["train"], splits["validation"],
-                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text"},
+                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text",
+                         "prompt_template": template, "references_column": references},
                         test=splits.get("test"))
 
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
@@ -132,11 +141,12 @@ class InstructionTuning(Task):
         count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
         if count == 0:
             return Evaluation(metrics)
-        conversations = [row["messages"][:-1] for row in rows.select(range(count))]
-        references = [row["messages"][-1]["content"] for row in rows.select(range(count))]
+        chosen = rows.select(range(count))
+        conversations = [row["messages"][:-1] for row in chosen]
+        references = [row["references"] for row in chosen]  # the answer, or every reference the data gives
         generated = generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
         metrics |= score_generations(generated, references, prepared.info.get("answer_format", "text"))
-        predictions = [{"prompt": c[-1]["content"], "reference": r, "generated": g}
+        predictions = [{"prompt": c[-1]["content"], "reference": r[0], "references": r, "generated": g}
                        for c, r, g in zip(conversations, references, generated)]
         return Evaluation(metrics, predictions)
 
@@ -190,12 +200,31 @@ def _columns(config: RunConfig, defaults: dict[str, str], available: list[str]) 
                        "--set prompt_column=... --set completion_column=...")
 
 
-def _conversation(row: dict[str, Any], columns: dict[str, str], split: str, index: int) -> list[dict[str, str]]:
-    """One example as chat messages, checked: roles and text present, the last turn the assistant's."""
+def _example(row: dict[str, Any], columns: dict[str, str], template: str | None, references_column: str | None,
+             split: str, index: int) -> dict[str, Any]:
+    """One example: its chat `messages` and the `references` its generation is scored against
+    (the assistant's answer, or the list in `references_column` where the data has one)."""
+    messages = _conversation(row, columns, template, split, index)
+    references = [messages[-1]["content"]]
+    if references_column is not None:
+        given = row.get(references_column)
+        if not isinstance(given, list) or not given or not all(isinstance(r, str) for r in given):
+            raise PeftkitError(f"{split} row {index}: column '{references_column}' must be a non-empty list of "
+                               "reference texts")
+        references = given
+    return {"messages": messages, "references": references}
+
+
+def _conversation(row: dict[str, Any], columns: dict[str, str], template: str | None, split: str,
+                  index: int) -> list[dict[str, str]]:
+    """One example as chat messages, checked: roles and text present, the last turn the
+    assistant's. A prompt column is put into `template` ("{prompt}" marks where) when given."""
     if "messages" not in columns:
         prompt, completion = row[columns["prompt"]], row[columns["completion"]]
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise PeftkitError(f"{split} row {index}: prompt and completion must be text")
+        if template is not None:
+            prompt = template.replace("{prompt}", prompt)
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     messages = row[columns["messages"]]
     if not isinstance(messages, list) or not messages or not all(
@@ -288,14 +317,14 @@ def gsm8k_answer(text: str) -> str:
     return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
 
 
-def score_generations(generated: list[str], references: list[str], answer_format: str = "text") -> dict[str, float]:
-    """Exact match (normalized text, or the final number for `gsm8k`) and mean ROUGE-L F1."""
-    from rouge_score import rouge_scorer
+def score_generations(generated: list[str], references: list[list[str]], answer_format: str = "text") -> dict[str, float]:
+    """Exact match (normalized text, or the final number for `gsm8k`), ROUGE-1/2/L and corpus
+    BLEU, each against every reference of an example (peftkit.text_metrics)."""
+    from peftkit.text_metrics import bleu_score, rouge_scores
 
     if answer_format == "gsm8k":
-        matches = [gsm8k_answer(g) == gsm8k_answer(r) and gsm8k_answer(r) != "" for g, r in zip(generated, references)]
+        matches = [any(gsm8k_answer(g) == gsm8k_answer(r) != "" for r in refs) for g, refs in zip(generated, references)]
     else:
-        matches = [normalize_answer(g) == normalize_answer(r) for g, r in zip(generated, references)]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references)]
-    return {"exact_match": sum(matches) / len(matches), "rouge_l": sum(rouge) / len(rouge)}
+        matches = [any(normalize_answer(g) == normalize_answer(r) for r in refs) for g, refs in zip(generated, references)]
+    return {"exact_match": sum(matches) / len(matches), **rouge_scores(generated, references),
+            "bleu": bleu_score(generated, references)}

@@ -1,0 +1,200 @@
+"""Sequence to sequence: a source text -> a target text with an encoder-decoder model
+(`AutoModelForSeq2SeqLM`: T5, BART, ...), for summarization and translation.
+
+Data: the user's files with `source_column` and `target_column` (default `source`,
+`target`), optionally `references_column` (every reference of an example, scored against
+all of them; e.g. SciTLDR's validation `references`) and a `source_prefix` put before each
+source (T5's "summarize: "). The loss is the decoder's over the target tokens; evaluation
+reports it with perplexity, then generates for the validation sources (`max_new_tokens`,
+`num_beams`; the first `max_generate_samples`) and scores ROUGE-1/2/L (`rouge-score`), BLEU
+(`sacrebleu`) and exact match against every reference; the generations are saved. The
+model's own output layer is kept (nothing new trains beside a strategy), as for causal LMs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from peftkit.data import cap_samples, read_splits, require_columns
+from peftkit.errors import PeftkitError
+from peftkit.tasks.base import BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task, take_truncation_counts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftkit.config import RunConfig
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+@register_task("seq2seq")
+class SequenceToSequence(Task):
+    description = "a source text -> a target text with an encoder-decoder (T5, BART): summarization, translation"
+    model_class = "AutoModelForSeq2SeqLM"
+    model_suffix = "ForConditionalGeneration"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    metrics = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match")
+    selects = "loss"
+    primary = "rouge_l"
+    table_metrics = ("rouge_l", "rouge_1", "rouge_2", "bleu")
+    pretrained_head = True
+    generates_text = True
+    default_max_length = 512
+    column_options = ("source_column", "target_column", "references_column", "source_prefix", "max_target_length",
+                      "num_beams")
+
+    def owns(self, model: nn.Module) -> bool:
+        return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and super().owns(model)
+
+    def check_config(self, config: RunConfig, strategy: Any) -> None:
+        config.max_target_length = config.max_target_length or 128
+        config.num_beams = config.num_beams or 1
+
+    def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
+        """Checked splits with `source`, `target` and `references` (a list) columns."""
+        splits = read_splits(config, dataset)
+        source, target = config.source_column or "source", config.target_column or "target"
+        references = config.references_column
+        require_columns(splits, [source, target], "name them with --set source_column=... target_column=...")
+        splits = cap_samples(splits, config)
+
+        def standard(row: dict[str, Any], index: int, split: str) -> dict[str, Any]:
+            if not isinstance(row[source], str) or not isinstance(row[target], str):
+                raise PeftkitError(f"{split} row {index}: source and target must be text")
+            refs = [row[target]]
+            if references is not None:
+                refs = row.get(references)
+                if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                    raise PeftkitError(f"{split} row {index}: column '{references}' must be a non-empty list of "
+                                       "reference texts")
+            return {"source": (config.source_prefix or "") + row[source], "target": row[target], "references": refs}
+
+        splits = {split: data.map(lambda row, i, split=split: standard(row, i, split), with_indices=True,
+                                  remove_columns=data.column_names) for split, data in splits.items()}
+        return TaskData(splits["train"], splits["validation"],
+                        {"columns": {"source": source, "target": target, "references": references},
+                         "source_prefix": config.source_prefix}, test=splits.get("test"))
+
+    def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
+                   **weights: Any) -> nn.Module:
+        from peftkit.models import load_pretrained
+
+        return load_pretrained(self.model_class, source, quantization, weights.get("dtype"), None,
+                               weights.get("attn_implementation"))
+
+    def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
+        """Source ids (cut at `max_length`) and target ids as labels (cut at `max_target_length`)."""
+        target_length = config.max_target_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            out = tokenizer(batch["source"], truncation=True, max_length=config.max_length)
+            targets = tokenizer(text_target=batch["target"], truncation=True, max_length=target_length)["input_ids"]
+            whole = tokenizer(batch["source"], verbose=False)["input_ids"]
+            whole_targets = tokenizer(text_target=batch["target"], verbose=False)["input_ids"]
+            out["labels"] = targets
+            out["length"] = [len(ids) for ids in out["input_ids"]]
+            out["truncated"] = [int(len(a) > config.max_length or len(b) > target_length)
+                                for a, b in zip(whole, whole_targets)]
+            return out
+
+        splits, truncated = take_truncation_counts({
+            name: split.map(encode, batched=True, remove_columns=split.column_names)
+            for name, split in data.splits().items()})
+        return Prepared(splits, data.splits(), {**data.info, "truncated_examples": truncated})
+
+    def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                      scratch_dir: str, model_dir: str, callbacks: list) -> Any:
+        from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
+
+        trainer = TimedTrainer(
+            model=model,
+            args=training_arguments(config, scratch_dir),
+            train_dataset=prepared.train,
+            eval_dataset=prepared.selection,
+            processing_class=tokenizer,
+            data_collator=PadPairs(tokenizer, model),
+            optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
+            callbacks=callbacks,
+        )
+        trainer.cached_features = False
+        return trainer
+
+    def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
+                 split: str = "validation") -> Evaluation:
+        """Loss and perplexity over the target tokens, then generation for the sources (the
+        first `max_generate_samples`), scored against every reference and kept."""
+        from peftkit.tasks.sft import score_generations
+        from peftkit.trainer import TimedTrainer, evaluate_once, training_arguments
+
+        loss = evaluate_once(lambda scratch: TimedTrainer(
+            model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
+            processing_class=tokenizer, data_collator=PadPairs(tokenizer, model)))["loss"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        rows = prepared.raw[split]
+        count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
+        if count == 0:
+            return Evaluation(metrics)
+        chosen = rows.select(range(count))
+        generated = generate(model, tokenizer, chosen["source"], config.max_new_tokens, config.eval_batch_size,
+                             config.num_beams, config.max_length)
+        metrics |= score_generations(generated, chosen["references"])
+        predictions = [{"source": s, "references": r, "generated": g}
+                       for s, r, g in zip(chosen["source"], chosen["references"], generated)]
+        return Evaluation(metrics, predictions)
+
+    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+                config: RunConfig) -> list[str]:
+        """The generated target for each source (the run's `source_prefix` put before it)."""
+        prefix = record["data"].get("source_prefix") or ""
+        return generate(model, tokenizer, [prefix + "\n\n".join(texts) for texts in examples], config.max_new_tokens,
+                        config.eval_batch_size, config.num_beams, config.max_length)
+
+    def input_fields(self, record: dict[str, Any]) -> list[str]:
+        return ["source"]
+
+    def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+               batch_size: int) -> list[str]:
+        """`peftkit generate`: each conversation's last user message is a source."""
+        return generate(model, tokenizer, [c[-1]["content"] for c in conversations], max_new_tokens, batch_size)
+
+
+def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_tokens: int, batch_size: int,
+             num_beams: int = 1, max_length: int | None = None) -> list[str]:
+    """Decoded targets for sources (greedy with one beam, else beam search), batched by
+    source length, sources cut at `max_length` tokens when given."""
+    import torch
+
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        inputs = tokenizer([sources[i] for i in chunk], truncation=max_length is not None, max_length=max_length,
+                           padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**{k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")},
+                                 do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True)
+        for index, ids in zip(chunk, out):
+            outputs[index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return [outputs[i] for i in range(len(sources))]
+
+
+class PadPairs:
+    """Pads sources and targets to each batch's longest (targets with -100) and builds the
+    decoder's inputs from the targets, as the model does (transformers' seq2seq collator)."""
+
+    def __init__(self, tokenizer: Any, model: nn.Module):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, model=_base(model))
+
+    def __call__(self, features: list[dict]) -> dict:
+        return self.pad([{k: v for k, v in f.items() if k in MODEL_INPUTS} for f in features])
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (its `prepare_decoder_input_ids_from_labels`)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
