@@ -34,7 +34,8 @@ from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
 
 RUN_RECORD = "run.json"
 PREDICTIONS = "predictions.jsonl"  # what the model generated for each validation example (sft)
-PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl")
+PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "seqeval",
+            "sacrebleu", "rouge-score")
 
 
 @dataclass
