@@ -101,6 +101,7 @@ def train(
     quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint (same options)."),
     force: bool = typer.Option(False, help="Train even when the memory estimate exceeds the free memory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and its memory estimate; load nothing, train nothing."),
     device: str = typer.Option("cuda", help="--dry-run: the device to estimate for (cuda or cpu)."),
@@ -120,7 +121,8 @@ def train(
         gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
         warmup_ratio=warmup_ratio, early_stopping_patience=early_stopping_patience, seed=seed,
         precision=precision, dtype=dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-        quantization=quantization, output_dir=output_dir, overwrite=overwrite or None, force=force or None,
+        quantization=quantization, output_dir=output_dir, overwrite=overwrite or None, resume=resume or None,
+        force=force or None,
     )
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     config = make_config(apply_overrides(values, set_))

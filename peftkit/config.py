@@ -132,6 +132,12 @@ class RunConfig(BaseModel):
     cpu_mmap_threshold_kb: int = Field(default=0, ge=0)
     # frozen computation done once: the encoder under linear-probe, a dropout-free frozen bottom
     cache_features: bool = True
+    # checkpoints while training (beside output_dir, removed when the run finishes): per epoch,
+    # every save_steps steps, or none; the newest save_total_limit kept; resume continues the last
+    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    save_steps: int = Field(default=500, ge=1)
+    save_total_limit: int = Field(default=1, ge=1)
+    resume: bool = False
     # where results go
     output_dir: Path | None = None
     overwrite: bool = False
@@ -148,6 +154,10 @@ class RunConfig(BaseModel):
             raise ValueError("train_file needs validation_file too (pass --validation-file)")
         if self.test_file is not None and self.train_file is None:
             raise ValueError("test_file goes with your own train_file and validation_file")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues an interrupted run and overwrite starts over: pass one of them")
+        if self.resume and self.save_strategy == "no":
+            raise ValueError("resume needs the checkpoints that save_strategy no turns off")
         if self.early_stopping_patience is not None and self.select == "last":
             raise ValueError("early_stopping_patience needs select=best: with select=last nothing is evaluated before the end")
         if self.train_file is None and self.task is None:

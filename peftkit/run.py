@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
+from peftkit.checkpoints import checkpoint_root, load_selection, record_options, resume_point
 from peftkit.config import RunConfig, make_config
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
@@ -61,8 +62,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise PeftkitError(f"--output-dir {output_dir}: {blocking} is a file, not a directory: choose another --output-dir")
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
-        raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
+    resume_from = resume_point(config, output_dir)
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     strategy.check(model_config, task)
@@ -93,9 +93,13 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         raise PeftkitError(f"strategy '{strategy.name}' trains no parameter of {config.model}: pick another strategy")
 
     trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
-                               "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0}
+                               "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0,
+                               "resumed_from_step": None}
     if strategy.trains_anything:
-        trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path)
+        if resume_from is None and is_main_process():
+            record_options(config, output_dir)
+        trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path, checkpoint_root(output_dir),
+                       resume_from)
     with autocast_for(config):
         final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
         test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
@@ -136,6 +140,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     if not is_main_process():  # a distributed launch: every rank holds the same weights, rank 0 writes them
         return RunResult(output_dir, record)
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
+    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)  # the run is complete: nothing to resume
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
 
 
@@ -207,15 +212,19 @@ def world_size() -> int:
 
 
 def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared: Any, tokenizer: Any,
-         model_dir: str) -> dict[str, Any]:
-    """Train with the task's trainer, keep the best weights by the selection metric, and
-    return what the record says about training."""
+         model_dir: str, checkpoints: Path, resume_from: Path | None) -> dict[str, Any]:
+    """Train with the task's trainer (its checkpoints in `checkpoints`; continuing from
+    `resume_from` when given), keep the best weights by the selection metric, and return what
+    the record says about training."""
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience,
                                   task.greater_is_better(config.metric_for_best_model), task.metrics)
-    with tempfile.TemporaryDirectory(prefix="peftkit-trainer-") as scratch:
-        trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, scratch, model_dir, [keep_best])
-        output = trainer.train()
-        keep_best.restore()
+    trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, str(checkpoints), model_dir, [keep_best])
+    trainer.keep_checkpoints, trainer.selection = config.save_total_limit, keep_best
+    if resume_from is not None:
+        load_selection(keep_best, resume_from)
+        print(f"resuming from {resume_from}", flush=True)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    keep_best.restore()
     return {
         "cached_features": trainer.cached_features,
         "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
@@ -225,6 +234,7 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
                                if "loss" in log and "epoch" in log],  # per epoch, over all ranks
         "epochs_trained": float(trainer.state.epoch or config.epochs),
         "train_time_s": output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds,
+        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,  # time is since then
     }
 
 

@@ -28,6 +28,8 @@ class Timed:
     setup_seconds: float = 0.0
     cached_features: bool = False
     replay: Any = None
+    keep_checkpoints: int = 1  # the newest checkpoints kept (save_total_limit)
+    selection: Any = None      # the KeepBestTrainable whose state each checkpoint keeps
 
     def __init__(self, model: nn.Module, **kwargs: Any):
         _declare_trainable_additions(model)
@@ -57,6 +59,25 @@ class Timed:
         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
             raise_diverged(self.state.global_step + 1, "a gradient", self._get_learning_rate())
         return grad_norm
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A checkpoint's weights: the trainable tensors, all that training changes, whatever the
+        model (a PEFT model, peftkit's adapters on a 4-bit base, a head on cached features)."""
+        from peftkit.checkpoints import save_trainable
+
+        save_trainable(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        from peftkit.checkpoints import load_trainable
+
+        load_trainable(model or self.model, resume_from_checkpoint)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, made complete in a staging folder and then renamed into place,
+        with the checkpoint selection's state (peftkit.checkpoints)."""
+        from peftkit.checkpoints import save_atomically
+
+        save_atomically(self, lambda: super(Timed, self)._save_checkpoint(model, trial), self.selection)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -142,6 +163,15 @@ class KeepBestTrainable(TrainerCallback):
             if self.patience is not None and self.bad_evals >= self.patience:
                 control.should_training_stop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the selection: the best so far, its weights, the history."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals,
+                "history": self.history, "snapshot": self.snapshot}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_evals = state["best"], state["best_epoch"], state["bad_evals"]
+        self.history, self.snapshot = state["history"], state["snapshot"]
+
     def restore(self) -> None:
         with torch.no_grad():
             for name, param in self.model.named_parameters():
@@ -189,7 +219,7 @@ def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
 def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None,
                        args_class: type | None = None, label_names: tuple[str, ...] = ("labels",), **extra: Any) -> Any:
     """TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` fields) from
-    a RunConfig; checkpoints off (the run saves its own outputs). `label_names`: the batch's
+    a RunConfig; checkpoints go to `scratch_dir` (the run saves its own outputs). `label_names`: the batch's
     targets (extractive QA has two: the answer's start and end positions)."""
     from transformers import TrainingArguments
 
@@ -205,7 +235,8 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         warmup_steps=config.warmup_ratio,
         lr_scheduler_type=config.lr_scheduler,
         eval_strategy="epoch" if config.select == "best" else "no",
-        save_strategy="no",
+        save_strategy=config.save_strategy,  # peftkit.checkpoints: written atomically, rotated by Timed
+        save_steps=config.save_steps,
         logging_strategy="epoch",
         report_to="none",
         seed=config.seed,

@@ -1,0 +1,112 @@
+"""Checkpoints and exact resume: a run killed after a checkpoint and resumed ends with the same
+weights as one never interrupted (classification and instruction tuning); checkpoints are
+complete or absent, rotated, and never resumed with other options or replaced unasked."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit.checkpoints import checkpoint_root, complete_checkpoints, record_options, save_atomically
+from peftkit.config import make_config
+from peftkit.errors import PeftkitError
+from peftkit.run import train
+
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def run_killed_after_first_checkpoint(command: list[str], output_dir: Path) -> None:
+    """Start a training run and SIGKILL it as soon as its first checkpoint is in place."""
+    process = subprocess.Popen(command + ["--output-dir", str(output_dir)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    root = checkpoint_root(output_dir)
+    while process.poll() is None:
+        if complete_checkpoints(root):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, "the run finished before its first checkpoint could be interrupted"
+    assert not (output_dir / "run.json").exists()
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    files = list(run_dir.rglob("*.safetensors"))
+    assert len(files) == 1
+    return load_file(files[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["classification", "sft"])
+def test_a_killed_run_resumes_to_the_same_final_weights(tmp_path, data_dir, kind):
+    common = {"classification": ["--model", "tiny-bert", "--task", "sst2", "--strategy", "full",
+                                 "--max-train-samples", "400", "--batch-size", "16"],
+              "sft": ["--model", "tiny-llama", "--task", "sst2-chat", "--strategy", "lora", "--max-train-samples", "96",
+                      "--batch-size", "8", "--set", f"chat_template={TEMPLATE}", "--set", "max_new_tokens=2"]}[kind]
+    command = [sys.executable, "-m", "peftkit", "train", *common, "--data-dir", str(data_dir), "--max-eval-samples", "16",
+               "--epochs", "3"]
+    subprocess.run(command + ["--output-dir", str(tmp_path / "whole")], check=True, capture_output=True)
+    run_killed_after_first_checkpoint(command, tmp_path / "cut")
+    resumed = subprocess.run(command + ["--output-dir", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    record = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert record["resumed_from_step"] > 0
+    assert record["metrics"] == json.loads((tmp_path / "whole" / "run.json").read_text())["metrics"]
+    assert record["eval_history"] == json.loads((tmp_path / "whole" / "run.json").read_text())["eval_history"]
+    assert not checkpoint_root(tmp_path / "cut").exists()  # a finished run keeps no checkpoints
+
+
+def small(tmp_path, data_dir, **changes):
+    config = {"model": "tiny-bert", "task": "sst2", "strategy": "lora", "data_dir": str(data_dir), "max_train_samples": 32,
+              "max_eval_samples": 16, "epochs": 1, "select": "last", "output_dir": str(tmp_path / "run")}
+    return {**config, **changes}
+
+
+def test_resume_and_overwrite_rules(tmp_path, data_dir):
+    with pytest.raises(PeftkitError, match="--resume: no complete checkpoint in .*run.checkpoints: nothing to resume"):
+        train(small(tmp_path, data_dir, resume=True))
+    root = checkpoint_root(tmp_path / "run")
+    record_options(make_config(small(tmp_path, data_dir, learning_rate=0.1)), tmp_path / "run")
+    (root / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(PeftkitError, match="an interrupted run left checkpoints in .*: pass --resume to continue it"):
+        train(small(tmp_path, data_dir))
+    with pytest.raises(PeftkitError, match=r"--resume: the checkpoints in .* were made with other options \(learning_rate\)"):
+        train(small(tmp_path, data_dir, resume=True))
+    with pytest.raises(PeftkitError, match="resume continues an interrupted run and overwrite starts over"):
+        train(small(tmp_path, data_dir, resume=True, overwrite=True))
+    result = train(small(tmp_path, data_dir, overwrite=True))  # starts over: the stale checkpoints go
+    assert result.record["resumed_from_step"] is None and not root.exists()
+
+
+def test_checkpoints_are_renamed_into_place_complete_and_rotated(tmp_path):
+    seen = []
+
+    def fake_save():
+        # Trainer writes checkpoint-<step> under args.output_dir: the staging folder, never the root
+        seen.append(trainer.args.output_dir)
+        folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        folder.mkdir(parents=True)
+        (folder / "weights").write_text("w")
+
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), should_save=True), keep_checkpoints=2,
+                              state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
+    selection = SimpleNamespace(state_dict=lambda: {"best": 0.5})
+    for step in (10, 20, 30):
+        trainer.state.global_step = step
+        save_atomically(trainer, fake_save, selection)
+    assert all(Path(p).name == ".partial" for p in seen) and trainer.args.output_dir == str(tmp_path)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
+    assert torch.load(tmp_path / "checkpoint-30" / "peftkit-selection.pt") == {"best": 0.5}
+    (tmp_path / ".partial" / "checkpoint-40").mkdir(parents=True)  # a save killed half way
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
