@@ -49,7 +49,7 @@ class Timed:
         result = super().compute_loss(model, inputs, *args, **kwargs)
         loss = result[0] if isinstance(result, tuple) else result
         if model.training and not torch.isfinite(loss.detach()).all():
-            raise_diverged(self.state.global_step + 1, "the loss", self._get_learning_rate())
+            raise_diverged(self.state.global_step + 1, "the loss", self._get_learning_rate(), self.args.output_dir)
         return result
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
@@ -57,7 +57,7 @@ class Timed:
         and logging): a non-finite one stops the run before the step, as a non-finite loss does."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
-            raise_diverged(self.state.global_step + 1, "a gradient", self._get_learning_rate())
+            raise_diverged(self.state.global_step + 1, "a gradient", self._get_learning_rate(), self.args.output_dir)
         return grad_norm
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -122,13 +122,19 @@ def _declare_trainable_additions(model: nn.Module) -> None:
         model._hf_peft_config_loaded = True
 
 
-def raise_diverged(step: int, what: str, lr: float) -> None:
+def raise_diverged(step: int, what: str, lr: float, checkpoints: str) -> None:
     """Stop a run whose loss or gradients stopped being finite (checked in `Timed`), with one
-    line naming the step and learning rate, instead of training on NaN to the end and saving it."""
+    line naming the step and learning rate, instead of training on NaN to the end and saving it;
+    the last good checkpoint (in `checkpoints`) stays."""
+    from pathlib import Path
+
+    from peftkit.checkpoints import complete_checkpoints
     from peftkit.errors import PeftkitError
 
-    raise PeftkitError(f"training diverged at step {step}: {what} is NaN or infinite (learning rate {lr:.3g}); nothing "
-                       "was saved: lower --learning-rate, keep max_grad_norm on, or use precision fp32/bf16 over fp16")
+    kept = complete_checkpoints(Path(checkpoints))
+    saved = f"the last good checkpoint stays in {kept[-1]}" if kept else "nothing was saved"
+    raise PeftkitError(f"training diverged at step {step}: {what} is NaN or infinite (learning rate {lr:.3g}); {saved}: "
+                       "lower --learning-rate, keep max_grad_norm on, or use precision fp32/bf16 over fp16")
 
 
 class KeepBestTrainable(TrainerCallback):

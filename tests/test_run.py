@@ -189,7 +189,7 @@ def test_a_diverging_run_stops_at_the_step_with_one_line_and_saves_nothing(tmp_p
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
 
 
-def test_non_finite_gradients_stop_before_the_optimizer_step():
+def test_non_finite_gradients_stop_before_the_optimizer_step(tmp_path):
     from types import SimpleNamespace
 
     from peftkit.errors import PeftkitError
@@ -204,12 +204,16 @@ def test_non_finite_gradients_stop_before_the_optimizer_step():
 
     class Probe(Timed, TrainerNorm):
         def __init__(self):
-            self.state = SimpleNamespace(global_step=6)
+            self.state, self.args = SimpleNamespace(global_step=6), SimpleNamespace(output_dir=str(tmp_path))
 
     probe = Probe()
     assert probe._get_grad_norm(None, torch.tensor(3.0)) == 3.0  # finite: passed on
-    with pytest.raises(PeftkitError, match=r"diverged at step 7: a gradient is NaN or infinite \(learning rate 0.5\)"):
+    with pytest.raises(PeftkitError, match=r"diverged at step 7: a gradient is NaN or infinite \(learning rate 0.5\); "
+                                           "nothing was saved"):
         probe._get_grad_norm(None, torch.tensor(float("inf")))
+    (tmp_path / "checkpoint-3").mkdir()  # an earlier, good checkpoint is kept and named
+    with pytest.raises(PeftkitError, match=r"the last good checkpoint stays in .*checkpoint-3: lower --learning-rate"):
+        probe._get_grad_norm(None, torch.tensor(float("nan")))
 
 
 def test_truncated_examples_are_counted_per_split(tmp_path, data_dir):
