@@ -285,6 +285,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     `strategy.r=16` or plain `r=16` (any key that is not a run option) set strategy options."""
     values = dict(values)
     strategy = values.get("strategy", "lora")
+    if not isinstance(strategy, (str, dict)):
+        raise PeftkitError(f"option 'strategy' must be a name (lora) or a mapping ({{name: lora, r: 16}}), got {strategy!r}")
     strategy = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
     plain: list[str] = []
     for item in overrides:

@@ -11,7 +11,11 @@ from collections.abc import Iterable
 
 
 class PeftkitError(Exception):
-    """A problem with the user's input, explained in one line."""
+    """A problem with the user's input, explained in one line: line breaks that come with
+    the input (a strategy name, a value read from a file) are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(message.strip().replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
