@@ -72,9 +72,14 @@ def inspect_model(model: nn.Module) -> Anatomy:
     prefix, stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
     base_name = getattr(model, "base_model_prefix", "")
+    stack_names = [n for n, _ in stacks]
+    # the head: top-level modules outside the base model; where the base has no module of its
+    # own (T5ForConditionalGeneration: shared embeddings, encoder, decoder, lm_head side by
+    # side), those holding a layer stack or being the embeddings are the base
     head = tuple(
         name for name, child in model.named_children()
         if name != base_name and any(True for _ in child.parameters())
+        and not any(s.startswith(name + ".") for s in stack_names) and not isinstance(child, nn.Embedding)
     )
     if not head:
         raise PeftkitError(f"cannot find the task head of {type(model).__name__}: no top-level module besides '{base_name}'")

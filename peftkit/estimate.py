@@ -145,7 +145,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         config._attn_implementation = attn_implementation
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
-    meta = _meta_model(config, strategy, task)
+    meta = meta_model(config, strategy, task)
     quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
     trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     values_bytes = DTYPE_BYTES[precision]
@@ -186,7 +186,7 @@ def optimizer_bytes(model: nn.Module, optimizer: str) -> int:
     return total
 
 
-def _meta_model(config: Any, strategy: Strategy, task: Task) -> nn.Module:
+def meta_model(config: Any, strategy: Strategy, task: Task) -> nn.Module:
     """The task model on the meta device (no memory), with the strategy applied."""
     import transformers
 

@@ -25,6 +25,11 @@ class MeanPooling:
         if anatomy.head_scores_every_token:
             raise PeftkitError(f"pooling=mean needs a head that reads one vector per example; "
                                f"{type(model).__name__} scores every token: use pooling=model")
+        head = anatomy.head_modules
+        if len(head) != 1 or not isinstance(model.get_submodule(head[0]), nn.Linear):
+            raise PeftkitError(f"pooling=mean feeds the pooled vector to a head that is one linear layer; "
+                               f"{type(model).__name__}'s head ({', '.join(head)}) reads the sequence itself: "
+                               "use pooling=model")
         self.mask: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)

@@ -67,6 +67,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     model_config = load_model_config(source)
     strategy.check(model_config, task)
     data = task.load_data(config, dataset)
+    check_structure(model_config, strategy, task, len(data.info.get("label_names", [])))
     if config.select == "best":
         task.hold_out_selection(data, config)
 
@@ -142,6 +143,27 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
     shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)  # the run is complete: nothing to resume
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
+
+
+def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int = 0) -> None:
+    """Apply the strategy to an empty (meta-device) model of the architecture: a pair that
+    cannot work (no biases for bitfit, no place for adapters, targets PEFT cannot wrap) fails
+    here, in one line, before any weights load. Other failures are left to the real model."""
+    import copy
+
+    from peftkit.estimate import meta_model
+
+    config = copy.deepcopy(model_config)
+    if num_labels:
+        config.num_labels = num_labels
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    try:
+        meta_model(config, strategy, task)
+    except PeftkitError:
+        raise
+    except Exception:  # noqa: BLE001 - advisory: what the empty model cannot show, the real one will
+        return
 
 
 def free_memory_bytes(device: str) -> int | None:

@@ -84,7 +84,7 @@ def test_padding_gives_labels_minus_100():
 def test_options_of_another_task_and_mean_pooling_are_refused():
     with pytest.raises(PeftkitError, match="tokens_column is an option of task 'token-classification'"):
         make_config({"task": "sst2", "tokens_column": "words"})
-    with pytest.raises(PeftkitError, match="pooling=mean makes one vector per example"):
+    with pytest.raises(PeftkitError, match="pooling=mean makes one vector per example, and task 'token-classification'"):
         make_config({"task": "conll2003", "strategy": {"name": "linear-probe", "pooling": "mean"}})
     assert resolve_task("wnut17")[0].name == "token-classification"
 

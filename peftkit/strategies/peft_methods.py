@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from peftkit.tasks.base import Task
 
 # Leaf names of the key and value projections (separate, or fused with the query) across families.
-KEY_VALUE_LEAVES = {"k", "v", "key", "value", "k_proj", "v_proj", "key_proj", "value_proj"}
+KEY_VALUE_LEAVES = {"k", "v", "key", "value", "k_proj", "v_proj", "key_proj", "value_proj", "k_lin", "v_lin"}
 FUSED_QKV_LEAVES = {"c_attn", "qkv", "qkv_proj", "Wqkv", "query_key_value"}
 
 
@@ -96,7 +96,11 @@ class PromptLearning(PeftStrategy):
             tokenizer.padding_side = "left"
 
     def config_options(self, model: nn.Module) -> dict[str, Any]:
-        return {"num_virtual_tokens": self.num_virtual_tokens, **self.prompt_options(model)}
+        # sizes PEFT cannot read from every config (DistilBERT's `dim`, `n_heads`, `n_layers`)
+        sizes = {"token_dim": _width(model), "num_layers": inspect_model(model).num_layers}
+        heads = getattr(model.config, "num_attention_heads", None)
+        return {"num_virtual_tokens": self.num_virtual_tokens, **sizes, **({"num_attention_heads": heads} if heads else {}),
+                **self.prompt_options(model)}
 
     def wrapped(self, model: nn.Module) -> nn.Module:
         """PEFT 0.21's token classifier and extractive QA model put the virtual tokens in front

@@ -82,11 +82,15 @@ class Task:
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
     generates_text: ClassVar[bool] = False   # True: `answer` generates replies (`peftkit generate`)
+    reads_one_vector: ClassVar[bool] = False  # True: the head reads one vector per example (pooling applies)
     default_max_length: ClassVar[int] = 128
     column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields only this kind reads (its columns, ...)
 
     def check_strategy(self, strategy: Strategy) -> None:
         """Refuse a strategy that means nothing for this task, before any weights load."""
+        if strategy.options().get("pooling") == "mean" and not self.reads_one_vector:
+            raise PeftkitError(f"pooling=mean makes one vector per example, and task '{self.name}' reads every token: "
+                               "use pooling=model")
         if self.pretrained_head and strategy.frozen_below_head:
             raise PeftkitError(f"strategy '{strategy.name}' trains only a new task head, and task '{self.name}' has "
                                "none (the model's own output layer is kept): pick lora, full, adapter, ...")

@@ -46,6 +46,7 @@ class Classification(Task):
     primary = "accuracy"
     table_metrics = ("accuracy", "macro_f1", "mcc")
     column_options = ("text_columns", "label_column")
+    reads_one_vector = True
 
     def trained_beside(self, model: nn.Module) -> tuple[str, ...]:
         from peftkit.anatomy import inspect_model
@@ -116,7 +117,8 @@ class Classification(Task):
 
         from peftkit.anatomy import inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
-        from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
+        from peftkit.feature_cache import (FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, head_is_one_linear,
+                                           stored)
         from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
@@ -124,7 +126,7 @@ class Classification(Task):
         collate: Any = self.collator(tokenizer)
         start = time.perf_counter()
         variant = repr((sorted(strategy.options().items()), config.quantization))
-        on_features = strategy.frozen_below_head and config.cache_features
+        on_features = strategy.frozen_below_head and config.cache_features and head_is_one_linear(model)
         replay = None
         if on_features:
             features = [FeatureDataset(cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length,

@@ -50,11 +50,7 @@ class TokenClassification(Classification):
     table_metrics = ("f1", "precision", "recall")
     default_max_length = 256
     column_options = ("tokens_column", "tags_column", "tag_names")
-
-    def check_config(self, config: RunConfig, strategy: Any) -> None:
-        if strategy.options().get("pooling") == "mean":
-            raise PeftkitError("pooling=mean makes one vector per example, and a token classifier tags every token: "
-                               "use pooling=model")
+    reads_one_vector = False
 
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
         """Checked splits with a `tokens` column (words) and integer `labels` (one per word)."""
