@@ -109,7 +109,8 @@ def test_real_process_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_strategies_lists_the_registry():
+def test_strategies_lists_the_registry(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # the table takes the terminal's width: count lines at a known one
     result = invoke("strategies")
     assert result.exit_code == 0
     for name in ("full", "partial", "linear-probe", "bitfit", "lora", "dora", "qlora"):

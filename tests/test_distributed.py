@@ -45,7 +45,7 @@ def same_tensors(saved: dict, held: dict) -> bool:
     return saved.keys() == plain.keys() and all((saved[k] - plain[k]).abs().max() == 0 for k in saved)
 
 
-@pytest.mark.parametrize("task", ["sst2", "sst2-chat"])
+@pytest.mark.parametrize("task", ["sst2-chat"])  # classification DDP: the two tests below
 def test_two_processes_train_and_only_rank_0_writes(tmp_path, data_dir, task):
     model = "tiny-bert" if task == "sst2" else "tiny-llama"
     config = {"model": model, "task": task, "data_dir": data_dir, "strategy": {"name": "lora", "dropout": 0.0},

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.real
 MINILM_LORA = 6 * 55_296 + 770
 
 
-def test_strategies_table_counts_for_minilm():
+def test_strategies_table_counts_for_minilm(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # the table takes the terminal's width: rows at a known one
     result = CliRunner().invoke(app, ["strategies", "--model", "minilm"])
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 4}

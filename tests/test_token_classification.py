@@ -134,8 +134,7 @@ def test_own_files_with_integer_tags_train_and_predict(jsonl, tmp_path):
     assert predict(result.output_dir, [["Ann Lee visits Paris"], ["we like Rome ."]]) == ["PER: Ann Lee; LOC: Paris", "LOC: Rome"]
 
 
-@pytest.mark.parametrize("strategy", ["lora", "full", "bitfit", "adapter", "linear-probe", "prompt-tuning",
-                                      "prefix-tuning", "ia3", "partial"])
+@pytest.mark.parametrize("strategy", ["lora", "full", "adapter", "linear-probe", "prompt-tuning"])  # all: test_architectures
 def test_every_strategy_trains_reloads_and_predicts(tmp_path, data_dir, strategy):
     result = train({"model": "tiny-bert", "task": "conll2003", "strategy": strategy, "data_dir": str(data_dir),
                     "max_train_samples": 40, "max_eval_samples": 20, "epochs": 1, "batch_size": 8,
@@ -199,7 +198,7 @@ def test_strategies_command_shows_what_applies_to_ner():
 @pytest.mark.real
 def test_minilm_learns_conll2003_entities(tmp_path, data_dir):
     result = train({"model": "minilm", "task": "conll2003", "strategy": "full", "data_dir": str(data_dir),
-                    "max_train_samples": 600, "max_eval_samples": 200, "epochs": 2, "batch_size": 16,
+                    "max_train_samples": 600, "max_eval_samples": 120, "epochs": 2, "batch_size": 16,
                     "learning_rate": 3e-4, "select": "last", "output_dir": str(tmp_path / "minilm")})
     metrics = result.metrics
     assert metrics["f1"] > 0.5, metrics  # untrained: ~0; the published table trains on all 14,041 sentences
