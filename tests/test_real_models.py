@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -37,6 +39,9 @@ def test_minilm_lora_learns_and_eval_reproduces(tmp_path, data_dir):
     assert result.metrics["accuracy"] > 0.6  # chance is ~0.5; 512 examples already get well past it
     reproduced = evaluate_run(result.output_dir)["metrics"]["accuracy"]
     assert round(reproduced, 4) == round(result.metrics["accuracy"], 4)
+    # the adapter names its base portably (the hub id), not this machine's package folder
+    adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])

@@ -67,7 +67,19 @@ class PeftStrategy(Strategy):
         return model
 
     def save(self, model: nn.Module, directory: Path) -> None:
+        """PEFT's adapter files; the base they name is portable (a packaged model's hub id,
+        not this machine's folder: peftkit reloads from the run's own record)."""
+        import json
+
+        from peftkit.models import portable_name
+
         model.save_pretrained(directory)
+        config_file = Path(directory) / "adapter_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            if config.get("base_model_name_or_path"):
+                config["base_model_name_or_path"] = portable_name(config["base_model_name_or_path"])
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
         from peft import PeftModel
