@@ -101,6 +101,20 @@ class TimedTrainer(Timed, Trainer):
         self.model_accepts_loss_kwargs = False
 
 
+def timed_trainer(model: nn.Module, config: RunConfig, scratch_dir: str, tokenizer: Any, collator: Any,
+                  strategy: Any = None, train: Any = None, evaluation: Any = None, callbacks: list | None = None,
+                  label_names: tuple[str, ...] = ("labels",), group_by_length: bool | None = None,
+                  **metrics: Any) -> TimedTrainer:
+    """The TimedTrainer a task trains (`strategy` given: its parameter groups, under the run's
+    optimizer) or evaluates with: the run's TrainingArguments, its data and collator, and the
+    task's `compute_metrics` / `preprocess_logits_for_metrics` in `metrics`."""
+    optimizer = None if strategy is None else build_optimizer(
+        config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay))
+    return TimedTrainer(model=model, args=training_arguments(config, scratch_dir, group_by_length, label_names=label_names),
+                        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, data_collator=collator,
+                        optimizers=(optimizer, None), callbacks=callbacks, **metrics)
+
+
 def evaluate_once(build: Callable[[str], Any]) -> dict[str, float]:
     """Build a trainer in a scratch directory (`build(scratch_dir)`), evaluate its eval set
     once without printing (the caller prints what it wants), and return the metrics without

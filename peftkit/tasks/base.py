@@ -9,8 +9,9 @@ and `estimate` ask it for metric names and what dominates memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from peftkit.errors import PeftkitError, did_you_mean
 
@@ -186,6 +187,36 @@ class Prepared:
     def selection(self) -> Any:
         """The held-out slice the checkpoint is chosen on (None with select=last)."""
         return self.splits.get("selection")
+
+
+def references_of(row: dict[str, Any], column: str | None, answer: str, split: str, index: int) -> list[str]:
+    """The texts an example's generation is scored against: the list in `column` where the
+    data has one (every reference summary), else its own `answer`."""
+    if column is None:
+        return [answer]
+    given = row.get(column)
+    if not isinstance(given, list) or not given or not all(isinstance(r, str) for r in given):
+        raise PeftkitError(f"{split} row {index}: column '{column}' must be a non-empty list of reference texts")
+    return given
+
+
+def language_model_loss(loss: float) -> dict[str, float]:
+    """A language model's mean token loss and its perplexity (exp capped against overflow)."""
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def rows_to_generate(rows: Any, config: RunConfig) -> Any:
+    """The first `max_generate_samples` rows of a split (all when None): what generation is scored on."""
+    limit = config.max_generate_samples
+    return rows if limit is None or limit >= len(rows) else rows.select(range(limit))
+
+
+def cut_by_truncation(lengths: list[int], max_length: int, whole_lengths: Callable[[list[int]], list[int]]) -> set[int]:
+    """Which examples truncation at `max_length` cut, given their token counts after it: only
+    one that now fills `max_length` can have been, so only those are measured whole
+    (`whole_lengths` of their indices), not every example a second time."""
+    full = [i for i, n in enumerate(lengths) if n == max_length]
+    return {i for i, n in zip(full, whole_lengths(full)) if n > max_length} if full else set()
 
 
 def take_truncation_counts(splits: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:

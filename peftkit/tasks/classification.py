@@ -19,8 +19,8 @@ import numpy as np
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task,
-                                take_truncation_counts)
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, cut_by_truncation,
+                                register_task, take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -115,11 +115,10 @@ class Classification(Task):
         trainable layer, it replays that bottom's stored outputs (peftkit.bottom_cache)."""
         import torch
 
-        from peftkit.anatomy import inspect_model
+        from peftkit.anatomy import head_is_one_linear, inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
-        from peftkit.feature_cache import (FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, head_is_one_linear,
-                                           stored)
-        from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
+        from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
+        from peftkit.trainer import timed_trainer
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
@@ -151,18 +150,9 @@ class Classification(Task):
         setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
 
         group = config.group_by_length and not on_features
-        trainer = TimedTrainer(
-            model=model,
-            args=training_arguments(config, scratch_dir, group_by_length=group),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            data_collator=collate,
-            compute_metrics=self.metric_function(prepared.info),
-            preprocess_logits_for_metrics=self.reduce_logits,
-            optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
-            callbacks=callbacks,
-        )
+        trainer = timed_trainer(model, config, scratch_dir, tokenizer, collate, strategy, train_dataset, eval_dataset,
+                                callbacks, group_by_length=group, compute_metrics=self.metric_function(prepared.info),
+                                preprocess_logits_for_metrics=self.reduce_logits)
         trainer.setup_seconds, trainer.replay = setup_seconds, replay
         trainer.cached_features = on_features
         return trainer
@@ -170,11 +160,10 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
                  split: str = "validation") -> Evaluation:
         """Metrics of the whole model (as saved) on one split, batched as in training."""
-        from peftkit.trainer import TimedTrainer, evaluate_once, training_arguments
+        from peftkit.trainer import evaluate_once, timed_trainer
 
-        metrics = evaluate_once(lambda scratch: TimedTrainer(
-            model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
-            processing_class=tokenizer, data_collator=self.collator(tokenizer),
+        metrics = evaluate_once(lambda scratch: timed_trainer(
+            model, config, scratch, tokenizer, self.collator(tokenizer), evaluation=prepared.splits[split],
             compute_metrics=self.metric_function(prepared.info), preprocess_logits_for_metrics=self.reduce_logits))
         return Evaluation({k: v for k, v in metrics.items() if self.records_metric(k)})
 
@@ -228,10 +217,8 @@ def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: 
         texts = [batch[c] for c in text_columns]
         out = tokenizer(*texts, truncation=True, max_length=max_length)
         out["length"] = [len(ids) for ids in out["input_ids"]]
-        # only an example that now fills max_length can have been cut: tokenize those again, whole
-        full = [i for i, n in enumerate(out["length"]) if n == max_length]
-        whole = tokenizer(*[[column[i] for i in full] for column in texts], verbose=False)["input_ids"] if full else []
-        cut = {i for i, ids in zip(full, whole) if len(ids) > max_length}
+        cut = cut_by_truncation(out["length"], max_length, lambda rows: [
+            len(ids) for ids in tokenizer(*[[column[i] for i in rows] for column in texts], verbose=False)["input_ids"]])
         out["truncated"] = [int(i in cut) for i in range(len(out["length"]))]
         return out
 

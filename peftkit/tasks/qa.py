@@ -109,33 +109,22 @@ class ExtractiveQA(Task):
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
-        from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
+        from peftkit.trainer import timed_trainer
 
         selection = prepared.selection
-        trainer = TimedTrainer(
-            model=model,
-            args=training_arguments(config, scratch_dir, label_names=TARGETS),
-            train_dataset=prepared.train,
-            eval_dataset=selection,
-            processing_class=tokenizer,
-            data_collator=PadWindows(tokenizer),
-            compute_metrics=None if selection is None else span_metrics(selection, prepared.raw["selection"]),
-            optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
-            callbacks=callbacks,
-        )
-        trainer.cached_features = False
-        return trainer
+        return timed_trainer(model, config, scratch_dir, tokenizer, PadWindows(tokenizer), strategy, prepared.train,
+                             selection, callbacks, label_names=TARGETS,
+                             compute_metrics=None if selection is None else span_metrics(selection, prepared.raw["selection"]))
 
     def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
                  split: str = "validation") -> Evaluation:
         """Exact match and F1 of the best span per question, the loss over the windows, and
         each question's predicted answer."""
-        from peftkit.trainer import TimedTrainer, evaluate_once, training_arguments
+        from peftkit.trainer import evaluate_once, timed_trainer
 
         predicted: list[str] = []
-        metrics = evaluate_once(lambda scratch: TimedTrainer(
-            model=model, args=training_arguments(config, scratch, label_names=TARGETS),
-            eval_dataset=prepared.splits[split], processing_class=tokenizer, data_collator=PadWindows(tokenizer),
+        metrics = evaluate_once(lambda scratch: timed_trainer(
+            model, config, scratch, tokenizer, PadWindows(tokenizer), evaluation=prepared.splits[split], label_names=TARGETS,
             compute_metrics=span_metrics(prepared.splits[split], prepared.raw[split], keep=predicted)))
         raw = prepared.raw[split]
         predictions = [{"id": i, "question": q, "prediction": p, "answers": a["text"]}

@@ -13,12 +13,13 @@ model's own output layer is kept (nothing new trains beside a strategy), as for 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.tasks.base import BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task, take_truncation_counts
+from peftkit.tasks.base import (BuiltinDataset, Evaluation, Prepared, Task, TaskData, cut_by_truncation,
+                                language_model_loss, references_of, register_task, rows_to_generate,
+                                take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,13 +63,8 @@ class SequenceToSequence(Task):
         def standard(row: dict[str, Any], index: int, split: str) -> dict[str, Any]:
             if not isinstance(row[source], str) or not isinstance(row[target], str):
                 raise PeftkitError(f"{split} row {index}: source and target must be text")
-            refs = [row[target]]
-            if references is not None:
-                refs = row.get(references)
-                if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                    raise PeftkitError(f"{split} row {index}: column '{references}' must be a non-empty list of "
-                                       "reference texts")
-            return {"source": (config.source_prefix or "") + row[source], "target": row[target], "references": refs}
+            return {"source": (config.source_prefix or "") + row[source], "target": row[target],
+                    "references": references_of(row, references, row[target], split, index)}
 
         splits = {split: data.map(lambda row, i, split=split: standard(row, i, split), with_indices=True,
                                   remove_columns=data.column_names) for split, data in splits.items()}
@@ -88,14 +84,15 @@ class SequenceToSequence(Task):
         target_length = config.max_target_length
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
-            out = tokenizer(batch["source"], truncation=True, max_length=config.max_length)
-            targets = tokenizer(text_target=batch["target"], truncation=True, max_length=target_length)["input_ids"]
-            whole = tokenizer(batch["source"], verbose=False)["input_ids"]
-            whole_targets = tokenizer(text_target=batch["target"], verbose=False)["input_ids"]
-            out["labels"] = targets
+            sources, targets = batch["source"], batch["target"]
+            out = tokenizer(sources, truncation=True, max_length=config.max_length)
+            out["labels"] = tokenizer(text_target=targets, truncation=True, max_length=target_length)["input_ids"]
             out["length"] = [len(ids) for ids in out["input_ids"]]
-            out["truncated"] = [int(len(a) > config.max_length or len(b) > target_length)
-                                for a, b in zip(whole, whole_targets)]
+            cut = cut_by_truncation(out["length"], config.max_length, lambda rows: [
+                len(ids) for ids in tokenizer([sources[i] for i in rows], verbose=False)["input_ids"]])
+            cut |= cut_by_truncation([len(ids) for ids in out["labels"]], target_length, lambda rows: [
+                len(ids) for ids in tokenizer(text_target=[targets[i] for i in rows], verbose=False)["input_ids"]])
+            out["truncated"] = [int(i in cut) for i in range(len(sources))]
             return out
 
         splits, truncated = take_truncation_counts({
@@ -105,37 +102,24 @@ class SequenceToSequence(Task):
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
-        from peftkit.trainer import TimedTrainer, build_optimizer, training_arguments
+        from peftkit.trainer import timed_trainer
 
-        trainer = TimedTrainer(
-            model=model,
-            args=training_arguments(config, scratch_dir),
-            train_dataset=prepared.train,
-            eval_dataset=prepared.selection,
-            processing_class=tokenizer,
-            data_collator=PadPairs(tokenizer, model),
-            optimizers=(build_optimizer(config.optimizer, strategy.param_groups(model, config.lr, config.weight_decay)), None),
-            callbacks=callbacks,
-        )
-        trainer.cached_features = False
-        return trainer
+        return timed_trainer(model, config, scratch_dir, tokenizer, PadPairs(tokenizer, model), strategy, prepared.train,
+                             prepared.selection, callbacks)
 
     def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
                  split: str = "validation") -> Evaluation:
         """Loss and perplexity over the target tokens, then generation for the sources (the
         first `max_generate_samples`), scored against every reference and kept."""
         from peftkit.tasks.sft import score_generations
-        from peftkit.trainer import TimedTrainer, evaluate_once, training_arguments
+        from peftkit.trainer import evaluate_once, timed_trainer
 
-        loss = evaluate_once(lambda scratch: TimedTrainer(
-            model=model, args=training_arguments(config, scratch), eval_dataset=prepared.splits[split],
-            processing_class=tokenizer, data_collator=PadPairs(tokenizer, model)))["loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-        rows = prepared.raw[split]
-        count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
-        if count == 0:
+        loss = evaluate_once(lambda scratch: timed_trainer(model, config, scratch, tokenizer, PadPairs(tokenizer, model),
+                                                           evaluation=prepared.splits[split]))["loss"]
+        metrics = language_model_loss(loss)
+        chosen = rows_to_generate(prepared.raw[split], config)
+        if len(chosen) == 0:
             return Evaluation(metrics)
-        chosen = rows.select(range(count))
         generated = generate(model, tokenizer, chosen["source"], config.max_new_tokens, config.eval_batch_size,
                              config.num_beams, config.max_length)
         metrics |= score_generations(generated, chosen["references"])

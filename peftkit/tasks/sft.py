@@ -14,7 +14,6 @@ The generations are saved as predictions.jsonl.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
 from peftkit.text_metrics import normalize_answer
-from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task,
-                                take_truncation_counts)
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, language_model_loss,
+                                references_of, register_task, rows_to_generate, take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -136,12 +135,10 @@ class InstructionTuning(Task):
         # SFTTrainer insists on a training set even to evaluate; it never trains here
         loss = evaluate_once(lambda scratch: _sft_trainer(model, config, tokenizer, scratch, train=prepared.splits[split],
                                                           evaluation=prepared.splits[split]))["loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-        rows = prepared.raw[split]
-        count = len(rows) if config.max_generate_samples is None else min(config.max_generate_samples, len(rows))
-        if count == 0:
+        metrics = language_model_loss(loss)
+        chosen = rows_to_generate(prepared.raw[split], config)
+        if len(chosen) == 0:
             return Evaluation(metrics)
-        chosen = rows.select(range(count))
         conversations = [row["messages"][:-1] for row in chosen]
         references = [row["references"] for row in chosen]  # the answer, or every reference the data gives
         generated = generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
@@ -205,14 +202,7 @@ def _example(row: dict[str, Any], columns: dict[str, str], template: str | None,
     """One example: its chat `messages` and the `references` its generation is scored against
     (the assistant's answer, or the list in `references_column` where the data has one)."""
     messages = _conversation(row, columns, template, split, index)
-    references = [messages[-1]["content"]]
-    if references_column is not None:
-        given = row.get(references_column)
-        if not isinstance(given, list) or not given or not all(isinstance(r, str) for r in given):
-            raise PeftkitError(f"{split} row {index}: column '{references_column}' must be a non-empty list of "
-                               "reference texts")
-        references = given
-    return {"messages": messages, "references": references}
+    return {"messages": messages, "references": references_of(row, references_column, messages[-1]["content"], split, index)}
 
 
 def _conversation(row: dict[str, Any], columns: dict[str, str], template: str | None, split: str,
