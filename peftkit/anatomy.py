@@ -51,6 +51,18 @@ class Anatomy:
         return "embeddings" if param_name in self.embedding_params else "top"
 
 
+def head_is_one_linear(model: nn.Module) -> bool:
+    """Whether the task head is one linear layer over one vector per position or example. A
+    head that reads the sequence itself (RoBERTa's and ELECTRA's take the first token inside
+    the head) or is several modules joined in the model's forward (DistilBERT's pre-classifier,
+    ReLU and classifier; DeBERTa-v2's pooler and classifier) is not: cached features and mean
+    pooling, which feed the head a vector of their own, apply only to a one-linear head."""
+    from torch import nn
+
+    heads = inspect_model(model).head_modules
+    return len(heads) == 1 and isinstance(model.get_submodule(heads[0]), nn.Linear)
+
+
 def is_under(name: str, modules: tuple[str, ...]) -> bool:
     """Whether a parameter or module name lies inside one of `modules` (or is one of them)."""
     return any(name == m or name.startswith(m + ".") for m in modules)

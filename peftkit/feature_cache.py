@@ -75,16 +75,6 @@ def _tokenizer_signature(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def head_is_one_linear(model: nn.Module) -> bool:
-    """Whether the task head is one linear layer, which cached features reproduce exactly. A
-    head that reads the sequence itself (RoBERTa's and ELECTRA's take the first token inside
-    the head) or is several modules joined in the model's forward (DistilBERT's pre-classifier,
-    ReLU and classifier; DeBERTa-v2's pooler and classifier) is not: linear probing then runs
-    the frozen model every step instead of caching."""
-    heads = inspect_model(model).head_modules
-    return len(heads) == 1 and isinstance(model.get_submodule(heads[0]), nn.Linear)
-
-
 def head_inputs(model: nn.Module, dataset: Any, collate: Any, batch_size: int) -> torch.Tensor | list[torch.Tensor]:
     """What the head turns into logits, in dataset order: one row per example, or for labels
     per token (token classification), per example the rows of its labelled tokens."""

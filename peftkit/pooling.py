@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.anatomy import inspect_model
+from peftkit.anatomy import head_is_one_linear, inspect_model
 from peftkit.errors import PeftkitError
 
 
@@ -25,11 +25,10 @@ class MeanPooling:
         if anatomy.head_scores_every_token:
             raise PeftkitError(f"pooling=mean needs a head that reads one vector per example; "
                                f"{type(model).__name__} scores every token: use pooling=model")
-        head = anatomy.head_modules
-        if len(head) != 1 or not isinstance(model.get_submodule(head[0]), nn.Linear):
+        if not head_is_one_linear(model):
             raise PeftkitError(f"pooling=mean feeds the pooled vector to a head that is one linear layer; "
-                               f"{type(model).__name__}'s head ({', '.join(head)}) reads the sequence itself: "
-                               "use pooling=model")
+                               f"{type(model).__name__}'s head ({', '.join(anatomy.head_modules)}) reads the sequence "
+                               "itself: use pooling=model")
         self.mask: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)

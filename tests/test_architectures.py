@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from peftkit.errors import PeftkitError
-from peftkit.feature_cache import head_is_one_linear
+from peftkit.anatomy import head_is_one_linear
 from peftkit.run import check_structure
 from peftkit.strategies import build_strategy
 from peftkit.tasks import TASKS
@@ -59,7 +59,7 @@ def model_class(family: str, kind: str):
         return None
 
 
-def batch(kind: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def batch(kind: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, 12), generator=generator)
     ids[0, 11], ids[1, 8] = 2, 2  # each ends with the end-of-sequence token (encoder-decoder classifiers read it)
@@ -80,10 +80,11 @@ def batch(kind: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-                | ({"labels": inputs["labels"]} if "labels" in inputs and inputs["labels"].shape[1:] == (5,) else {}))
-    return out.start_logits if hasattr(out, "start_logits") else out.logits
+def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The logits to compare (a seq2seq model needs its targets to build the decoder's inputs)."""
+    keep = ("input_ids", "attention_mask", "labels") if kind == "seq2seq" else ("input_ids", "attention_mask")
+    out = model(**{k: v for k, v in inputs.items() if k in keep})
+    return out.start_logits if kind == "qa" else out.logits
 
 
 def run_cell(family: str, kind: str, strategy_name: str) -> str:
@@ -105,7 +106,7 @@ def run_cell(family: str, kind: str, strategy_name: str) -> str:
         torch.manual_seed(0)
         return cls(config)
 
-    inputs = batch(kind, None)
+    inputs = batch(kind)
     model = strategy.apply(base(), task)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "nothing trains"
@@ -120,12 +121,12 @@ def run_cell(family: str, kind: str, strategy_name: str) -> str:
         optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
-        before = outputs(model, inputs)
+        before = outputs(model, inputs, kind)
     with tempfile.TemporaryDirectory() as directory:
         strategy.save(model, Path(directory))
         reloaded = strategy.load(base(), Path(directory), task).eval()
         with torch.no_grad():
-            after = outputs(reloaded, inputs)
+            after = outputs(reloaded, inputs, kind)
     assert torch.allclose(before, after, atol=1e-5), f"reloaded outputs differ by {(before - after).abs().max():.2e}"
     if strategy_name == "linear-probe" and kind in ("classification", "token-classification") and head_is_one_linear(model):
         check_cached_features(model, inputs, before)  # the head trains on cached features only where they are exact
