@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 PREFIX = "checkpoint-"
 TRAINABLE = "trainable.safetensors"        # the trainable tensors at the checkpoint
 SELECTION_STATE = "peftkit-selection.pt"  # KeepBestTrainable's state at the checkpoint
+PROGRESS = "peftkit-progress.json"         # training time and peak memory up to the checkpoint
 RUN_OPTIONS = "run-options.json"           # the options the checkpoints were made with
 # options that say how to start, not what is trained: they may differ on --resume
 START_OPTIONS = frozenset({"resume", "overwrite", "force"})
@@ -80,10 +81,12 @@ def _options(config: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in START_OPTIONS}
 
 
-def save_atomically(trainer: Any, save: Callable[[], None], selection: Any = None) -> None:
-    """Run Trainer's checkpoint `save` into a staging folder, add the selection's state, and
-    rename the checkpoint into place (every rank of a distributed run waits for the others);
-    then keep only the newest `save_total_limit` checkpoints."""
+def save_atomically(trainer: Any, save: Callable[[], None], selection: Any = None,
+                    progress: dict[str, Any] | None = None) -> None:
+    """Run Trainer's checkpoint `save` into a staging folder, add the selection's state and the
+    run's `progress` (Timed.progress), and rename the checkpoint into place (every rank of a
+    distributed run waits for the others); then keep only the newest `save_total_limit`
+    checkpoints."""
     import torch
 
     root = Path(trainer.args.output_dir)
@@ -100,6 +103,8 @@ def save_atomically(trainer: Any, save: Callable[[], None], selection: Any = Non
         trainer.args.output_dir = str(root)
     if main and selection is not None:
         torch.save(selection.state_dict(), staging / name / SELECTION_STATE)
+    if main and progress is not None:
+        (staging / name / PROGRESS).write_text(json.dumps(progress) + "\n")
     trainer.accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(root / name, ignore_errors=True)
@@ -141,3 +146,19 @@ def load_selection(selection: Any, checkpoint: Path) -> None:
     path = checkpoint / SELECTION_STATE
     if path.is_file():
         selection.load_state_dict(torch.load(path))
+
+
+def load_progress(checkpoint: Path) -> dict[str, Any]:
+    """The training time, peak memory and process count the run had reached at `checkpoint`
+    (a checkpoint from before they were kept counts as none)."""
+    path = checkpoint / PROGRESS
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    return {"train_time_s": 0.0, "peak_memory_bytes": 0, "processes": 0, **stored}
+
+
+def resumable(config: RunConfig, output_dir: Path) -> bool:
+    """Whether an interrupted run of exactly these options left a checkpoint to continue from."""
+    root = checkpoint_root(output_dir)
+    if not complete_checkpoints(root) or not (root / RUN_OPTIONS).is_file():
+        return False
+    return json.loads((root / RUN_OPTIONS).read_text()) == _options(config)

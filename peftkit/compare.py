@@ -2,8 +2,10 @@
 
 A fresh process per run keeps peak memory honest and lets one crash fail one row, not the
 matrix. Every finished run appends one JSON line to `OUT/runs.jsonl` (flushed and synced);
-re-running the same command skips what is recorded, so a matrix killed at any moment resumes
-without repeating a finished run. Each strategy's hyperparameters come from its own recipe
+re-running the same command skips what is recorded and continues a run that was cut short
+from its last checkpoint (same options; its record then sums the training time of its
+processes, each step counted once), so a matrix killed at any moment resumes without
+repeating finished work. Each strategy's hyperparameters come from its own recipe
 (`RECIPE_DIR/<model>-<task>-<strategy>.yaml`) or its own defaults, never from another
 strategy's; `--set` applies to every run, because the user said so. A label such as
 `adapter-houlsby` names a recipe (`<model>-<task>-adapter-houlsby.yaml`) for one setting of a
@@ -141,14 +143,19 @@ def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str]
     """Train one cell in a fresh `peftkit train` process (started by `start`, default this
     Python; see `launcher`); the record says ok or failed, and keeps the `peftkit compare`
     command line that asked for it."""
+    from peftkit.checkpoints import resumable
     from peftkit.estimate import estimate_for
 
+    config = cell.config
+    resuming = resumable(config, Path(config.output_dir))
+    if resuming:  # an interrupted matrix left this cell's checkpoints: continue it rather than start over
+        config = config.model_copy(update={"resume": True, "overwrite": False})
     config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(cell.config.model_dump(mode="json"), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
+    with log_path.open("a" if resuming else "w") as log:
         proc = subprocess.run([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
                               stdout=log, stderr=subprocess.STDOUT)
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,

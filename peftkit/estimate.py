@@ -142,7 +142,9 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
                            "(two stacks, cross-attention): no estimate for it yet; measure a short run instead")
     config.num_labels = num_labels
     if attn_implementation != "auto":
-        config._attn_implementation = attn_implementation
+        # flash attention, like sdpa, stores no score matrix (only "eager" changes a term); building the
+        # empty model with it would import the flash-attn package, which a machine without a GPU lacks
+        config._attn_implementation = "sdpa" if attn_implementation.startswith("flash") else attn_implementation
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     meta = meta_model(config, strategy, task)
@@ -404,14 +406,19 @@ def _sizes(config: Any) -> tuple[int, int, int, int, int]:
 
 
 
-def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool) -> int:
+def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool, bytes_per_value: int = 4) -> int:
     """TRL's fused LM head (`add_fused_lm_head`): log-probabilities of the labels computed in
-    tiles of up to 4,096 tokens x 32,768 vocabulary entries, never the whole logits. Its
-    tile buffer and the fp32 tensors a tile turns into (the scaled logits, their exponentials
-    and a product of the two; in backward the probabilities, the gradient and the target
-    mask) are alive at once; the final hidden states are kept for backward. Without Triton
-    (CPU) every position is scored, not only those with a label."""
+    tiles of up to 4,096 tokens x 32,768 vocabulary entries, never the whole logits; the final
+    hidden states are kept for backward. On a GPU, Triton kernels fold each tile in place: one
+    tile buffer in the compute dtype (`bytes_per_value`), and in backward the fp32 gradient of
+    the hidden states; only positions with a label are scored, and `tokens` (every position)
+    bounds them. Without Triton (CPU) the tile is folded by torch operations: the tile buffer
+    and the fp32 tensors it turns into (the scaled logits, their exponentials and a product of
+    the two; in backward the probabilities, the gradient and the target mask) are alive at
+    once, and every position is scored."""
     tile = min(tokens, LOGPROB_TOKEN_CHUNK) * min(config.vocab_size, LOGPROB_VOCAB_CHUNK)
+    if device == "cuda":
+        return int(tile * bytes_per_value + tokens * config.hidden_size * (bytes_per_value + (4 if backward else 0)))
     buffers = LM_HEAD_BACKWARD_BUFFERS if backward else LM_HEAD_FORWARD_BUFFERS
     return int(tile * 4 * buffers + tokens * config.hidden_size * 4)
 

@@ -54,6 +54,7 @@ TINY = {
 }
 
 
+ENCODER_TYPES = frozenset({"bert", "roberta", "electra", "deberta-v2", "distilbert"})  # saved without a head
 TINY_FORMAT = "v2"  # v2: decoders saved with their LM head (a new format needs a new cache entry)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -155,24 +156,32 @@ def _dequantized_checkpoint(alias: str, gguf_file: Path) -> Path:
 
 
 def _tiny_checkpoint(alias: str) -> Path:
-    """A tiny random model (seed 0) with MiniLM's tokenizer, saved like a real one so every
-    code path (quantization included) treats it the same way. Decoders are saved with their
-    language-model head, so a causal LM loads the same output layer every time."""
+    return random_checkpoint(f"{alias}-{TINY_FORMAT}", TINY[alias])
+
+
+def random_checkpoint(key: str, sizes: dict[str, Any]) -> Path:
+    """A random model (seed 0) of the architecture and sizes in `sizes` (a transformers config's
+    fields, `model_type` included) with MiniLM's tokenizer, saved like a real one so every code
+    path (quantization included) treats it the same way, and cached under `key`. Encoders are
+    saved without a head (each task adds its own); decoders with their language-model head, so
+    a causal LM loads the same output layer every time."""
 
     def write(directory: Path) -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(_package_dir("minilm"))
-        config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY[alias])
-        auto = {"bert": AutoModel, "t5": AutoModelForSeq2SeqLM}.get(config.model_type, AutoModelForCausalLM)
+        config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **sizes)
         if config.is_encoder_decoder:  # decoding starts at padding and stops at [SEP], the tokenizer's end of text
             config.decoder_start_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.sep_token_id
+            auto = AutoModelForSeq2SeqLM
+        else:
+            auto = AutoModel if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
         with torch.random.fork_rng():
             torch.manual_seed(0)
             auto.from_config(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    return _cached_checkpoint(f"{alias}-{TINY_FORMAT}", write)
+    return _cached_checkpoint(key, write)
 
 
 def load_model_config(source: ModelSource) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 # Options that say where things are or whether to proceed, not what is computed: left out of the config hash.
-PLACE_OPTIONS = ("output_dir", "overwrite", "force", "data_dir", "train_file", "validation_file", "test_file")
+PLACE_OPTIONS = ("output_dir", "overwrite", "resume", "force", "data_dir", "train_file", "validation_file", "test_file")
 
 
 def config_hash(config: Any) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
-from peftkit.checkpoints import checkpoint_root, load_selection, record_options, resume_point
+from peftkit.checkpoints import checkpoint_root, load_progress, load_selection, record_options, resume_point
 from peftkit.config import RunConfig, make_config
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
@@ -95,16 +95,18 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
 
     trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
                                "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0,
-                               "resumed_from_step": None}
+                               "resumed_from_step": None, "training_processes": 0}
+    prior_peak = 0
     if strategy.trains_anything:
         if resume_from is None and is_main_process():
             record_options(config, output_dir)
-        trained = _fit(model, strategy, task, config, prepared, tokenizer, source.path, checkpoint_root(output_dir),
-                       resume_from)
+        trained, prior_peak = _fit(model, strategy, task, config, prepared, tokenizer, source.path,
+                                   checkpoint_root(output_dir), resume_from, memory)
     with autocast_for(config):
         final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
         test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
     peak = memory.stop()
+    peak["peak_memory_bytes"] = max(peak["peak_memory_bytes"], prior_peak)  # over every process of a resumed run
 
     tokens_per_epoch = int(sum(prepared.train["length"]))
     epochs_done, train_time = trained["epochs_trained"], trained["train_time_s"]
@@ -234,18 +236,20 @@ def world_size() -> int:
 
 
 def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared: Any, tokenizer: Any,
-         model_dir: str, checkpoints: Path, resume_from: Path | None) -> dict[str, Any]:
+         model_dir: str, checkpoints: Path, resume_from: Path | None, memory: PeakMemory) -> tuple[dict[str, Any], int]:
     """Train with the task's trainer (its checkpoints in `checkpoints`; continuing from
     `resume_from` when given), keep the best weights by the selection metric, and return what
-    the record says about training."""
+    the record says about training, and the peak memory of the processes resumed from."""
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience,
                                   task.greater_is_better(config.metric_for_best_model), task.metrics)
     trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, str(checkpoints), model_dir, [keep_best])
-    trainer.keep_checkpoints, trainer.selection = config.save_total_limit, keep_best
+    trainer.keep_checkpoints, trainer.selection, trainer.memory = config.save_total_limit, keep_best, memory
     if resume_from is not None:
         load_selection(keep_best, resume_from)
+        trainer.prior = load_progress(resume_from)
         print(f"resuming from {resume_from}", flush=True)
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    progress = trainer.progress()
     keep_best.restore()
     return {
         "cached_features": trainer.cached_features,
@@ -255,9 +259,10 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
         "train_loss_history": [{"epoch": log["epoch"], "loss": log["loss"]} for log in trainer.state.log_history
                                if "loss" in log and "epoch" in log],  # per epoch, over all ranks
         "epochs_trained": float(trainer.state.epoch or config.epochs),
-        "train_time_s": output.metrics["train_runtime"] - trainer.eval_seconds + trainer.setup_seconds,
-        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,  # time is since then
-    }
+        "train_time_s": progress["train_time_s"],  # without evaluation and checkpoints, over every process
+        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
+        "training_processes": progress["processes"],  # more than 1: resumed after an interruption
+    }, trainer.prior["peak_memory_bytes"]
 
 
 def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any,

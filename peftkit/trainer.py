@@ -18,18 +18,25 @@ from peftkit.models import keep_4bit_training_layout
 
 
 class Timed:
-    """Mixin for a Trainer class: keeps the seconds spent evaluating, so training time can
-    exclude them, and the seconds of training work done before `train()` (computing cached
-    features). With a `replay`, the model's frozen bottom replays stored outputs while it
-    trains and evaluates (peftkit.bottom_cache). A loss or gradient norm that stops being
-    finite stops training at that step (`raise_diverged`)."""
+    """Mixin for a Trainer class: keeps the seconds spent evaluating and writing checkpoints,
+    so training time can exclude them, and the seconds of training work done before `train()`
+    (computing cached features). A run resumed from a checkpoint starts from the training
+    time and peak memory its earlier processes reached (`prior`, peftkit.checkpoints), so its
+    record covers the whole run, each step's work counted once. With a `replay`, the model's
+    frozen bottom replays stored outputs while it trains and evaluates (peftkit.bottom_cache).
+    A loss or gradient norm that stops being finite stops training at that step
+    (`raise_diverged`)."""
 
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     cached_features: bool = False
     replay: Any = None
     keep_checkpoints: int = 1  # the newest checkpoints kept (save_total_limit)
     selection: Any = None      # the KeepBestTrainable whose state each checkpoint keeps
+    memory: Any = None         # the run's PeakMemory, read into each checkpoint's progress
+    prior: dict[str, Any] = {"train_time_s": 0.0, "peak_memory_bytes": 0, "processes": 0}  # before this process
+    _started: float | None = None
 
     def __init__(self, model: nn.Module, **kwargs: Any):
         _declare_trainable_additions(model)
@@ -37,8 +44,19 @@ class Timed:
         super().__init__(model=model, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._started = time.perf_counter()
         with self.replay.active() if self.replay else nullcontext():
             return super().train(*args, **kwargs)
+
+    def progress(self) -> dict[str, Any]:
+        """The run's training time (without evaluation and checkpoint writing) and peak memory
+        so far, over this process and the ones it resumed from, and how many processes trained."""
+        elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
+        peak = self.memory.stop()["peak_memory_bytes"] if self.memory is not None else 0
+        return {"train_time_s": self.prior["train_time_s"] + elapsed - self.eval_seconds - self.checkpoint_seconds
+                + self.setup_seconds,
+                "peak_memory_bytes": max(self.prior["peak_memory_bytes"], peak),
+                "processes": self.prior["processes"] + 1}
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         from peftkit.bottom_cache import INDEX_COLUMN
@@ -77,7 +95,12 @@ class Timed:
         with the checkpoint selection's state (peftkit.checkpoints)."""
         from peftkit.checkpoints import save_atomically
 
-        save_atomically(self, lambda: super(Timed, self)._save_checkpoint(model, trial), self.selection)
+        start = time.perf_counter()
+        progress = self.progress()
+        try:
+            save_atomically(self, lambda: super(Timed, self)._save_checkpoint(model, trial), self.selection, progress)
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - start
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit.checkpoints import checkpoint_root, complete_checkpoints, record_options, save_atomically
+from peftkit.checkpoints import PROGRESS, checkpoint_root, complete_checkpoints, record_options, save_atomically
 from peftkit.config import make_config
 from peftkit.errors import PeftkitError
 from peftkit.run import train
@@ -56,13 +56,20 @@ def test_a_killed_run_resumes_to_the_same_final_weights(tmp_path, data_dir, kind
     flags = [f"{k}={v}" for k, v in options.items()]
     command = [sys.executable, "-m", "peftkit", "train", *[arg for flag in flags for arg in ("--set", flag)]]
     run_killed_after_first_checkpoint(command, tmp_path / "cut")
+    last = complete_checkpoints(checkpoint_root(tmp_path / "cut"))[-1]
+    progress = json.loads((last / PROGRESS).read_text())
+    assert progress["train_time_s"] > 0 and progress["peak_memory_bytes"] > 0 and progress["processes"] == 1
+    # what the killed process had reached carries into the record: its time is added, its peak a floor
+    (last / PROGRESS).write_text(json.dumps({"train_time_s": 1000.0, "peak_memory_bytes": 2**40, "processes": 1}))
     resumed = subprocess.run(command + ["--output-dir", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     record = json.loads((tmp_path / "cut" / "run.json").read_text())
-    assert record["resumed_from_step"] > 0
+    assert record["resumed_from_step"] > 0 and record["training_processes"] == 2
+    assert 1000 < record["train_time_s"] < 1000 + json.loads((tmp_path / "whole" / "run.json").read_text())["train_time_s"] * 5
+    assert record["peak_memory_bytes"] == 2**40
     assert record["metrics"] == json.loads((tmp_path / "whole" / "run.json").read_text())["metrics"]
     assert record["eval_history"] == json.loads((tmp_path / "whole" / "run.json").read_text())["eval_history"]
     assert not checkpoint_root(tmp_path / "cut").exists()  # a finished run keeps no checkpoints

@@ -49,6 +49,28 @@ def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_
 
 
 @pytest.mark.slow
+def test_a_cell_killed_after_a_checkpoint_continues_from_it(tmp_path, data_dir):
+    from peftkit.checkpoints import checkpoint_root, complete_checkpoints
+
+    out = tmp_path / "cmp"
+    command = compare_command(out, data_dir, "full", "0", "--set", "epochs=3", "--set", "max_train_samples=96")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = checkpoint_root(out / "runs" / "full-seed0")
+    while proc.poll() is None and not complete_checkpoints(root):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert complete_checkpoints(root) and not read_runs(out), "kill came too late to test continuing a cell"
+
+    subprocess.run(command, check=True, capture_output=True)
+    record = read_runs(out)["full/seed0"]
+    assert record["status"] == "ok" and record["resumed_from_step"] > 0 and record["training_processes"] == 2
+    assert record["epochs_trained"] == 3 and not root.exists()
+    log = (out / "logs" / "full-seed0.log").read_text()
+    assert "resuming from" in log and "trainable params" in log.split("resuming from")[0]  # both processes' output kept
+
+
+@pytest.mark.slow
 def test_failed_run_is_recorded_and_retried_on_request(tmp_path, data_dir):
     out = tmp_path / "cmp"
     # target modules are only checked against the loaded model, inside the run: one failed row
