@@ -15,8 +15,9 @@ after warm-up.
 Since the longest batch runs during warm-up, no later step needs a larger tensor: whatever
 the peak gains after warm-up is memory the allocator holds, not memory a tensor uses, and
 part of the gap between `peftkit estimate` (tensors) and the measured peak. Children run one
-after another in one invocation, so the seconds per step compare as ratios within one
-results file when nothing else shares the machine.
+after another in one invocation, every setting `--rounds` times in alternating order (the
+table gives medians, and each round's seconds per step), so the seconds per step compare as
+ratios within one results file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import platform
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="lora")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in alternating order (medians)")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "THRESHOLD_KB", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 0 < args.warmup < args.steps:
@@ -104,18 +107,23 @@ def main() -> None:
         strategy, threshold, shape = args.child
         print(json.dumps(child(strategy, int(threshold), shape, args.steps, args.warmup, args.data_dir)))
         return
-    rows = []
-    for strategy in args.strategies.split(","):
-        for shape in SHAPES:
-            for threshold in THRESHOLDS_KB:
-                command = [sys.executable, __file__, "--data-dir", str(args.data_dir), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--child", strategy, str(threshold), shape]
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode:
-                    last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
-                    sys.exit(f"error: {strategy}, {threshold} KB, {shape} batches failed: {last}")
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                print(rows[-1], flush=True)
+    configs = [(strategy, shape, threshold) for strategy in args.strategies.split(",") for shape in SHAPES
+               for threshold in THRESHOLDS_KB]
+    runs: dict[tuple, list[dict]] = {config: [] for config in configs}
+    for round_index in range(args.rounds):  # alternate the order, so a slow spell of the machine hits every setting
+        for strategy, shape, threshold in configs if round_index % 2 == 0 else configs[::-1]:
+            command = [sys.executable, __file__, "--data-dir", str(args.data_dir), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--child", strategy, str(threshold), shape]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+                sys.exit(f"error: {strategy}, {threshold} KB, {shape} batches failed: {last}")
+            runs[(strategy, shape, threshold)].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(runs[(strategy, shape, threshold)][-1], flush=True)
+    rows = [{**found[0], "peak_after_warmup_mb": statistics.median(r["peak_after_warmup_mb"] for r in found),
+             "peak_at_end_mb": statistics.median(r["peak_at_end_mb"] for r in found),
+             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in found),
+             "seconds_per_step_each": [r["seconds_per_step"] for r in found]} for found in runs.values()]
     write(args.out, rows, args.steps, args.warmup)
 
 
@@ -130,15 +138,16 @@ def write(out: Path, rows: list[dict], steps: int, warmup: int) -> None:
         f"Date: {dt.date.today()}; machine: {platform.platform()}, {torch.get_num_threads()} threads; "
         f"torch {torch.__version__}, transformers {transformers.__version__}", "",
         f"Peak = VmHWM above the resident size before the model loaded. Growth = peak after {steps} steps minus "
-        f"peak after {warmup}. Threshold 0 = glibc's own sliding policy, `peftkit train`'s default; 1024 KB is what `peftkit compare` fixes.", "",
-        "| strategy | batch lengths | mmap threshold | peak after warm-up MB | peak at end MB | growth MB | s/step |",
-        "|---|---|---|---|---|---|---|",
+        f"peak after {warmup}. Threshold 0 = glibc's own sliding policy, `peftkit train`'s default; 1024 KB is what `peftkit compare` "
+        "fixes. Medians over the rounds.", "",
+        "| strategy | batch lengths | mmap threshold | peak after warm-up MB | peak at end MB | growth MB | s/step | s/step, each round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         threshold = f"{r['threshold_kb']} KB" if r["threshold_kb"] else "glibc default"
         lines.append(f"| {r['strategy']} | {r['shape']} | {threshold} | {r['peak_after_warmup_mb']:.0f} | "
                      f"{r['peak_at_end_mb']:.0f} | {r['peak_at_end_mb'] - r['peak_after_warmup_mb']:+.0f} | "
-                     f"{r['seconds_per_step']:.3f} |")
+                     f"{r['seconds_per_step']:.3f} | {', '.join(f'{x:.3f}' for x in r['seconds_per_step_each'])} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")

@@ -55,7 +55,8 @@ BLOCK = 64               # bitsandbytes 4-bit block size
 CPU_RUNTIME_BYTES = 128 * 2**20   # measured: resident memory a CPU run adds beyond its tensors
 TRAINING_TERMS = ("activations", "output_layer")
 LOGPROB_TOKEN_CHUNK, LOGPROB_VOCAB_CHUNK = 4096, 32768  # TRL's chunked log-prob tiles (trl.kernels.chunked_logprob)
-LM_HEAD_FORWARD_BUFFERS, LM_HEAD_BACKWARD_BUFFERS = 4, 5  # tile-sized tensors alive at once (module docstring of fused_lm_head_bytes)
+# tile-sized fp32 tensors alive at once when torch folds a tile (fused_lm_head_bytes); the bool target mask counts 1/4
+LM_HEAD_FORWARD_BUFFERS, LM_HEAD_BACKWARD_BUFFERS = 4, 8.25
 EVALUATION_TERMS = ("evaluation", "evaluation_output")
 
 
@@ -313,7 +314,28 @@ def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train
     masks += 2 * h if hidden_dropout else 0                  # after the attention and feed-forward outputs
     if projections_train:  # a linear layer keeps its input only to compute its weight's gradient
         values += 3 * h + intermediate                       # q/k/v input, output-projection input, FFN in/out inputs
-    return values * bytes_per_value + masks * mask_bytes
+    values += _disentangled_attention_values(config, seq_len)
+    return int(values * bytes_per_value + masks * mask_bytes)
+
+
+def _disentangled_attention_values(config: Any, seq_len: int) -> float:
+    """DeBERTa-v2's attention, per token: it scales the keys before their product with the
+    queries, which keeps the scaled copy; and each relative-position term (c2p, p2c) multiplies
+    the content by the projected position embeddings, repeated for every example, which that
+    product keeps (2 x span x hidden values per example and term, shared by its `seq_len`
+    tokens; span: `position_buckets`, else `max_relative_positions`, else
+    `max_position_embeddings`), and gathers each token's relative positions from the product's
+    heads x 2 x span scores, which the gather keeps too."""
+    if config.model_type != "deberta-v2":
+        return 0.0
+    values = float(config.hidden_size)
+    if getattr(config, "relative_attention", False):
+        kinds = config.pos_att_type.split("|") if isinstance(config.pos_att_type, str) else (config.pos_att_type or [])
+        span = next(s for s in (getattr(config, "position_buckets", -1), getattr(config, "max_relative_positions", -1),
+                                config.max_position_embeddings) if s and s > 0)
+        terms = sum(kind in ("c2p", "p2c") for kind in kinds)
+        values += terms * 2 * span * (config.hidden_size / seq_len + config.num_attention_heads)
+    return values
 
 
 def _gated(anatomy: Any) -> bool:
@@ -412,10 +434,12 @@ def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool, b
     hidden states are kept for backward. On a GPU, Triton kernels fold each tile in place: one
     tile buffer in the compute dtype (`bytes_per_value`), and in backward the fp32 gradient of
     the hidden states; only positions with a label are scored, and `tokens` (every position)
-    bounds them. Without Triton (CPU) the tile is folded by torch operations: the tile buffer
-    and the fp32 tensors it turns into (the scaled logits, their exponentials and a product of
-    the two; in backward the probabilities, the gradient and the target mask) are alive at
-    once, and every position is scored."""
+    bounds them. Without Triton (CPU) the tile is folded by torch operations and every position
+    is scored. Forward: the tile, the scaled logits, and the exponentials with their product
+    with the logits (4 tiles). Backward: the tile, the logits scaled twice (temperature and
+    logit scale, each a new tensor), the log-probabilities, the probabilities, the gradient, the
+    target mask (bool) and the two temporaries of `grad += g * (is_target.float() - p)`
+    (8.25 tiles; trl.kernels.chunked_logprob._backward_tile)."""
     tile = min(tokens, LOGPROB_TOKEN_CHUNK) * min(config.vocab_size, LOGPROB_VOCAB_CHUNK)
     if device == "cuda":
         return int(tile * bytes_per_value + tokens * config.hidden_size * (bytes_per_value + (4 if backward else 0)))

@@ -144,13 +144,19 @@ def test_evaluation_of_a_gated_decoder_counts_three_intermediates():
                      "peft:lokr", {"name": "adapter", "variant": "houlsby"}, {"name": "adapter", "variant": "pfeiffer"},
                      {"name": "adapter", "variant": "parallel"})
     if (model, strategy) != ("tiny-llama", "bitfit")  # Llama has no biases: bitfit refuses it
-])
+] + [("deberta-v2", "full"), ("deberta-v2", "lora")])
 def test_activation_term_matches_what_autograd_saves(model, strategy):
-    """The analytic term against the bytes autograd really keeps for one training forward."""
+    """The analytic term against the bytes autograd really keeps for one training forward
+    (DeBERTa-v2: its disentangled attention, relative positions in both directions)."""
     import torch
 
-    from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
+    from peftkit.models import load_for_classification, load_model_config, load_tokenizer, random_checkpoint, resolve_model
     from peftkit.strategies import build_strategy
+
+    if model == "deberta-v2":
+        model = str(random_checkpoint("test-deberta-v2", dict(
+            model_type="deberta-v2", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=64, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"])))
 
     spec = {"name": strategy} if isinstance(strategy, str) else strategy
     built = build_strategy(spec["name"], {k: v for k, v in spec.items() if k != "name"})
