@@ -8,7 +8,9 @@ cap). These cases differ from it in batch size, sequence length, task (NER, QA, 
 tuning with generation), model (SmolLM2-135M, and random GPT-2, Llama and DeBERTa-v2
 configurations of tens of millions of parameters, large enough that their tensors, not the
 libraries, set the peak) and strategy. Each case is a real `peftkit train` in a fresh process,
-`STEPS` optimizer steps and one short evaluation, under the allocator policy `peftkit compare`
+two epochs of `STEPS` optimizer steps and one short evaluation (batches grouped by length put
+the longest first in every epoch; the second epoch runs it beside the optimizer's states, as
+every long run does: in a run's first step they do not exist yet), under the allocator policy `peftkit compare`
 publishes peaks with (`cpu_mmap_threshold_kb=1024`); its estimate is `peftkit estimate` for the
 run's own settings and longest examples (`estimate_run`, as the comparison tables use).
 Finished cases are kept in `<work>/records.jsonl`, so an interrupted check resumes.
@@ -81,7 +83,7 @@ def case_config(case: tuple, work: Path, data_dir: Path) -> dict:
         model = str(random_checkpoint(f"estimate-check-{model}", RANDOM[model]))
     eval_batch = extra.get("eval_batch_size", batch)
     return {"model": model, "task": task, "strategy": strategy, "batch_size": batch, "eval_batch_size": eval_batch,
-            "max_train_samples": batch * STEPS, "max_eval_samples": eval_batch, "epochs": 1, "select": "last",
+            "max_train_samples": batch * STEPS, "max_eval_samples": eval_batch, "epochs": 2, "select": "last",
             "save_strategy": "no", "max_new_tokens": 8, "cpu_mmap_threshold_kb": 1024, "seed": 0,
             "data_dir": str(data_dir), "output_dir": str(work / "runs" / name), "overwrite": True, **extra}
 
@@ -151,8 +153,8 @@ def write(out: Path, rows: list[dict]) -> None:
         f"Date: {date.today()}; commit {rows[0]['commit'][:10]}; machine: {platform.platform()}, CPU, "
         f"torch {torch.__version__}", "",
         f"{len(rows)} cases, none of them used to set the estimate's constants (those came from the MiniLM "
-        f"SST-2 comparison at batch 32). Each is a fresh `peftkit train` process: {STEPS} optimizer steps and one "
-        "evaluation batch, glibc's mmap threshold at 1 MB as in `peftkit compare`. Measured = peak resident "
+        f"SST-2 comparison at batch 32). Each is a fresh `peftkit train` process: 2 epochs of {STEPS} optimizer steps "
+        "(the longest batch first in each), one evaluation batch, glibc's mmap threshold at 1 MB as in `peftkit compare`. Measured = peak resident "
         "memory above the process's size before the model loaded (VmHWM). Estimate = `peftkit estimate` for the "
         "run's settings at its longest training and validation examples.", "",
         f"Within {LOW}-{HIGH}: {inside} of {len(rows)}; ratios {min(ratios):.2f} to {max(ratios):.2f}.", "",

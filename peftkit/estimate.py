@@ -11,7 +11,8 @@ Terms, each computed from the model as the strategy would train it:
   Adafactor (no first moment) one fp32 value per row and per column of a matrix, per value of a
   vector; plain SGD none. Gradient clipping (max_grad_norm) and torch.compile add nothing
   counted (compile can only fuse activations away: the count stays an upper bound);
-- best weights: peftkit keeps a copy of the trainable tensors at the best evaluation (4 bytes each);
+- best weights: peftkit keeps a copy of the trainable tensors at the best evaluation (4 bytes
+  each), unless the run keeps its last weights (`select: last`);
 - activations saved for backward, per token and per layer from the lowest layer that needs
   gradients: norm inputs, the projection inputs, q/k/v (and q/k before a rotary embedding), the
   attention probabilities with their dropout mask where attention dropout forces PyTorch's math
@@ -117,7 +118,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
              gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
              device: str = "cuda", quantization: str = "none", eval_batch_size: int | None = None,
              eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
-             precision: str | None = None, attn_implementation: str = "auto") -> Estimate:
+             precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
@@ -156,7 +157,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         "weights": weight_bytes(meta, quantized, DTYPE_BYTES[dtype], getattr(strategy, "double_quant", True)),
         "gradients": 4 * trainable,
         "optimizer": optimizer_bytes(meta, optimizer),
-        "best_weights": 4 * trainable,
+        "best_weights": 4 * trainable if keeps_best else 0,  # `select: last` evaluates nothing, keeps no copy
         "activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes, gradient_checkpointing,
                                         device),
         "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes),
@@ -487,7 +488,7 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     device=device, quantization=config.quantization, eval_batch_size=config.eval_batch_size,
                     eval_seq_len=data.get("longest_validation_example", config.max_length), task=config.task_kind,
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
-                    attn_implementation=config.attn_implementation)
+                    attn_implementation=config.attn_implementation, keeps_best=config.select == "best")
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:
