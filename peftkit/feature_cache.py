@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from torch import nn
 from peftkit.anatomy import inspect_model
 from peftkit.models import cache_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each stored value keeps the seconds it took to compute
 
 
 def cache_key(model_dir: str, tokenizer: Any, dataset: Any, max_length: int, site: str, variant: str = "") -> str:
@@ -117,26 +118,50 @@ def _pool(head_input: torch.Tensor, batch: dict[str, torch.Tensor], model: nn.Mo
     return head_input[torch.arange(head_input.shape[0]), last]
 
 
-def cached_head_inputs(model: nn.Module, model_dir: str, tokenizer: Any, dataset: Any, collate: Any,
-                       max_length: int, batch_size: int, variant: str = "") -> torch.Tensor:
-    """`head_inputs`, read from the cache when an identical computation was stored before."""
+def cached_head_inputs(store: FeatureStore, model: nn.Module, model_dir: str, tokenizer: Any, dataset: Any,
+                       collate: Any, max_length: int, batch_size: int, variant: str = "") -> torch.Tensor:
+    """`head_inputs`, read from the store when an identical computation was stored before."""
     head = inspect_model(model).head_modules[0]
     key = cache_key(model_dir, tokenizer, dataset, max_length, head, variant)
-    return stored(key, lambda: head_inputs(model, dataset, collate, batch_size))
+    return store.get(key, lambda: head_inputs(model, dataset, collate, batch_size))
 
 
-def stored(key: str, compute: Callable[[], Any]) -> Any:
-    """What `compute` returns, kept on disk under `key`: read back when present, written
-    atomically (a staging file renamed into place) so that a killed run leaves no torn file."""
-    path = cache_dir() / "features" / f"{key}.pt"
-    if path.is_file():
-        return torch.load(path)
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
-    torch.save(value, staging)
-    staging.rename(path)
-    return value
+class FeatureStore:
+    """Frozen computations kept on disk, and what one run did with them. `get(key, compute)`
+    returns what `compute` returns: read back when an identical computation was stored
+    before, else computed and stored atomically (a staging file renamed into place, so that a
+    killed run leaves no torn file). Each stored value keeps the seconds its computation took,
+    so a run that reads it back still counts that work in its training time (`seconds`), and
+    `source` says whether this run computed its features or loaded them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.computed = self.loaded = 0
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        path = cache_dir() / "features" / f"{key}.pt"
+        if path.is_file():
+            stored = torch.load(path)
+            self.loaded += 1
+            self.seconds += stored["seconds"]
+            return stored["value"]
+        start = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
+        torch.save({"value": value, "seconds": seconds}, staging)
+        staging.rename(path)
+        self.computed += 1
+        self.seconds += seconds
+        return value
+
+    @property
+    def source(self) -> str | None:
+        """"computed", "loaded" (from an earlier run's identical computation), "partly loaded", or None."""
+        if not self.computed + self.loaded:
+            return None
+        return "computed" if not self.loaded else "loaded" if not self.computed else "partly loaded"
 
 
 class HeadOnFeatures(nn.Module):

@@ -93,7 +93,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     if trainable == 0 and strategy.trains_anything:
         raise PeftkitError(f"strategy '{strategy.name}' trains no parameter of {config.model}: pick another strategy")
 
-    trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "best_epoch": None,
+    trained: dict[str, Any] = {"cached_features": False, "cached_bottom_layers": 0, "frozen_features": None,
+                               "best_epoch": None,
                                "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0,
                                "resumed_from_step": None, "training_processes": 0}
     prior_peak = 0
@@ -254,6 +255,7 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
     return {
         "cached_features": trainer.cached_features,
         "cached_bottom_layers": trainer.replay.bottom if trainer.replay else 0,  # frozen layers computed once
+        "frozen_features": trainer.frozen_features,  # computed by this run or loaded; their time counts either way
         "best_epoch": keep_best.best_epoch,
         "eval_history": keep_best.history,
         "train_loss_history": [{"epoch": log["epoch"], "loss": log["loss"]} for log in trainer.state.log_history

@@ -31,6 +31,7 @@ class Timed:
     setup_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     cached_features: bool = False
+    frozen_features: str | None = None  # computed, loaded or partly loaded (peftkit.feature_cache.FeatureStore)
     replay: Any = None
     keep_checkpoints: int = 1  # the newest checkpoints kept (save_total_limit)
     selection: Any = None      # the KeepBestTrainable whose state each checkpoint keeps

@@ -9,7 +9,7 @@ import torch
 from peftkit import feature_cache
 from peftkit.config import make_config
 from peftkit.data import load_data
-from peftkit.feature_cache import cache_key, cached_head_inputs
+from peftkit.feature_cache import FeatureStore, cache_key, cached_head_inputs
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.tasks.classification import PadToLongest, tokenize
 
@@ -33,7 +33,7 @@ def private_cache(tmp_path, monkeypatch):
 def test_head_on_cached_features_equals_a_fresh_forward_pass(data_dir, model_name, head):
     source, tokenizer, dataset, model = setup(model_name, data_dir)
     collate = PadToLongest(tokenizer)
-    features = cached_head_inputs(model, source.path, tokenizer, dataset, collate, 64, batch_size=16)
+    features = cached_head_inputs(FeatureStore(), model, source.path, tokenizer, dataset, collate, 64, batch_size=16)
     assert features.shape == (40, 64)
     with torch.no_grad():
         fresh = torch.cat([model(**{k: v for k, v in collate([dataset[i]]).items() if k != "labels"}).logits
@@ -45,9 +45,13 @@ def test_head_on_cached_features_equals_a_fresh_forward_pass(data_dir, model_nam
 def test_second_call_reads_the_cache(data_dir, monkeypatch):
     source, tokenizer, dataset, model = setup("tiny-bert", data_dir)
     collate = PadToLongest(tokenizer)
-    first = cached_head_inputs(model, source.path, tokenizer, dataset, collate, 64, batch_size=16)
+    computing, reading = FeatureStore(), FeatureStore()
+    first = cached_head_inputs(computing, model, source.path, tokenizer, dataset, collate, 64, batch_size=16)
     monkeypatch.setattr(feature_cache, "head_inputs", lambda *a, **k: pytest.fail("recomputed a cached result"))
-    assert torch.equal(cached_head_inputs(model, source.path, tokenizer, dataset, collate, 64, batch_size=16), first)
+    assert torch.equal(cached_head_inputs(reading, model, source.path, tokenizer, dataset, collate, 64, batch_size=16), first)
+    # the work is counted where it was done and where it is read back: the stored seconds travel with the value
+    assert computing.source == "computed" and reading.source == "loaded" and FeatureStore().source is None
+    assert reading.seconds == computing.seconds > 0
 
 
 def test_key_changes_with_model_length_tokenizer_and_data(data_dir):
@@ -79,7 +83,9 @@ def test_linear_probe_run_trains_on_cached_features(tmp_path, data_dir):
 
     result = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "strategy": "linear-probe",
                             "max_train_samples": 64, "max_eval_samples": 48, "epochs": 2, "output_dir": tmp_path / "run"})
-    assert result.record["cached_features"] is True
+    assert result.record["cached_features"] is True and result.record["frozen_features"] == "computed"
+    again = peftkit.train({**result.record["config"], "output_dir": str(tmp_path / "again")})
+    assert again.record["frozen_features"] == "loaded"  # an identical run reads them back, and says so
     uncached = peftkit.train({**result.record["config"], "cache_features": False, "output_dir": str(tmp_path / "run2")})
     assert uncached.record["cached_features"] is False
 
@@ -93,10 +99,10 @@ def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir
     torch.manual_seed(0)
     model = build_strategy("linear-probe", {"pooling": "mean"}).apply(load_for_classification(source, ["a", "b"], tokenizer)).eval()
     collate = PadToLongest(tokenizer)
-    features = cached_head_inputs(model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="mean")
+    features = cached_head_inputs(FeatureStore(), model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="mean")
     torch.manual_seed(0)
     plain_model = load_for_classification(source, ["a", "b"], tokenizer)
-    plain = cached_head_inputs(plain_model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="model")
+    plain = cached_head_inputs(FeatureStore(), plain_model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="model")
     assert not torch.equal(features, plain)  # another variant is another cache entry, and other features
     batch = {k: v for k, v in collate([dataset[i] for i in range(8)]).items() if k != "labels"}
     with torch.no_grad():

@@ -12,7 +12,6 @@ dropout-free frozen bottom sits below every trainable weight, it is replayed
 from __future__ import annotations
 
 import sys
-import time
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -117,19 +116,20 @@ class Classification(Task):
 
         from peftkit.anatomy import head_is_one_linear, inspect_model
         from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
-        from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, cache_key, cached_head_inputs, stored
+        from peftkit.feature_cache import FeatureDataset, FeatureStore, HeadOnFeatures, cache_key, cached_head_inputs
         from peftkit.trainer import timed_trainer
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
         collate: Any = self.collator(tokenizer)
-        start = time.perf_counter()
+        store = FeatureStore()
         variant = repr((sorted(strategy.options().items()), config.quantization))
         on_features = strategy.frozen_below_head and config.cache_features and head_is_one_linear(model)
         replay = None
         if on_features:
-            features = [FeatureDataset(cached_head_inputs(model, model_dir, tokenizer, split, collate, config.max_length,
-                                                          config.eval_batch_size, variant=variant), split["labels"])
+            features = [FeatureDataset(cached_head_inputs(store, model, model_dir, tokenizer, split, collate,
+                                                          config.max_length, config.eval_batch_size, variant=variant),
+                                       split["labels"])
                         for split in splits]
             train_dataset, eval_dataset = features[0], features[1] if len(features) > 1 else None
             model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
@@ -137,9 +137,9 @@ class Classification(Task):
         elif config.cache_features and (bottom := frozen_bottom(model)):
             site = f"{inspect_model(model).layers_prefix}.{bottom - 1}"
             outputs = BottomOutputs.joined([
-                BottomOutputs(**stored(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
-                                       lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
-                                                                                       config.eval_batch_size))))
+                BottomOutputs(**store.get(cache_key(model_dir, tokenizer, split, config.max_length, site, variant),
+                                          lambda split=split: vars(compute_bottom_outputs(model, bottom, split, collate,
+                                                                                          config.eval_batch_size))))
                 for split in splits
             ])
             replay = BottomReplay(model, bottom, outputs)
@@ -147,13 +147,13 @@ class Classification(Task):
             if eval_dataset is not None:  # its stored rows follow the training set's
                 eval_dataset = eval_dataset.add_column(
                     INDEX_COLUMN, list(range(len(train_dataset), len(train_dataset) + len(eval_dataset))))
-        setup_seconds = time.perf_counter() - start if on_features or replay else 0.0
 
         group = config.group_by_length and not on_features
         trainer = timed_trainer(model, config, scratch_dir, tokenizer, collate, strategy, train_dataset, eval_dataset,
                                 callbacks, group_by_length=group, compute_metrics=self.metric_function(prepared.info),
                                 preprocess_logits_for_metrics=self.reduce_logits)
-        trainer.setup_seconds, trainer.replay = setup_seconds, replay
+        # the frozen work counts in training time whether this run computed it or read it back
+        trainer.setup_seconds, trainer.replay, trainer.frozen_features = store.seconds, replay, store.source
         trainer.cached_features = on_features
         return trainer
 
