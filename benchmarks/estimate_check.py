@@ -20,6 +20,7 @@ Encoder-decoders (T5) are not among the cases: the estimate refuses them (it mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shlex
@@ -80,7 +81,9 @@ def case_config(case: tuple, work: Path, data_dir: Path) -> dict:
 
     name, model, task, strategy, batch, extra = case
     if model in RANDOM:
-        model = str(random_checkpoint(f"estimate-check-{model}", RANDOM[model]))
+        sizes = RANDOM[model]
+        digest = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:8]
+        model = str(random_checkpoint(f"estimate-check-{model}-{digest}", sizes))  # new sizes, a new model
     eval_batch = extra.get("eval_batch_size", batch)
     return {"model": model, "task": task, "strategy": strategy, "batch_size": batch, "eval_batch_size": eval_batch,
             "max_train_samples": batch * STEPS, "max_eval_samples": eval_batch, "epochs": 2, "select": "last",
@@ -121,12 +124,20 @@ def main() -> None:
                         help="runs, configs and the resumable records")
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = parser.parse_args()
-    chosen = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
+    names = [n for n in args.cases.split(",") if n]
+    unknown = sorted(set(names) - {c[0] for c in CASES})
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(c[0] for c in CASES)}")
+    chosen = [c for c in CASES if not names or c[0] in names]
     records_path = args.work / "records.jsonl"
     records_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
-    if records_path.is_file():
-        done = {r["case"]: r for r in map(json.loads, records_path.read_text().splitlines())}
+    for line in records_path.read_text().splitlines() if records_path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: that case runs again
+            continue
+        done[record["case"]] = record
     for case in chosen:
         if case[0] in done:
             continue

@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in alternating order (medians)")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "THRESHOLD_KB", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup must lie between 0 and --steps ({args.steps}), got {args.warmup}")
     if args.child:

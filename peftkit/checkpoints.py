@@ -26,7 +26,9 @@ PREFIX = "checkpoint-"
 TRAINABLE = "trainable.safetensors"        # the trainable tensors at the checkpoint
 SELECTION_STATE = "peftkit-selection.pt"  # KeepBestTrainable's state at the checkpoint
 PROGRESS = "peftkit-progress.json"         # training time and peak memory up to the checkpoint
+NO_PROGRESS: dict[str, Any] = {"train_time_s": 0.0, "memory": {}, "processes": 0}  # before a run's first process
 RUN_OPTIONS = "run-options.json"           # the options the checkpoints were made with
+CODE_KEY = "_peftkit_commit"               # ... and the code's commit, kept among them
 # options that say how to start, not what is trained: they may differ on --resume
 START_OPTIONS = frozenset({"resume", "overwrite", "force"})
 
@@ -70,11 +72,12 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
     return None
 
 
-def record_options(config: RunConfig, output_dir: Path) -> None:
-    """Keep the options a fresh run trains with beside its checkpoints (for `--resume`)."""
+def record_options(config: RunConfig, output_dir: Path, commit: str) -> None:
+    """Keep the options a fresh run trains with, and the code's commit, beside its checkpoints
+    (for `--resume`, and for `peftkit compare`, which continues a cell only on the same code)."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    (root / RUN_OPTIONS).write_text(json.dumps(_options(config), indent=2) + "\n")
+    (root / RUN_OPTIONS).write_text(json.dumps({**_options(config), CODE_KEY: commit}, indent=2) + "\n")
 
 
 def _options(config: RunConfig) -> dict[str, Any]:
@@ -152,13 +155,13 @@ def load_progress(checkpoint: Path) -> dict[str, Any]:
     """The training time, peak memory and process count the run had reached at `checkpoint`
     (a checkpoint from before they were kept counts as none)."""
     path = checkpoint / PROGRESS
-    stored = json.loads(path.read_text()) if path.is_file() else {}
-    return {"train_time_s": 0.0, "peak_memory_bytes": 0, "processes": 0, **stored}
+    return {**NO_PROGRESS, **(json.loads(path.read_text()) if path.is_file() else {})}
 
 
-def resumable(config: RunConfig, output_dir: Path) -> bool:
-    """Whether an interrupted run of exactly these options left a checkpoint to continue from."""
+def resumable(config: RunConfig, output_dir: Path, commit: str) -> bool:
+    """Whether an interrupted run of exactly these options, by the code at `commit`, left a
+    checkpoint to continue from."""
     root = checkpoint_root(output_dir)
     if not complete_checkpoints(root) or not (root / RUN_OPTIONS).is_file():
         return False
-    return json.loads((root / RUN_OPTIONS).read_text()) == _options(config)
+    return json.loads((root / RUN_OPTIONS).read_text()) == {**_options(config), CODE_KEY: commit}

@@ -344,7 +344,9 @@ def compare(
         for cell in todo:
             running = cell
             live.update(table(), refresh=True)
-            harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]]), start))
+            failed_before = records.get(cell.key, {}).get("status") == "failed"  # its checkpoints may be the cause
+            harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]]), start,
+                                                     may_resume=not failed_before))
         running = None
         live.update(table(), refresh=True)
     failed = [k for k, r in harness.read_runs(out).items() if r["status"] != "ok"]

@@ -139,25 +139,30 @@ def launcher(num_processes: int = 1, accelerate_config: Path | None = None) -> l
     return command
 
 
-def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str] | None = None) -> dict:
+def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str] | None = None,
+             may_resume: bool = True) -> dict:
     """Train one cell in a fresh `peftkit train` process (started by `start`, default this
-    Python; see `launcher`); the record says ok or failed, and keeps the `peftkit compare`
-    command line that asked for it."""
+    Python; see `launcher`), continuing it from its checkpoints where an interrupted matrix
+    left some made with the same options by the same code (unless `may_resume` is false: a
+    cell whose last attempt failed starts over); the record says ok or failed, and keeps the
+    `peftkit compare` command line that asked for it."""
     from peftkit.checkpoints import resumable
     from peftkit.estimate import estimate_for
+    from peftkit.provenance import code_version
 
     config = cell.config
-    resuming = resumable(config, Path(config.output_dir))
-    if resuming:  # an interrupted matrix left this cell's checkpoints: continue it rather than start over
-        config = config.model_copy(update={"resume": True, "overwrite": False})
+    resuming = may_resume and resumable(config, Path(config.output_dir), code_version()["commit"])
     config_path = out / "configs" / f"{cell.strategy}-seed{cell.seed}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    started = config.model_copy(update={"resume": True, "overwrite": False}) if resuming else config
+    config_path.write_text(yaml.safe_dump(started.model_dump(mode="json"), sort_keys=False))
     log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a" if resuming else "w") as log:
         proc = subprocess.run([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
                               stdout=log, stderr=subprocess.STDOUT)
+    if resuming:  # the cell's config as planned, which trains it whole
+        config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
             "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if proc.returncode == 0:

@@ -122,7 +122,9 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
-    weights' (auto: bf16 on cuda, fp32 on cpu); `precision` the activations' (default: dtype)."""
+    weights' (auto: bf16 on cuda, fp32 on cpu); `precision` the activations' (default: dtype);
+    `attn_implementation` the attention kernel (only eager stores the scores); `keeps_best`
+    whether a copy of the best trainable weights is kept (`select: best`)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
         dtype = "fp32" if device == "cpu" else "bf16"
@@ -442,8 +444,9 @@ def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool, b
     target mask (bool) and the two temporaries of `grad += g * (is_target.float() - p)`
     (8.25 tiles; trl.kernels.chunked_logprob._backward_tile)."""
     tile = min(tokens, LOGPROB_TOKEN_CHUNK) * min(config.vocab_size, LOGPROB_VOCAB_CHUNK)
-    if device == "cuda":
-        return int(tile * bytes_per_value + tokens * config.hidden_size * (bytes_per_value + (4 if backward else 0)))
+    if device == "cuda":  # the buffer is allocated 32,768 wide whatever the vocabulary
+        buffer = min(tokens, LOGPROB_TOKEN_CHUNK) * LOGPROB_VOCAB_CHUNK
+        return int(buffer * bytes_per_value + tokens * config.hidden_size * (bytes_per_value + (4 if backward else 0)))
     buffers = LM_HEAD_BACKWARD_BUFFERS if backward else LM_HEAD_FORWARD_BUFFERS
     return int(tile * 4 * buffers + tokens * config.hidden_size * 4)
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 # Options that say where things are or whether to proceed, not what is computed: left out of the config hash.
-PLACE_OPTIONS = ("output_dir", "overwrite", "resume", "force", "data_dir", "train_file", "validation_file", "test_file")
+PLACE_OPTIONS = ("output_dir", "overwrite", "force", "data_dir", "train_file", "validation_file", "test_file")
 
 
 def config_hash(config: Any) -> str:
     """A short digest of everything in a RunConfig that can change a result."""
     values = {k: v for k, v in config.model_dump(mode="json").items() if k not in PLACE_OPTIONS}
+    values["resume"] = False  # a resumed run computes what the run it continues would have (kept, for older hashes)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -97,22 +97,21 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
                                "best_epoch": None,
                                "eval_history": [], "train_loss_history": [], "epochs_trained": 0.0, "train_time_s": 0.0,
                                "resumed_from_step": None, "training_processes": 0}
-    prior_peak = 0
+    trained_memory: dict[str, int] = {}
     if strategy.trains_anything:
         if resume_from is None and is_main_process():
-            record_options(config, output_dir)
-        trained, prior_peak = _fit(model, strategy, task, config, prepared, tokenizer, source.path,
-                                   checkpoint_root(output_dir), resume_from, memory)
+            record_options(config, output_dir, code["commit"])
+        trained, trained_memory = _fit(model, strategy, task, config, prepared, tokenizer, source.path,
+                                       checkpoint_root(output_dir), resume_from, memory)
     with autocast_for(config):
         final = task.evaluate(model, config, prepared, tokenizer)  # always the whole model, as saved; once
         test = task.evaluate(model, config, prepared, tokenizer, "test") if "test" in prepared.splits else None
-    peak = memory.stop()
-    peak["peak_memory_bytes"] = max(peak["peak_memory_bytes"], prior_peak)  # over every process of a resumed run
+    peak = {k: max(v, trained_memory.get(k, 0)) for k, v in memory.stop().items()}  # every process of a resumed run
 
     tokens_per_epoch = int(sum(prepared.train["length"]))
     epochs_done, train_time = trained["epochs_trained"], trained["train_time_s"]
     record = {
-        "config": config.model_dump(mode="json"),
+        "config": {**config.model_dump(mode="json"), "resume": False},  # a resumed run's config retrains it whole
         "provenance": {**code, "config_hash": config_hash(config)},
         "task_kind": task.name,
         "learning_rate": config.lr,
@@ -237,10 +236,11 @@ def world_size() -> int:
 
 
 def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared: Any, tokenizer: Any,
-         model_dir: str, checkpoints: Path, resume_from: Path | None, memory: PeakMemory) -> tuple[dict[str, Any], int]:
+         model_dir: str, checkpoints: Path, resume_from: Path | None,
+         memory: PeakMemory) -> tuple[dict[str, Any], dict[str, int]]:
     """Train with the task's trainer (its checkpoints in `checkpoints`; continuing from
     `resume_from` when given), keep the best weights by the selection metric, and return what
-    the record says about training, and the peak memory of the processes resumed from."""
+    the record says about training, and the peak memory over every process that trained."""
     keep_best = KeepBestTrainable(model, config.metric_for_best_model, config.early_stopping_patience,
                                   task.greater_is_better(config.metric_for_best_model), task.metrics)
     trainer = task.build_trainer(model, strategy, config, prepared, tokenizer, str(checkpoints), model_dir, [keep_best])
@@ -264,7 +264,7 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
         "train_time_s": progress["train_time_s"],  # without evaluation and checkpoints, over every process
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
         "training_processes": progress["processes"],  # more than 1: resumed after an interruption
-    }, trainer.prior["peak_memory_bytes"]
+    }, progress["memory"]
 
 
 def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from peftkit.checkpoints import NO_PROGRESS
 from peftkit.config import RunConfig
 from peftkit.models import keep_4bit_training_layout
 
@@ -36,7 +37,7 @@ class Timed:
     keep_checkpoints: int = 1  # the newest checkpoints kept (save_total_limit)
     selection: Any = None      # the KeepBestTrainable whose state each checkpoint keeps
     memory: Any = None         # the run's PeakMemory, read into each checkpoint's progress
-    prior: dict[str, Any] = {"train_time_s": 0.0, "peak_memory_bytes": 0, "processes": 0}  # before this process
+    prior: dict[str, Any] = NO_PROGRESS  # what the processes this one resumed from had reached
     _started: float | None = None
 
     def __init__(self, model: nn.Module, **kwargs: Any):
@@ -51,12 +52,14 @@ class Timed:
 
     def progress(self) -> dict[str, Any]:
         """The run's training time (without evaluation and checkpoint writing) and peak memory
-        so far, over this process and the ones it resumed from, and how many processes trained."""
+        (each measure of PeakMemory) so far, over this process and the ones it resumed from,
+        and how many processes trained. The work done before training (cached features) counts
+        once: a resumed process that redoes or reloads it adds nothing."""
         elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
-        peak = self.memory.stop()["peak_memory_bytes"] if self.memory is not None else 0
-        return {"train_time_s": self.prior["train_time_s"] + elapsed - self.eval_seconds - self.checkpoint_seconds
-                + self.setup_seconds,
-                "peak_memory_bytes": max(self.prior["peak_memory_bytes"], peak),
+        setup = 0.0 if self.prior["processes"] else self.setup_seconds
+        now = self.memory.stop() if self.memory is not None else {}
+        return {"train_time_s": self.prior["train_time_s"] + elapsed - self.eval_seconds - self.checkpoint_seconds + setup,
+                "memory": {k: max(v, self.prior["memory"].get(k, 0)) for k, v in now.items()},
                 "processes": self.prior["processes"] + 1}
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

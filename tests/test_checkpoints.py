@@ -58,9 +58,9 @@ def test_a_killed_run_resumes_to_the_same_final_weights(tmp_path, data_dir, kind
     run_killed_after_first_checkpoint(command, tmp_path / "cut")
     last = complete_checkpoints(checkpoint_root(tmp_path / "cut"))[-1]
     progress = json.loads((last / PROGRESS).read_text())
-    assert progress["train_time_s"] > 0 and progress["peak_memory_bytes"] > 0 and progress["processes"] == 1
+    assert progress["train_time_s"] > 0 and progress["memory"]["peak_memory_bytes"] > 0 and progress["processes"] == 1
     # what the killed process had reached carries into the record: its time is added, its peak a floor
-    (last / PROGRESS).write_text(json.dumps({"train_time_s": 1000.0, "peak_memory_bytes": 2**40, "processes": 1}))
+    (last / PROGRESS).write_text(json.dumps({"train_time_s": 1000.0, "memory": {"peak_memory_bytes": 2**40}, "processes": 1}))
     resumed = subprocess.run(command + ["--output-dir", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
@@ -85,7 +85,7 @@ def test_resume_and_overwrite_rules(tmp_path, data_dir):
     with pytest.raises(PeftkitError, match="--resume: no complete checkpoint in .*run.checkpoints: nothing to resume"):
         train(small(tmp_path, data_dir, resume=True))
     root = checkpoint_root(tmp_path / "run")
-    record_options(make_config(small(tmp_path, data_dir, learning_rate=0.1)), tmp_path / "run")
+    record_options(make_config(small(tmp_path, data_dir, learning_rate=0.1)), tmp_path / "run", "abc123")
     (root / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(PeftkitError, match="an interrupted run left checkpoints in .*: pass --resume to continue it"):
         train(small(tmp_path, data_dir))
@@ -118,3 +118,20 @@ def test_checkpoints_are_renamed_into_place_complete_and_rotated(tmp_path):
     assert torch.load(tmp_path / "checkpoint-30" / "peftkit-selection.pt") == {"best": 0.5}
     (tmp_path / ".partial" / "checkpoint-40").mkdir(parents=True)  # a save killed half way
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]
+
+
+def test_progress_counts_the_work_before_training_once():
+    """A resumed process adds its own training time to what its checkpoint had reached, keeps the
+    highest peak of every measure, and does not count again the cached features it reloads."""
+    from peftkit.checkpoints import NO_PROGRESS
+    from peftkit.trainer import Timed
+
+    def trainer(prior, peak):
+        return SimpleNamespace(_started=time.perf_counter(), prior=prior, setup_seconds=5.0, eval_seconds=0.0,
+                               checkpoint_seconds=0.0, memory=SimpleNamespace(stop=lambda: {"peak_memory_bytes": peak}))
+
+    first = Timed.progress(trainer(NO_PROGRESS, 3))
+    assert 5.0 <= first["train_time_s"] < 6.0 and first["memory"] == {"peak_memory_bytes": 3} and first["processes"] == 1
+    resumed = Timed.progress(trainer({"train_time_s": 100.0, "memory": {"peak_memory_bytes": 7}, "processes": 1}, 3))
+    assert 100.0 <= resumed["train_time_s"] < 101.0 and resumed["memory"] == {"peak_memory_bytes": 7}
+    assert resumed["processes"] == 2

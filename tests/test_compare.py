@@ -66,6 +66,8 @@ def test_a_cell_killed_after_a_checkpoint_continues_from_it(tmp_path, data_dir):
     record = read_runs(out)["full/seed0"]
     assert record["status"] == "ok" and record["resumed_from_step"] > 0 and record["training_processes"] == 2
     assert record["epochs_trained"] == 3 and not root.exists()
+    assert record["config"]["resume"] is False  # the record, and the cell's config file, retrain the cell whole
+    assert "resume: false" in (out / "configs" / "full-seed0.yaml").read_text()
     log = (out / "logs" / "full-seed0.log").read_text()
     assert "resuming from" in log and "trainable params" in log.split("resuming from")[0]  # both processes' output kept
 

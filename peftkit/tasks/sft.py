@@ -61,9 +61,10 @@ class InstructionTuning(Task):
         loss; generation keeps every layer's keys and values for prompt and answer."""
         from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
 
-        return {"output_layer": fused_lm_head_bytes(config, batch_size * seq_len, device, True, bytes_per_value),
-                "evaluation_output": max(fused_lm_head_bytes(config, eval_batch_size * eval_seq_len, device, False,
-                                                             bytes_per_value),
+        return {"output_layer": fused_lm_head_bytes(config, batch_size * seq_len, device, backward=True,
+                                                    bytes_per_value=bytes_per_value),
+                "evaluation_output": max(fused_lm_head_bytes(config, eval_batch_size * eval_seq_len, device,
+                                                             backward=False, bytes_per_value=bytes_per_value),
                                          kv_cache_bytes(config, eval_batch_size, eval_seq_len + max_new_tokens,
                                                         bytes_per_value))}
 
