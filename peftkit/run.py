@@ -25,6 +25,7 @@ from torch import nn
 from peftkit.allocator import set_mmap_threshold
 from peftkit.checkpoints import checkpoint_root, load_progress, load_selection, record_options, resume_point
 from peftkit.config import RunConfig, make_config
+from peftkit.cpu_dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
@@ -88,6 +89,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = keep_trainable_fp32(strategy.apply(model, task))
+    if device == "cpu" and config.fast_cpu_dropout:
+        use_cpu_dropout(model)
     print(trainable_line(model), flush=True)
     trainable, total = count_parameters(model)
     if trainable == 0 and strategy.trains_anything:
