@@ -1,18 +1,30 @@
-"""peftkit against the script a user would otherwise write (plain Trainer + peft), side by side.
+"""peftkit's defaults against the scripts a user would otherwise write, each in its own process.
 
     python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed
 
-In one process, alternating, with the same model, data, batch size, epochs and learning rate:
-(a) the baseline — tokenize with truncation, `DataCollatorWithPadding`, random batches,
-Trainer defaults, a frozen encoder recomputed every step for head-only training — and
-(b) `peftkit.train`. Reported per case: training samples/s and real (non-padding) tokens/s
-with evaluation excluded, final dev accuracy, the ratio b/a, and the model-FLOPs utilisation
-against this machine's measured fp32 matmul ceiling.
+Per case (model, strategy, epochs, learning rate; SST-2, the same examples, batch size and
+LoRA targets on every side), three fresh processes one after another:
 
-Model FLOPs per real token: 6N when every weight trains (forward 2N, input and weight
-gradients 4N), 4N when the base is frozen (no weight gradients), 2N for a frozen forward
-(head-only baseline); N counts the non-embedding parameters. peftkit's cached linear probe
-does its 2N once, not once per epoch: its utilisation uses the work it actually did.
+- plain: a Trainer + peft script as the Hugging Face examples write it: tokenize with
+  truncation, `DataCollatorWithPadding`, random batches, Trainer's defaults (its fused AdamW
+  among them), a frozen encoder recomputed every step for head-only training;
+- tuned: the same script with the flag a careful user adds, batches grouped by length
+  (`train_sampling_strategy="group_by_length"`), padded the same way;
+- peftkit: `peftkit.train` with its defaults and an empty feature cache (`PEFTKIT_CACHE`), so a
+  linear probe's time includes computing its features (the `features` column says so).
+
+Neither script imports peftkit: each runs with the allocator and thread settings a user's
+process has. Reported: training samples/s and real (non-padding) tokens/s with evaluation
+excluded, dev accuracy, the ratios peftkit/plain and peftkit/tuned, and model-FLOPs
+utilisation against this machine's measured fp32 matmul ceiling. The order of the three sides
+alternates from case to case, so drift in the machine's speed does not favour one side.
+
+Model FLOPs per real token: a forward pass costs 2 per weight; backward costs 2 per weight
+for the input gradients of every layer from the lowest one holding a trainable weight up, and
+2 more per trainable weight for its gradient. So 6N for full training, about 4N for LoRA
+(adapters in every layer), 2N + 4N_top for partial (only the top layers backpropagate) and 2N
+for a linear probe's frozen forward; N counts non-embedding weights. A cached linear probe
+does its 2N once, not once per epoch: its utilisation uses the work it did.
 """
 
 from __future__ import annotations
@@ -20,8 +32,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +49,7 @@ CASES = {
 }
 SAMPLES = {"minilm": 8000, "smollm2-135m": 1000}
 BATCH = {"minilm": 32, "smollm2-135m": 16}
-FLOPS_PER_PARAM = {"full": 6, "partial": 6, "lora": 4, "qlora": 4, "linear-probe": 2}
+SIDES = ("plain", "tuned", "peftkit")
 
 
 def matmul_ceiling(seconds: float = 3.0) -> float:
@@ -49,24 +63,21 @@ def matmul_ceiling(seconds: float = 3.0) -> float:
     return count * 2 * 2048**3 / (time.perf_counter() - start)
 
 
-def baseline(model_name: str, strategy: str, epochs: int, lr: float, data_dir: str) -> dict:
-    """The plain Trainer + peft script, written the way the Hugging Face examples write it."""
+def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
+    """The user's Trainer + peft script (plain, or tuned with length-grouped batches)."""
     import datasets
+    import numpy as np
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
 
-    from peftkit.anatomy import inspect_model
-    from peftkit.models import resolve_model
-    from peftkit.tasks.classification import compute_metrics
-
-    path = resolve_model(model_name).path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    strategy, samples = case["strategy"], case["samples"]
+    tokenizer = AutoTokenizer.from_pretrained(case["path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     files = {s: f"{data_dir}/sst2/{s}.jsonl" for s in ("train", "validation")}
     raw = datasets.load_dataset("json", data_files=files)
-    raw["train"] = raw["train"].select(range(SAMPLES[model_name]))
+    raw["train"] = raw["train"].select(range(samples))
     encoded = raw.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True)
     encoded = encoded.rename_column("label", "labels").remove_columns(["sentence"])
     quant = None
@@ -74,103 +85,140 @@ def baseline(model_name: str, strategy: str, epochs: int, lr: float, data_dir: s
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, pad_token_id=tokenizer.pad_token_id,
-                                                               quantization_config=quant)
-    anatomy = inspect_model(model)
+    model = AutoModelForSequenceClassification.from_pretrained(case["path"], num_labels=2, quantization_config=quant,
+                                                               pad_token_id=tokenizer.pad_token_id)
     if strategy in ("lora", "qlora"):
         if strategy == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.05,
-                                                 target_modules=list(anatomy.layer_linear_suffixes)))
-    elif strategy == "partial":
+                                                 target_modules=case["lora_targets"]))
+    else:
         for name, param in model.named_parameters():
-            layer = anatomy.layer_index(name)
-            param.requires_grad = anatomy.region(name) in ("head", "top") or (layer is not None and layer >= anatomy.num_layers - 2)  # peftkit partial's default: the top 2
-    elif strategy == "linear-probe":
-        for name, param in model.named_parameters():
-            param.requires_grad = anatomy.is_head(name)
+            param.requires_grad = strategy == "full" or any(name.startswith(p) for p in case["trainable_prefixes"])
+
+    def accuracy(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(scratch, num_train_epochs=epochs, learning_rate=lr,
-                                 per_device_train_batch_size=BATCH[model_name], per_device_eval_batch_size=64,
+        args = TrainingArguments(scratch, num_train_epochs=case["epochs"], learning_rate=case["lr"],
+                                 per_device_train_batch_size=case["batch"], per_device_eval_batch_size=64,
                                  warmup_steps=0.06, weight_decay=0.01, eval_strategy="no", save_strategy="no",
-                                 report_to="none", seed=0, disable_tqdm=True)
+                                 report_to="none", seed=0, disable_tqdm=True,
+                                 train_sampling_strategy="group_by_length" if group_by_length else "random")
         trainer = Trainer(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
-                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
         train_time = trainer.train().metrics["train_runtime"]
-        accuracy = trainer.evaluate()["eval_accuracy"]
-    tokens = sum(len(x) for x in encoded["train"]["input_ids"]) * epochs
-    return {"samples_per_s": SAMPLES[model_name] * epochs / train_time, "tokens_per_s": tokens / train_time,
-            "accuracy": accuracy, "train_time_s": train_time}
+        accuracy_now = trainer.evaluate()["eval_accuracy"]
+    tokens = sum(len(x) for x in encoded["train"]["input_ids"]) * case["epochs"]
+    return {"samples_per_s": samples * case["epochs"] / train_time, "tokens_per_s": tokens / train_time,
+            "accuracy": accuracy_now, "train_time_s": train_time, "features": "recomputed every step"}
 
 
-def with_peftkit(model_name: str, strategy: str, epochs: int, lr: float, data_dir: str) -> dict:
+def with_peftkit(case: dict, data_dir: str) -> dict:
     import peftkit
 
     with tempfile.TemporaryDirectory() as out:
         record = peftkit.train({
-            "model": model_name, "task": "sst2", "strategy": strategy, "data_dir": data_dir,
-            "max_train_samples": SAMPLES[model_name], "epochs": epochs, "learning_rate": lr,
-            "batch_size": BATCH[model_name], "output_dir": f"{out}/run",
+            "model": case["model"], "task": "sst2", "strategy": case["strategy"], "data_dir": data_dir,
+            "max_train_samples": case["samples"], "epochs": case["epochs"], "learning_rate": case["lr"],
+            "batch_size": case["batch"], "output_dir": f"{out}/run",
         }).record
     return {"samples_per_s": record["samples_per_s"], "tokens_per_s": record["tokens_per_s"],
             "accuracy": record["metrics"]["accuracy"], "train_time_s": record["train_time_s"],
-            "cached_features": record.get("cached_features", False)}
+            "features": record["frozen_features"] or "not cached", "cached_features": record["cached_features"]}
 
 
-def non_embedding_params(model_name: str) -> int:
-    from transformers import AutoConfig, AutoModel
+def run_side(side: str, case: dict, data_dir: str) -> dict:
+    """One side of a case in a fresh process (this script with --side), its result read back."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        env = {**os.environ, "PEFTKIT_CACHE": str(Path(scratch) / "cache")}
+        command = [sys.executable, __file__, "--side", side, "--case", json.dumps(case), "--data-dir", data_dir,
+                   "--result", str(result)]
+        subprocess.run(command, env=env, check=True)
+        return json.loads(result.read_text())
 
+
+def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
+    """A case, with what both scripts need to know about the model without importing peftkit
+    (its path, LoRA targets, the parameters partial and linear-probe train) and its
+    FLOPs per real token (module docstring)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from peftkit.anatomy import inspect_model
     from peftkit.models import resolve_model
 
+    path = str(resolve_model(model_name).path)
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model(model_name).path))
-    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "wte" not in n)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=2))
+    anatomy = inspect_model(model)
+    top_layers = 2 if strategy == "partial" else 0  # peftkit partial's default: the top 2 layers train
+    prefixes = [*anatomy.head_modules, *(f"{anatomy.layers_prefix}.{i}." for i in
+                                        range(anatomy.num_layers - top_layers, anatomy.num_layers))]
+    weights = {n: p.numel() for n, p in model.named_parameters() if n not in anatomy.embedding_params}
+    if strategy == "partial":
+        prefixes += [n for n in weights if anatomy.region(n) == "top"]
+    total = sum(weights.values())
+    backward_from = sum(v for n, v in weights.items() if any(n.startswith(p) for p in prefixes))
+    flops = {"full": 6 * total, "lora": 4 * total, "qlora": 4 * total, "partial": 2 * total + 4 * backward_from,
+             "linear-probe": 2 * total}[strategy]
+    return {"model": model_name, "strategy": strategy, "epochs": epochs, "lr": lr, "path": path,
+            "samples": SAMPLES[model_name], "batch": BATCH[model_name], "flops_per_token": flops,
+            "lora_targets": list(anatomy.layer_linear_suffixes), "trainable_prefixes": prefixes}
 
 
-def mfu(result: dict, strategy: str, params: int, ceiling: float, epochs: int, cached: bool) -> float:
-    per_token = FLOPS_PER_PARAM[strategy] * params
-    if cached:  # one frozen forward over the data, then a head too small to count
-        per_token = 2 * params / epochs
-    return result["tokens_per_s"] * per_token / ceiling
+def mfu(result: dict, case: dict, ceiling: float) -> float:
+    flops = case["flops_per_token"]
+    if result.get("cached_features"):  # one frozen forward over the data, then a head too small to count
+        flops = flops / case["epochs"]
+    return result["tokens_per_s"] * flops / ceiling
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--models", nargs="+", default=list(CASES))
     parser.add_argument("--strategies", nargs="+", help="only these strategies (default: all of a model's cases)")
     parser.add_argument("--max-train-samples", type=int, help="fewer examples, for a quick check of the script")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in its own process
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.max_train_samples:
-        SAMPLES.update({m: args.max_train_samples for m in SAMPLES})
+    quiet()
+    if args.side:
+        case = json.loads(args.case)
+        result = with_peftkit(case, args.data_dir) if args.side == "peftkit" else \
+            script(case, args.data_dir, group_by_length=args.side == "tuned")
+        args.result.write_text(json.dumps(result))
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    ceiling = matmul_ceiling()
+    rows = []
+    cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
+    for number, (model_name, strategy, epochs, lr) in enumerate(cases):
+        case = describe(model_name, strategy, epochs, lr)
+        if args.max_train_samples:
+            case["samples"] = args.max_train_samples
+        order = SIDES if number % 2 == 0 else SIDES[::-1]
+        results = {side: run_side(side, case, args.data_dir) for side in order}
+        row = {**{k: case[k] for k in ("model", "strategy", "epochs", "lr", "samples", "batch")}, "order": list(order),
+               **results, **{f"{side}_mfu": mfu(results[side], case, ceiling) for side in SIDES},
+               "vs_plain": results["peftkit"]["samples_per_s"] / results["plain"]["samples_per_s"],
+               "vs_tuned": results["peftkit"]["samples_per_s"] / results["tuned"]["samples_per_s"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write(args.out, rows, ceiling)
+
+
+def quiet() -> None:
     import logging
 
     import transformers
 
-    from peftkit.allocator import set_mmap_threshold
-    from peftkit.config import RunConfig
-
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
-    # peftkit sets this allocator policy for its runs; set it first so the baseline runs under it too
-    set_mmap_threshold(RunConfig.model_fields["cpu_mmap_threshold_kb"].default)
-    ceiling = matmul_ceiling()
-    rows = []
-    for model_name in args.models:
-        params = non_embedding_params(model_name)
-        for strategy, epochs, lr in CASES[model_name]:
-            if args.strategies and strategy not in args.strategies:
-                continue
-            base = baseline(model_name, strategy, epochs, lr, args.data_dir)
-            ours = with_peftkit(model_name, strategy, epochs, lr, args.data_dir)
-            row = {"model": model_name, "strategy": strategy, "epochs": epochs, "lr": lr, "baseline": base, "peftkit": ours,
-                   "speedup": ours["samples_per_s"] / base["samples_per_s"],
-                   "baseline_mfu": mfu(base, strategy, params, ceiling, epochs, False),
-                   "peftkit_mfu": mfu(ours, strategy, params, ceiling, epochs, ours["cached_features"])}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    write(args.out, rows, ceiling)
 
 
 def write(out: Path, rows: list[dict], ceiling: float) -> None:
@@ -179,19 +227,22 @@ def write(out: Path, rows: list[dict], ceiling: float) -> None:
     command = "python " + shlex.join(sys.argv)
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "bitsandbytes"))
     lines = [
-        "# Speed: peftkit vs a plain Trainer + peft script (SST-2, same process, alternating)", "",
+        "# Speed: peftkit's defaults vs a plain and a tuned Trainer + peft script (SST-2, each in its own process)", "",
         f"Command: `{command}`", "",
         f"Date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {torch.get_num_threads()} threads; {versions}; "
         f"measured fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
-        "| model | strategy | epochs | baseline samples/s | peftkit samples/s | speed-up | baseline tokens/s | peftkit tokens/s "
-        "| baseline acc | peftkit acc | baseline MFU | peftkit MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
+        "MFU: model FLOPs (see the script's docstring) per second over the ceiling.", "",
+        "| model | strategy | examples x epochs | samples/s plain / tuned / peftkit | peftkit vs plain | peftkit vs tuned "
+        "| acc plain / tuned / peftkit | MFU plain / tuned / peftkit | peftkit features |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        b, p = r["baseline"], r["peftkit"]
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['epochs']} | {b['samples_per_s']:.1f} | {p['samples_per_s']:.1f} | "
-                     f"**{r['speedup']:.2f}x** | {b['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | {b['accuracy']:.4f} | "
-                     f"{p['accuracy']:.4f} | {100 * r['baseline_mfu']:.1f}% | {100 * r['peftkit_mfu']:.1f}% |")
+        rate = " / ".join(f"{r[s]['samples_per_s']:.1f}" for s in SIDES)
+        acc = " / ".join(f"{r[s]['accuracy']:.4f}" for s in SIDES)
+        use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in SIDES)
+        lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | **{r['vs_plain']:.2f}x** "
+                     f"| **{r['vs_tuned']:.2f}x** | {acc} | {use} | {r['peftkit']['features']} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"command": command, "ceiling_flops": ceiling, "rows": rows}, indent=1) + "\n")
