@@ -232,7 +232,9 @@ def write(out: Path, rows: list[dict], ceiling: float) -> None:
         f"Date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {torch.get_num_threads()} threads; {versions}; "
         f"measured fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
         "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
-        "MFU: model FLOPs (see the script's docstring) per second over the ceiling.", "",
+        "MFU: model FLOPs (see the script's docstring) per second over the ceiling. peftkit's default "
+        "protocol holds 10% of the examples out to choose the epoch (`select: best`): it trains on 90% of them, and its "
+        "samples/s counts those.", "",
         "| model | strategy | examples x epochs | samples/s plain / tuned / peftkit | peftkit vs plain | peftkit vs tuned "
         "| acc plain / tuned / peftkit | MFU plain / tuned / peftkit | peftkit features |",
         "|---|---|---|---|---|---|---|---|---|",
