@@ -94,7 +94,7 @@ def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
                                                  target_modules=case["lora_targets"]))
     else:
         for name, param in model.named_parameters():
-            param.requires_grad = strategy == "full" or any(name.startswith(p) for p in case["trainable_prefixes"])
+            param.requires_grad = strategy == "full" or name in case["trainable"]
 
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
@@ -141,30 +141,29 @@ def run_side(side: str, case: dict, data_dir: str) -> dict:
 
 def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
     """A case, with what both scripts need to know about the model without importing peftkit
-    (its path, LoRA targets, the parameters partial and linear-probe train) and its
-    FLOPs per real token (module docstring)."""
+    (its path, LoRA targets, the parameters partial and linear-probe train, chosen by peftkit's
+    own strategy with its defaults) and its FLOPs per real token (module docstring)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from peftkit.anatomy import inspect_model
     from peftkit.models import resolve_model
+    from peftkit.strategies.base import apply_strategy
 
     path = str(resolve_model(model_name).path)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=2))
     anatomy = inspect_model(model)
-    top_layers = 2 if strategy == "partial" else 0  # peftkit partial's default: the top 2 layers train
-    prefixes = [*anatomy.head_modules, *(f"{anatomy.layers_prefix}.{i}." for i in
-                                        range(anatomy.num_layers - top_layers, anatomy.num_layers))]
+    trainable = []
+    if strategy in ("partial", "linear-probe"):
+        trainable = [n for n, p in apply_strategy(model, strategy, "sst2").named_parameters() if p.requires_grad]
     weights = {n: p.numel() for n, p in model.named_parameters() if n not in anatomy.embedding_params}
-    if strategy == "partial":
-        prefixes += [n for n in weights if anatomy.region(n) == "top"]
     total = sum(weights.values())
-    backward_from = sum(v for n, v in weights.items() if any(n.startswith(p) for p in prefixes))
+    backward_from = sum(weights.get(n, 0) for n in trainable)  # partial: the top layers, what sits above them, the head
     flops = {"full": 6 * total, "lora": 4 * total, "qlora": 4 * total, "partial": 2 * total + 4 * backward_from,
              "linear-probe": 2 * total}[strategy]
     return {"model": model_name, "strategy": strategy, "epochs": epochs, "lr": lr, "path": path,
             "samples": SAMPLES[model_name], "batch": BATCH[model_name], "flops_per_token": flops,
-            "lora_targets": list(anatomy.layer_linear_suffixes), "trainable_prefixes": prefixes}
+            "lora_targets": list(anatomy.layer_linear_suffixes), "trainable": trainable}
 
 
 def mfu(result: dict, case: dict, ceiling: float) -> float:

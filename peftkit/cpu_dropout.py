@@ -34,8 +34,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype 
     seed = int(torch.randint(0, 2**63 - 1, ()))  # torch's generator decides the mask
     words = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
     threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
-    noise = (words >= threshold).astype(np.float32)
-    noise *= np.float32(1 / (1 - p))
+    noise = np.multiply(words >= threshold, np.float32(1 / (1 - p)), dtype=np.float32)  # one pass, no 0/1 copy
     return torch.from_numpy(noise).view(shape).to(dtype)
 
 
