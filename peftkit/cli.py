@@ -389,6 +389,8 @@ def estimate(
     task: str = typer.Option("classification", help="Task kind or built-in data set (sft counts the LM head and generation)."),
     max_new_tokens: int = typer.Option(0, min=0, help="sft: tokens generated per evaluation prompt (the key/value cache)."),
     select: str = typer.Option("best", help="best: a copy of the best weights is kept (as train's select); last: none."),
+    answer_tokens: Optional[int] = typer.Option(None, min=1, help="sft: the longest answer in tokens (the LM head "
+                                                "scores answer positions only; default: every position)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from peftkit.config import apply_overrides
@@ -402,7 +404,8 @@ def estimate(
     result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
                      eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
-                     attn_implementation=attn_implementation, keeps_best=select == "best")
+                     attn_implementation=attn_implementation, keeps_best=select == "best",
+                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens)
     settings = result.settings
     _print_estimate(result, f"{strategy} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
                             f"weights {settings['dtype']}, compute {settings['precision']}, {optimizer}, "

@@ -118,13 +118,16 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
              gradient_checkpointing: bool = False, optimizer: str = "adamw", num_labels: int = 2,
              device: str = "cuda", quantization: str = "none", eval_batch_size: int | None = None,
              eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
-             precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True) -> Estimate:
+             precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True,
+             answer_tokens: int | None = None, eval_answer_tokens: int | None = None) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
     weights' (auto: bf16 on cuda, fp32 on cpu); `precision` the activations' (default: dtype);
     `attn_implementation` the attention kernel (only eager stores the scores); `keeps_best`
-    whether a copy of the best trainable weights is kept (`select: best`)."""
+    whether a copy of the best trainable weights is kept (`select: best`); `answer_tokens` and
+    `eval_answer_tokens` the most labelled positions of one example, where the task's output
+    layer scores those alone (sft; default: every position)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
         dtype = "fp32" if device == "cpu" else "bf16"
@@ -164,7 +167,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
                                         device),
         "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes),
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
-                             max_new_tokens),
+                             max_new_tokens, answer_tokens, eval_answer_tokens),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
@@ -172,7 +175,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
                 "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
                 "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
                 "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization,
-                "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len}
+                "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len, "answer_tokens": answer_tokens}
     return Estimate(terms, trainable, total, settings)
 
 
@@ -431,24 +434,25 @@ def _sizes(config: Any) -> tuple[int, int, int, int, int]:
 
 
 
-def fused_lm_head_bytes(config: Any, tokens: int, device: str, backward: bool, bytes_per_value: int = 4) -> int:
+def fused_lm_head_bytes(config: Any, scored: int, device: str, backward: bool, bytes_per_value: int = 4) -> int:
     """TRL's fused LM head (`add_fused_lm_head`): log-probabilities of the labels computed in
-    tiles of up to 4,096 tokens x 32,768 vocabulary entries, never the whole logits; the final
-    hidden states are kept for backward. On a GPU, Triton kernels fold each tile in place: one
-    tile buffer in the compute dtype (`bytes_per_value`), and in backward the fp32 gradient of
-    the hidden states; only positions with a label are scored, and `tokens` (every position)
-    bounds them. Without Triton (CPU) the tile is folded by torch operations and every position
-    is scored. Forward: the tile, the scaled logits, and the exponentials with their product
-    with the logits (4 tiles). Backward: the tile, the logits scaled twice (temperature and
-    logit scale, each a new tensor), the log-probabilities, the probabilities, the gradient, the
-    target mask (bool) and the two temporaries of `grad += g * (is_target.float() - p)`
-    (8.25 tiles; trl.kernels.chunked_logprob._backward_tile)."""
-    tile = min(tokens, LOGPROB_TOKEN_CHUNK) * min(config.vocab_size, LOGPROB_VOCAB_CHUNK)
+    tiles of up to 4,096 tokens x 32,768 vocabulary entries, never the whole logits, for the
+    `scored` positions only: those with a label (peftkit makes TRL skip the others on CPU too,
+    `tasks.sft.score_answer_positions_only`); their final hidden states are gathered and kept
+    for backward. On a GPU, Triton kernels fold each tile in place: one tile buffer in the
+    compute dtype (`bytes_per_value`), and in backward the fp32 gradient of the hidden states.
+    Without Triton (CPU) the tile is folded by torch operations. Forward: the tile, the scaled
+    logits, and the exponentials with their product with the logits (4 tiles). Backward: the
+    tile, the logits scaled twice (temperature and logit scale, each a new tensor), the
+    log-probabilities, the probabilities, the gradient, the target mask (bool) and the two
+    temporaries of `grad += g * (is_target.float() - p)` (8.25 tiles;
+    trl.kernels.chunked_logprob._backward_tile)."""
+    rows = min(scored, LOGPROB_TOKEN_CHUNK)
     if device == "cuda":  # the buffer is allocated 32,768 wide whatever the vocabulary
-        buffer = min(tokens, LOGPROB_TOKEN_CHUNK) * LOGPROB_VOCAB_CHUNK
-        return int(buffer * bytes_per_value + tokens * config.hidden_size * (bytes_per_value + (4 if backward else 0)))
+        return int(rows * LOGPROB_VOCAB_CHUNK * bytes_per_value
+                   + scored * config.hidden_size * (bytes_per_value + (4 if backward else 0)))
     buffers = LM_HEAD_BACKWARD_BUFFERS if backward else LM_HEAD_FORWARD_BUFFERS
-    return int(tile * 4 * buffers + tokens * config.hidden_size * 4)
+    return int(rows * min(config.vocab_size, LOGPROB_VOCAB_CHUNK) * 4 * buffers + scored * config.hidden_size * 4)
 
 
 def kv_cache_bytes(config: Any, batch_size: int, seq_len: int, bytes_per_value: int) -> int:
@@ -491,7 +495,9 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     device=device, quantization=config.quantization, eval_batch_size=config.eval_batch_size,
                     eval_seq_len=data.get("longest_validation_example", config.max_length), task=config.task_kind,
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
-                    attn_implementation=config.attn_implementation, keeps_best=config.select == "best")
+                    attn_implementation=config.attn_implementation, keeps_best=config.select == "best",
+                    answer_tokens=data.get("longest_train_answer"),
+                    eval_answer_tokens=data.get("longest_validation_answer"))
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:

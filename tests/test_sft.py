@@ -108,6 +108,43 @@ def test_packing_never_attends_across_examples():
         start = end
 
 
+def test_fused_head_scores_only_answer_positions_with_the_same_loss_and_gradients(monkeypatch):
+    """With score_answer_positions_only, TRL's fused LM head projects only the labelled
+    positions through the vocabulary on CPU (3 of 2 x 12 here, not all 22), and the loss and
+    every gradient equal those of scoring every position."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as fused_head
+    from trl.trainer.utils import add_fused_lm_head
+
+    from peftkit.tasks.sft import score_answer_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama").path, dtype=torch.float32)
+    add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:], labels[1, 11] = ids[0, 10:], ids[1, 11]
+    scored = []
+    apply = kernel.ChunkedLogProbFunction.apply
+    monkeypatch.setattr(fused_head._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: scored.append(hidden.shape[0]) or apply(hidden, *rest))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(fused_head, "_use_triton", fused_head._use_triton)  # restored after the test
+    every_loss, every_grads = loss_and_grads()
+    score_answer_positions_only()
+    answer_loss, answer_grads = loss_and_grads()
+    assert scored == [22, 3]
+    torch.testing.assert_close(answer_loss, every_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(answer_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_packed_training_runs_and_records(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir, packing=True, max_generate_samples=0)

@@ -104,10 +104,18 @@ class Task:
         """Refuse options that mean nothing together for this task (default: accept all)."""
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
-                      bytes_per_value: int, device: str, max_new_tokens: int) -> dict[str, int]:
+                      bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
+                      eval_answer_tokens: int | None = None) -> dict[str, int]:
         """Memory the task's output layer needs beyond the layers' activations (peftkit.estimate):
-        `output_layer` while training, `evaluation_output` while evaluating. Default: none (a
-        classifier head keeps one small input, counted with the activations)."""
+        `output_layer` while training, `evaluation_output` while evaluating; `answer_tokens`
+        bounds the positions of one example that carry a label (None: every position). Default:
+        none (a classifier head keeps one small input, counted with the activations)."""
+        return {}
+
+    def longest_answers(self, prepared: Prepared) -> dict[str, int]:
+        """The most labelled positions of one training and one validation example, for tasks
+        whose output layer works on those alone (run records keep them for the estimate).
+        Default: none (every position counts)."""
         return {}
 
     def greater_is_better(self, metric: str) -> bool:

@@ -56,17 +56,26 @@ class InstructionTuning(Task):
     column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template")
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
-                      bytes_per_value: int, device: str, max_new_tokens: int) -> dict[str, int]:
-        """TRL's fused LM head scores the vocabulary in tiles, in training and in the evaluation
-        loss; generation keeps every layer's keys and values for prompt and answer."""
+                      bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
+                      eval_answer_tokens: int | None = None) -> dict[str, int]:
+        """TRL's fused LM head scores the answers' positions in tiles, in training and in the
+        evaluation loss; generation keeps every layer's keys and values for prompt and answer."""
         from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
 
-        return {"output_layer": fused_lm_head_bytes(config, batch_size * seq_len, device, backward=True,
+        train_scored = batch_size * min(seq_len, answer_tokens or seq_len)
+        eval_scored = eval_batch_size * min(eval_seq_len, eval_answer_tokens or eval_seq_len)
+        return {"output_layer": fused_lm_head_bytes(config, train_scored, device, backward=True,
                                                     bytes_per_value=bytes_per_value),
-                "evaluation_output": max(fused_lm_head_bytes(config, eval_batch_size * eval_seq_len, device,
+                "evaluation_output": max(fused_lm_head_bytes(config, eval_scored, device,
                                                              backward=False, bytes_per_value=bytes_per_value),
                                          kv_cache_bytes(config, eval_batch_size, eval_seq_len + max_new_tokens,
                                                         bytes_per_value))}
+
+    def longest_answers(self, prepared: Prepared) -> dict[str, int]:
+        def most(split: Any) -> int:
+            return max(sum(label != -100 for label in labels) for labels in split["labels"])
+
+        return {"longest_train_answer": most(prepared.train), "longest_validation_answer": most(prepared.validation)}
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
         if config.packing and strategy.name in ("prompt-tuning", "prefix-tuning", "p-tuning"):
@@ -173,11 +182,27 @@ def _sft_trainer(model: nn.Module, config: RunConfig, tokenizer: Any, scratch_di
     class TimedSFTTrainer(Timed, SFTTrainer):
         pass
 
+    score_answer_positions_only()
+
     args = training_arguments(config, scratch_dir, group_by_length=config.group_by_length and not config.packing,
                               args_class=SFTConfig, max_length=config.max_length, packing=config.packing,
                               packing_strategy="bfd", eval_packing=False, shuffle_dataset=False)
     return TimedSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, **kwargs)
+
+
+def score_answer_positions_only() -> None:
+    """Make TRL's fused LM head score only the positions that carry a label, on every device.
+
+    TRL (1.16) projects only labelled positions through the vocabulary where its Triton kernels
+    run, and every position elsewhere, so that compiled tile shapes stay fixed on XLA devices;
+    masked positions are then zeroed. On CPU, eager like CUDA, that is only wasted work: the LM
+    head is a fifth of SmolLM2-135M's FLOPs, and sst2-chat's answers are about 3 of 63 tokens.
+    The loss and every gradient are the same either way (tests/test_sft.py)."""
+    import trl.trainer.utils as fused_head
+    from trl.kernels.chunked_logprob import _use_triton
+
+    fused_head._use_triton = lambda device: device.type in ("cpu", "cuda") or _use_triton(device)
 
 
 def _columns(config: RunConfig, defaults: dict[str, str], available: list[str]) -> dict[str, str]:
