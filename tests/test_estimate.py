@@ -221,6 +221,12 @@ def test_instruction_tuning_counts_the_fused_lm_head_and_the_generation_cache():
     assert sft.terms["output_layer"] == fused_lm_head_bytes(config, 1024, "cuda", True, 2)
     assert sft.terms["evaluation_output"] == max(fused_lm_head_bytes(config, 1024, "cuda", False, 2),
                                                  kv_cache_bytes(config, 2, 512 + 64, 2))
+    # only the answers' positions are scored: at most 2 x 20 here
+    answers = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512, task="sft", max_new_tokens=64,
+                       answer_tokens=20, eval_answer_tokens=30)
+    assert answers.terms["output_layer"] == fused_lm_head_bytes(config, 40, "cuda", True, 2)
+    assert answers.terms["evaluation_output"] == max(fused_lm_head_bytes(config, 60, "cuda", False, 2),
+                                                     kv_cache_bytes(config, 2, 512 + 64, 2))
     assert "output_layer" not in classifier.terms
     assert sft.trainable_params < classifier.trainable_params  # no classifier head copy beside the adapters
     with pytest.raises(PeftkitError, match="has none"):

@@ -156,6 +156,8 @@ def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir)
     record = result.record
     assert record["task_kind"] == "sft"
+    # the most labelled positions of an example, for the estimate's LM head term: the answer, not the prompt
+    assert 0 < record["data"]["longest_train_answer"] < record["data"]["longest_train_example"]
     assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
@@ -275,6 +277,8 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     history = result.record["eval_history"]  # the selection slice: 4 of the 32 training examples
     assert result.record["total_params"] > 130_000_000
     assert result.record["data"]["selection_examples"] == 4
+    # "positive" or "negative", then <|im_end|> and the newline: 3 labelled tokens, all the LM head scores
+    assert result.record["data"]["longest_train_answer"] == result.record["data"]["longest_validation_answer"] == 3
     assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
     assert len(history) == 1 and history[0]["loss"] > 0
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The published comparison tables, each made by one pinned commit, resumable across sessions.
+#
+#   bash benchmarks/tables/run.sh [TABLE ...]     # default: every table in QUEUE, in order
+#
+# Each table's code is the commit its QUEUE line names, checked out (once) as a worktree beside
+# this clone with its own .venv, so every row of a table names that commit whatever is committed
+# here meanwhile. Each table is one resumable `peftkit compare` (that commit's recipes/) whose
+# output is benchmarks/tables/<table>/ in THIS clone: runs.jsonl and configs/ are committed as
+# cells finish (runs/ and logs/ are not), so a later session continues where one stopped,
+# retraining only the cell that was cut short. A table is published (`peftkit report` into
+# benchmarks/results/<table>/) only when every cell is recorded.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+clone="$(cd "$here/../.." && pwd)"
+data="${PEFTKIT_DATA_DIR:-$clone/../shared/data}"
+
+# table | commit | model | task | strategies | seeds | extra compare options
+QUEUE="
+minilm-conll2003|912f592|minilm|conll2003|full,lora,adapter,bitfit,linear-probe|0,1,2
+minilm-wnut17|912f592|minilm|wnut17|full,lora|0,1,2
+minilm-squad|912f592|minilm|squad|full,lora,adapter|0
+smollm2-scitldr|e59e24c|smollm2-135m|scitldr|none,lora|0
+smollm2-sst2-chat|e59e24c|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0
+smollm2-dolly|e59e24c|smollm2-135m|dolly|none,lora,qlora,full|0
+smollm2-sst2|912f592|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000
+minilm-rte|912f592|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2
+minilm-sst2|912f592|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2
+"
+
+worktree() {  # the pinned commit's checkout, set up once
+  local wt="$clone/../peftkit-bench-$1"
+  [ -d "$wt" ] || git -C "$clone" worktree add --detach "$wt" "$1" >&2
+  [ -x "$wt/.venv/bin/peftkit" ] || bash "$wt/scripts/setup" >&2
+  echo "$wt"
+}
+
+tables=("$@")
+while IFS='|' read -r table commit model task strategies seeds extra; do
+  [ -n "$table" ] || continue
+  if [ ${#tables[@]} -gt 0 ] && [[ ! " ${tables[*]} " == *" $table "* ]]; then continue; fi
+  wt="$(worktree "$commit")"
+  echo "== $table at $commit ($(date -u +%H:%M:%S))"
+  (cd "$wt" && .venv/bin/peftkit compare --model "$model" --task "$task" --strategies "$strategies" \
+     --seeds "$seeds" --recipe-dir recipes --data-dir "$data" --out "$here/$table" ${extra:-})
+done <<< "$QUEUE"
