@@ -484,20 +484,23 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
     validation examples (length-grouped batches make those the peak batches), its dtype,
     precision, optimizer, attention kernel and switches, on the run's device (`device`, else
     the recorded one, else this machine's). Before a run the maximum length stands in for the
-    longest examples."""
+    longest examples, and for packed training rows, which fill it with many answers."""
     data = (run or {}).get("data", {})
+    train_len, train_answer = data.get("longest_train_example", config.max_length), data.get("longest_train_answer")
+    if config.packing:
+        train_len, train_answer = config.max_length, None
     if device is None:
         recorded = (run or {}).get("device", "cuda" if torch.cuda.is_available() else "cpu")
         device = "cpu" if recorded.startswith("cpu") else "cuda"
     return estimate(config.model, config.strategy.build(), config.batch_size,
-                    data.get("longest_train_example", config.max_length), config.weights_dtype(device),
+                    train_len, config.weights_dtype(device),
                     config.gradient_checkpointing, config.optimizer, num_labels=len(data.get("label_names", [0, 1])),
                     device=device, quantization=config.quantization, eval_batch_size=config.eval_batch_size,
                     eval_seq_len=data.get("longest_validation_example", config.max_length), task=config.task_kind,
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
                     attn_implementation=config.attn_implementation, keeps_best=config.select == "best",
-                    answer_tokens=data.get("longest_train_answer"),
-                    eval_answer_tokens=data.get("longest_validation_answer"))
+                    answer_tokens=train_answer,
+                    eval_answer_tokens=data.get("longest_eval_answer"))
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:

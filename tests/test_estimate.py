@@ -247,3 +247,20 @@ def test_llama_3_1_8b_qlora_lies_within_20_percent_of_torchtunes_published_peak(
                       keeps_best=False)  # torchtune keeps its last weights
     assert result.trainable_params == 20_971_520  # torchtune's count: 655,360 per layer x 32
     assert 0.8 <= result.total_bytes / (7.4 * 2**30) <= 1.2
+
+
+def test_a_runs_estimate_scores_its_longest_answers_and_packed_rows_whole(tmp_path):
+    """estimate_run bounds the LM head's positions by the run's longest answers, except for
+    packed training rows, which fill max_length with many answers."""
+    from peftkit.config import make_config
+    from peftkit.estimate import estimate_run
+
+    def output_layer(packing: bool, data: dict) -> int:
+        config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "batch_size": 4,
+                              "max_length": 64, "packing": packing, "output_dir": str(tmp_path / "run")})
+        return estimate_run(config, {"data": data, "device": "cpu"}).terms["output_layer"]
+
+    lengths = {"longest_train_example": 40, "longest_validation_example": 40}
+    every, answers = output_layer(False, lengths), output_layer(False, {**lengths, "longest_train_answer": 3})
+    assert answers < every
+    assert output_layer(True, {**lengths, "longest_train_answer": 3}) > every  # 4 x 64 positions, not 4 x 3

@@ -135,7 +135,7 @@ def test_fused_head_scores_only_answer_positions_with_the_same_loss_and_gradient
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    monkeypatch.setattr(fused_head, "_use_triton", fused_head._use_triton)  # restored after the test
+    monkeypatch.setattr(fused_head, "_use_triton", kernel._use_triton)  # TRL's own (an earlier test may have run sft)
     every_loss, every_grads = loss_and_grads()
     score_answer_positions_only()
     answer_loss, answer_grads = loss_and_grads()
@@ -278,7 +278,7 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     assert result.record["total_params"] > 130_000_000
     assert result.record["data"]["selection_examples"] == 4
     # "positive" or "negative", then <|im_end|> and the newline: 3 labelled tokens, all the LM head scores
-    assert result.record["data"]["longest_train_answer"] == result.record["data"]["longest_validation_answer"] == 3
+    assert result.record["data"]["longest_train_answer"] == result.record["data"]["longest_eval_answer"] == 3
     assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
     assert len(history) == 1 and history[0]["loss"] > 0
 

@@ -113,8 +113,9 @@ class Task:
         return {}
 
     def longest_answers(self, prepared: Prepared) -> dict[str, int]:
-        """The most labelled positions of one training and one validation example, for tasks
-        whose output layer works on those alone (run records keep them for the estimate).
+        """The most labelled positions of one training example and of one evaluated example
+        (selection slice, validation, test), for tasks whose output layer works on those alone
+        (run records keep them for the estimate).
         Default: none (every position counts)."""
         return {}
 

@@ -75,7 +75,8 @@ class InstructionTuning(Task):
         def most(split: Any) -> int:
             return max(sum(label != -100 for label in labels) for labels in split["labels"])
 
-        return {"longest_train_answer": most(prepared.train), "longest_validation_answer": most(prepared.validation)}
+        evaluated = [split for name, split in prepared.splits.items() if name != "train"]  # selection, validation, test
+        return {"longest_train_answer": most(prepared.train), "longest_eval_answer": max(map(most, evaluated))}
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
         if config.packing and strategy.name in ("prompt-tuning", "prefix-tuning", "p-tuning"):
