@@ -20,9 +20,9 @@ QUEUE="
 minilm-conll2003|912f592|minilm|conll2003|full,lora,adapter,bitfit,linear-probe|0,1,2
 minilm-wnut17|912f592|minilm|wnut17|full,lora|0,1,2
 minilm-squad|912f592|minilm|squad|full,lora,adapter|0
-smollm2-scitldr|e59e24c|smollm2-135m|scitldr|none,lora|0
-smollm2-sst2-chat|e59e24c|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0
-smollm2-dolly|e59e24c|smollm2-135m|dolly|none,lora,qlora,full|0
+smollm2-scitldr|6708c39|smollm2-135m|scitldr|none,lora|0
+smollm2-sst2-chat|6708c39|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0
+smollm2-dolly|6708c39|smollm2-135m|dolly|none,lora,qlora,full|0
 smollm2-sst2|912f592|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000
 minilm-rte|912f592|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2
 minilm-sst2|912f592|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2
