@@ -282,10 +282,16 @@ def _own_unquantized_weights(model: nn.Module) -> nn.Module:
 
 def keep_trainable_fp32(model: nn.Module) -> nn.Module:
     """Trainable weights in fp32 whatever the frozen base's dtype, as mixed precision wants
-    (PEFT does this for its adapters; a new head, our adapters and full training need it too)."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
+    (PEFT does this for its adapters; a new head, our adapters and full training need it too).
+    A module whose own weights mix trainable and frozen ones (bitfit's trainable biases beside
+    frozen weights) keeps them all in fp32: kernels such as CPU layer norm refuse a bf16 weight
+    with an fp32 bias, and autocast does not cast them on CPU."""
+    for module in model.modules():
+        own = [p for _, p in module.named_parameters(recurse=False)]
+        if any(p.requires_grad for p in own):
+            for param in own:
+                if param.dtype in (torch.bfloat16, torch.float16):
+                    param.data = param.data.float()
     return model
 
 

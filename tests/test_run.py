@@ -136,10 +136,12 @@ def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["lora", "adapter", "full"])
+@pytest.mark.parametrize("strategy", ["lora", "adapter", "full", "bitfit", "linear-probe"])
 def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, strategy):
     """dtype bf16: the frozen base loads in bf16, what trains is fp32 (mixed precision), and the
-    run trains, evaluates and reloads under bf16 autocast on CPU."""
+    run trains, evaluates and reloads under bf16 autocast on CPU. A module whose own weights
+    mix trainable and frozen ones (bitfit's biases) keeps them all fp32 (CPU layer norm refuses
+    a bf16 weight beside an fp32 bias); linear-probe's features are computed under autocast."""
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
     from peftkit.run import weight_options
@@ -154,6 +156,9 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
     assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes
     assert strategy == "full" or (False, torch.bfloat16) in dtypes
+    for module in model.modules():
+        own = [p for _, p in module.named_parameters(recurse=False)]
+        assert not any(p.requires_grad for p in own) or all(p.dtype == torch.float32 for p in own), module
     result = train(tmp_path, data_dir, strategy, dtype="bf16")
     assert result.record["config"]["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1
     assert result.metrics["loss"] == result.metrics["loss"]  # not NaN

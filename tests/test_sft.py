@@ -296,19 +296,24 @@ def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_d
 
 
 @pytest.mark.slow
-def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir):
+@pytest.mark.parametrize("strategy", ["lora", "adapter"])
+def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir, strategy):
     """An instruction-tuning run on a bf16 base under bf16 autocast (CPU): the LoRA weights
-    train in fp32, the base stays bf16, and the saved run regenerates the run's own greedy text."""
+    train in fp32, the base stays bf16, and the saved run regenerates the run's own greedy text,
+    through `peftkit generate` and through `generate` called outside any autocast (it takes the
+    model's own half precision: fp32 adapter layers meet bf16 hidden states)."""
     from peftkit.inference import generate_answers
 
-    result = tiny_run(tmp_path, data_dir, dtype="bf16")
-    _, model, _, _ = load_run(result.output_dir)
+    result = tiny_run(tmp_path, data_dir, strategy, dtype="bf16")
+    _, model, tokenizer, _ = load_run(result.output_dir)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
-    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    if strategy == "lora":
+        assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+        assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
-    again = generate_answers(result.output_dir, [[{"role": "user", "content": r["prompt"]}] for r in rows])
-    assert again == [r["generated"] for r in rows]
+    conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    assert generate_answers(result.output_dir, conversations) == [r["generated"] for r in rows]
+    assert generate(model, tokenizer, conversations, 5, len(conversations)) == [r["generated"] for r in rows]
 
 
 @pytest.mark.slow
