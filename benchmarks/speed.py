@@ -11,12 +11,15 @@ LoRA targets on every side), three fresh processes one after another:
 - tuned: the same script with the flag a careful user adds, batches grouped by length
   (`train_sampling_strategy="group_by_length"`), padded the same way;
 - peftkit: `peftkit.train` with its defaults and an empty feature cache (`PEFTKIT_CACHE`), so a
-  linear probe's time includes computing its features (the `features` column says so).
+  linear probe's time includes computing its features (the `features` column says so). Its
+  default precision is the machine's native one: on a CPU with AVX512-BF16 or AMX, bf16 frozen
+  weights and bf16 autocast (trainable weights in fp32), where both scripts keep Trainer's fp32
+  default (a script gets bf16 with `bf16=True`; that is not one of the baselines).
 
 Neither script imports peftkit: each runs with the allocator and thread settings a user's
 process has. Reported: training samples/s and real (non-padding) tokens/s with evaluation
 excluded, dev accuracy, the ratios peftkit/plain and peftkit/tuned, and model-FLOPs
-utilisation against this machine's measured fp32 matmul ceiling. The order of the three sides
+utilisation against this machine's measured matmul ceiling in the precision each side computes in. The order of the three sides
 alternates from case to case, so drift in the machine's speed does not favour one side.
 
 Model FLOPs per real token: a forward pass costs 2 per weight; backward costs 2 per weight
@@ -52,9 +55,9 @@ BATCH = {"minilm": 32, "smollm2-135m": 16}
 SIDES = ("plain", "tuned", "peftkit")
 
 
-def matmul_ceiling(seconds: float = 3.0) -> float:
-    """Sustained fp32 FLOP/s of a large square matmul on this machine."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_ceiling(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of a large square matmul in `dtype` on this machine."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -111,7 +114,8 @@ def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
         accuracy_now = trainer.evaluate()["eval_accuracy"]
     tokens = sum(len(x) for x in encoded["train"]["input_ids"]) * case["epochs"]
     return {"samples_per_s": samples * case["epochs"] / train_time, "tokens_per_s": tokens / train_time,
-            "accuracy": accuracy_now, "train_time_s": train_time, "features": "recomputed every step"}
+            "accuracy": accuracy_now, "train_time_s": train_time, "features": "recomputed every step",
+            "precision": "fp32"}
 
 
 def with_peftkit(case: dict, data_dir: str) -> dict:
@@ -125,7 +129,8 @@ def with_peftkit(case: dict, data_dir: str) -> dict:
         }).record
     return {"samples_per_s": record["samples_per_s"], "tokens_per_s": record["tokens_per_s"],
             "accuracy": record["metrics"]["accuracy"], "train_time_s": record["train_time_s"],
-            "features": record["frozen_features"] or "not cached", "cached_features": record["cached_features"]}
+            "features": record["frozen_features"] or "not cached", "cached_features": record["cached_features"],
+            "precision": record["precision"]["compute"]}
 
 
 def run_side(side: str, case: dict, data_dir: str) -> dict:
@@ -166,11 +171,11 @@ def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
             "lora_targets": list(anatomy.layer_linear_suffixes), "trainable": trainable}
 
 
-def mfu(result: dict, case: dict, ceiling: float) -> float:
+def mfu(result: dict, case: dict, ceilings: dict[str, float]) -> float:
     flops = case["flops_per_token"]
     if result.get("cached_features"):  # one frozen forward over the data, then a head too small to count
         flops = flops / case["epochs"]
-    return result["tokens_per_s"] * flops / ceiling
+    return result["tokens_per_s"] * flops / ceilings[result["precision"]]
 
 
 def main() -> None:
@@ -193,7 +198,7 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
-    ceiling = matmul_ceiling()
+    ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     rows = []
     cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
     for number, (model_name, strategy, epochs, lr) in enumerate(cases):
@@ -203,12 +208,12 @@ def main() -> None:
         order = SIDES if number % 2 == 0 else SIDES[::-1]
         results = {side: run_side(side, case, args.data_dir) for side in order}
         row = {**{k: case[k] for k in ("model", "strategy", "epochs", "lr", "samples", "batch")}, "order": list(order),
-               **results, **{f"{side}_mfu": mfu(results[side], case, ceiling) for side in SIDES},
+               **results, **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in SIDES},
                "vs_plain": results["peftkit"]["samples_per_s"] / results["plain"]["samples_per_s"],
                "vs_tuned": results["peftkit"]["samples_per_s"] / results["tuned"]["samples_per_s"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(args.out, rows, ceiling)
+    write(args.out, rows, ceilings)
 
 
 def quiet() -> None:
@@ -220,7 +225,7 @@ def quiet() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def write(out: Path, rows: list[dict], ceiling: float) -> None:
+def write(out: Path, rows: list[dict], ceilings: dict[str, float]) -> None:
     from importlib import metadata
 
     command = "python " + shlex.join(sys.argv)
@@ -229,24 +234,27 @@ def write(out: Path, rows: list[dict], ceiling: float) -> None:
         "# Speed: peftkit's defaults vs a plain and a tuned Trainer + peft script (SST-2, each in its own process)", "",
         f"Command: `{command}`", "",
         f"Date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {torch.get_num_threads()} threads; {versions}; "
-        f"measured fp32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s", "",
+        f"measured matmul ceiling fp32 {ceilings['fp32'] / 1e9:.1f} / bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s", "",
         "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
-        "MFU: model FLOPs (see the script's docstring) per second over the ceiling. peftkit's default "
+        "MFU: model FLOPs (see the script's docstring) per second over the ceiling of the precision the side computes "
+        "in (both scripts: Trainer's fp32 default; peftkit: its default, the machine's native precision, bf16 autocast "
+        "on a CPU with AVX512-BF16 or AMX; a script would get it with `bf16=True`, which is not a baseline here). "
+        "peftkit's default "
         "protocol holds 10% of the examples out to choose the epoch (`select: best`): it trains on 90% of them, and its "
         "samples/s counts those.", "",
         "| model | strategy | examples x epochs | samples/s plain / tuned / peftkit | peftkit vs plain | peftkit vs tuned "
-        "| acc plain / tuned / peftkit | MFU plain / tuned / peftkit | peftkit features |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| acc plain / tuned / peftkit | MFU plain / tuned / peftkit | peftkit precision | peftkit features |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = " / ".join(f"{r[s]['samples_per_s']:.1f}" for s in SIDES)
         acc = " / ".join(f"{r[s]['accuracy']:.4f}" for s in SIDES)
         use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in SIDES)
         lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | **{r['vs_plain']:.2f}x** "
-                     f"| **{r['vs_tuned']:.2f}x** | {acc} | {use} | {r['peftkit']['features']} |")
+                     f"| **{r['vs_tuned']:.2f}x** | {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "ceiling_flops": ceiling, "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "ceiling_flops": ceilings, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 

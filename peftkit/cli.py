@@ -378,7 +378,7 @@ def estimate(
     set_: list[str] = typer.Option([], "--set", help="Strategy option key=value, e.g. --set r=16."),
     batch_size: int = typer.Option(4, min=1),
     seq_len: int = typer.Option(512, min=1),
-    dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda and on a CPU with bf16 instructions, else fp32), fp32, bf16 or fp16."),
     precision: Optional[str] = typer.Option(None, help="Activations: fp32, bf16 or fp16 (default: --dtype)."),
     attn_implementation: str = typer.Option("auto", help="auto, sdpa, eager or flash_attention_2."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),

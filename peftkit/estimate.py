@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from peftkit.anatomy import inspect_model
+from peftkit.config import cpu_has_bf16
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
 from peftkit.strategies.bottleneck import Adapter
@@ -123,14 +124,14 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
-    weights' (auto: bf16 on cuda, fp32 on cpu); `precision` the activations' (default: dtype);
+    weights' (auto: bf16 on cuda and on a CPU that computes bf16 natively, else fp32); `precision` the activations' (default: dtype);
     `attn_implementation` the attention kernel (only eager stores the scores); `keeps_best`
     whether a copy of the best trainable weights is kept (`select: best`); `answer_tokens` and
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
     layer scores those alone (sft; default: every position)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "bf16"
+        dtype = "bf16" if device != "cpu" or cpu_has_bf16() else "fp32"
     precision = precision or dtype
     for name, value in (("dtype", dtype), ("precision", precision)):
         if value not in DTYPE_BYTES:

@@ -15,8 +15,10 @@ PLACE_OPTIONS = ("output_dir", "overwrite", "force", "data_dir", "train_file", "
 
 
 def config_hash(config: Any) -> str:
-    """A short digest of everything in a RunConfig that can change a result."""
+    """A short digest of everything in a RunConfig that can change a result: dtype and precision
+    as resolved on this machine (auto is bf16 on one CPU and fp32 on another)."""
     values = {k: v for k, v in config.model_dump(mode="json").items() if k not in PLACE_OPTIONS}
+    values["dtype"], values["precision"] = config.weights_dtype(), config.compute_precision()
     values["resume"] = False  # a resumed run computes what the run it continues would have (kept, for older hashes)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -121,6 +121,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         "learning_rate": config.lr,
         "versions": package_versions(),
         "device": _device_name(device),
+        "precision": {"weights": config.weights_dtype(), "compute": config.compute_precision()},  # auto, resolved here
         "processes": world_size(),  # data-parallel ranks; metrics and throughput are over all of them
         "data": {
             "train_examples": len(prepared.train),
@@ -350,7 +351,9 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    config = make_config({**record["config"], **{k: v for k, v in overrides.items() if v is not None}})
+    resolved = {"dtype": record["precision"]["weights"], "precision": record["precision"]["compute"]} \
+        if "precision" in record else {}  # the precision the run trained in, wherever it reloads
+    config = make_config({**record["config"], **resolved, **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
     task = config.task_kind
     source = resolve_model(config.model)

@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("PEFTKIT_TEST_DATA_DIR", REPO.parent / "shared" / "data"))
+# precision auto on CPU follows the CPU's bf16 instructions: the suite pins fp32 (inherited by the
+# subprocesses it starts) so that its numbers do not depend on the CPU that runs it; the bf16
+# paths are tested by asking for them (dtype/precision bf16), or all of it with PEFTKIT_CPU_BF16=1
+os.environ.setdefault("PEFTKIT_CPU_BF16", "0")
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -76,11 +76,28 @@ def test_unreadable_recipe(tmp_path):
 def test_auto_dtype_on_a_gpu_follows_an_explicit_precision(monkeypatch):
     import peftkit.config
 
-    monkeypatch.setattr(peftkit.config, "_gpu_precision", lambda device: "bf16")  # as on a GPU with bf16
+    monkeypatch.setattr(peftkit.config, "native_precision", lambda device: "bf16")  # as on a GPU with bf16
     assert make_config({"model": "tiny-bert"}).weights_dtype() == "bf16"
     fp32 = make_config({"model": "tiny-bert", "precision": "fp32"})  # refused before: dtype bf16 vs precision fp32
     assert (fp32.weights_dtype(), fp32.compute_precision()) == ("fp32", "fp32")
     fp16 = make_config({"model": "tiny-bert", "precision": "fp16"})
     assert (fp16.weights_dtype(), fp16.compute_precision()) == ("fp16", "fp16")
-    monkeypatch.setattr(peftkit.config, "_gpu_precision", lambda device: "fp32")  # CPU: as before
+    monkeypatch.setattr(peftkit.config, "native_precision", lambda device: "fp32")  # a CPU without bf16
     assert make_config({"model": "tiny-bert", "precision": "bf16"}).weights_dtype() == "fp32"
+
+
+@pytest.mark.parametrize("capabilities, forced, native", [
+    ({"avx512_bf16": True}, "", "bf16"), ({"amx_bf16": True}, "", "bf16"), ({"avx2": True}, "", "fp32"),
+    ({"avx512_bf16": True}, "0", "fp32"), ({"avx2": True}, "1", "bf16")])
+def test_auto_on_cpu_is_bf16_where_the_cpu_computes_it_natively(monkeypatch, capabilities, forced, native):
+    """auto on CPU: bf16 weights and autocast where the CPU has AVX512-BF16 or AMX, fp32
+    elsewhere; PEFTKIT_CPU_BF16=0/1 overrides the detection (the test suite pins 0)."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setenv("PEFTKIT_CPU_BF16", forced)
+    config = make_config({"model": "tiny-bert"})
+    assert (config.weights_dtype("cpu"), config.compute_precision("cpu")) == (native, native)
+    explicit = make_config({"model": "tiny-bert", "precision": "fp32"})
+    assert (explicit.weights_dtype("cpu"), explicit.compute_precision("cpu")) == ("fp32", "fp32")
+    assert make_config({"model": "tiny-bert"}).weights_dtype("cuda") == "bf16"  # a GPU decides for itself
