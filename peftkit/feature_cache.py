@@ -27,7 +27,6 @@ from torch import nn
 
 from peftkit.anatomy import inspect_model
 from peftkit.models import cache_dir
-from peftkit.trainer import autocast_like
 
 FORMAT_VERSION = 2  # 2: each stored value keeps the seconds it took to compute
 
@@ -89,7 +88,7 @@ def head_inputs(model: nn.Module, dataset: Any, collate: Any, batch_size: int) -
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast_like(model):
+        with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 batch = collate([dataset[i] for i in order[start:start + batch_size]])
                 labels = batch.pop("labels", None)

@@ -330,6 +330,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _trained_precision(record: dict[str, Any]) -> dict[str, str]:
+    """The dtype and precision a run trained in, so that it reloads in them wherever it reloads.
+    Records from before they were kept resolved auto to fp32 on CPU (and their own device's
+    choice on a GPU, which auto still makes)."""
+    if "precision" in record:
+        return {"dtype": record["precision"]["weights"], "precision": record["precision"]["compute"]}
+    if not str(record.get("device", "")).startswith("cpu"):
+        return {}
+    dtype, precision = record["config"].get("dtype", "auto"), record["config"].get("precision", "auto")
+    return {**({"dtype": "fp32"} if dtype == "auto" else {}),
+            **({"precision": "fp32"} if precision == "auto" and dtype in ("auto", "fp32") else {})}
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -351,8 +364,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    resolved = {"dtype": record["precision"]["weights"], "precision": record["precision"]["compute"]} \
-        if "precision" in record else {}  # the precision the run trained in, wherever it reloads
+    resolved = _trained_precision(record)
     config = make_config({**record["config"], **resolved, **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
     task = config.task_kind

@@ -241,16 +241,6 @@ def autocast_for(config: RunConfig) -> Any:
     return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def autocast_like(model: nn.Module) -> Any:
-    """Autocast in the half precision of `model`'s frozen weights (none for an fp32 model): what
-    a mixed-precision model (fp32 trainable weights on a bf16/fp16 base) needs to run when it
-    is called outside a run's autocast, as feature caching and `generate` are."""
-    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
-    if half is None:
-        return nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=half)
-
-
 def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 

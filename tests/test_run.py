@@ -141,7 +141,7 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     """dtype bf16: the frozen base loads in bf16, what trains is fp32 (mixed precision), and the
     run trains, evaluates and reloads under bf16 autocast on CPU. A module whose own weights
     mix trainable and frozen ones (bitfit's biases) keeps them all fp32 (CPU layer norm refuses
-    a bf16 weight beside an fp32 bias); linear-probe's features are computed under autocast."""
+    a bf16 weight beside an fp32 bias); linear-probe's features are computed under the run's autocast."""
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
     from peftkit.run import weight_options
@@ -265,3 +265,18 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
     monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 1)
     result = peftkit.train({**config, "force": True, "max_train_samples": 16, "epochs": 1})
     assert result.record["config"]["force"] is True
+
+
+@pytest.mark.parametrize("record, resolved", [
+    ({"precision": {"weights": "bf16", "compute": "bf16"}, "config": {}, "device": "cpu (x86_64, 2 threads)"},
+     {"dtype": "bf16", "precision": "bf16"}),
+    ({"config": {"dtype": "auto", "precision": "auto"}, "device": "cpu (x86_64, 2 threads)"}, {"dtype": "fp32", "precision": "fp32"}),
+    ({"config": {"dtype": "auto", "precision": "bf16"}, "device": "cpu (x86_64, 2 threads)"}, {"dtype": "fp32"}),
+    ({"config": {"dtype": "bf16", "precision": "auto"}, "device": "cpu (x86_64, 2 threads)"}, {}),
+    ({"config": {"dtype": "auto", "precision": "auto"}, "device": "NVIDIA H200"}, {})])
+def test_a_run_reloads_in_the_precision_it_trained_in(record, resolved):
+    """Records keep what auto resolved to; older CPU records resolved auto to fp32 (before auto
+    meant bf16 on CPUs with bf16 instructions), and reload so."""
+    from peftkit.run import _trained_precision
+
+    assert _trained_precision(record) == resolved

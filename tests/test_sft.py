@@ -300,12 +300,13 @@ def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_d
 def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir, strategy):
     """An instruction-tuning run on a bf16 base under bf16 autocast (CPU): the LoRA weights
     train in fp32, the base stays bf16, and the saved run regenerates the run's own greedy text,
-    through `peftkit generate` and through `generate` called outside any autocast (it takes the
-    model's own half precision: fp32 adapter layers meet bf16 hidden states)."""
+    through `peftkit generate` and through `generate` under the run's autocast (fp32 adapter
+    layers meet bf16 hidden states)."""
     from peftkit.inference import generate_answers
+    from peftkit.trainer import autocast_for
 
     result = tiny_run(tmp_path, data_dir, strategy, dtype="bf16")
-    _, model, tokenizer, _ = load_run(result.output_dir)
+    config, model, tokenizer, _ = load_run(result.output_dir)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     if strategy == "lora":
         assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
@@ -313,7 +314,8 @@ def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir, strategy)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     conversations = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     assert generate_answers(result.output_dir, conversations) == [r["generated"] for r in rows]
-    assert generate(model, tokenizer, conversations, 5, len(conversations)) == [r["generated"] for r in rows]
+    with autocast_for(config):
+        assert generate(model, tokenizer, conversations, 5, len(conversations)) == [r["generated"] for r in rows]
 
 
 @pytest.mark.slow

@@ -128,10 +128,13 @@ class Classification(Task):
         on_features = strategy.frozen_below_head and config.cache_features and head_is_one_linear(model)
         replay = None
         if on_features:
-            features = [FeatureDataset(cached_head_inputs(store, model, model_dir, tokenizer, split, collate,
-                                                          config.max_length, config.eval_batch_size, variant=variant),
-                                       split["labels"])
-                        for split in splits]
+            from peftkit.trainer import autocast_for
+
+            with autocast_for(config):  # features of a bf16 base computed as training computes them
+                features = [FeatureDataset(cached_head_inputs(store, model, model_dir, tokenizer, split, collate,
+                                                              config.max_length, config.eval_batch_size, variant=variant),
+                                           split["labels"])
+                            for split in splits]
             train_dataset, eval_dataset = features[0], features[1] if len(features) > 1 else None
             model = HeadOnFeatures(model.get_submodule(inspect_model(model).head_modules[0]), model.config.num_labels)
             collate = features[0].collate

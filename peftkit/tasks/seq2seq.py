@@ -149,8 +149,6 @@ def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_token
     source length, sources cut at `max_length` tokens when given."""
     import torch
 
-    from peftkit.trainer import autocast_like
-
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: dict[int, str] = {}
     was_training = model.training
@@ -159,7 +157,7 @@ def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_token
         chunk = order[first:first + batch_size]
         inputs = tokenizer([sources[i] for i in chunk], truncation=max_length is not None, max_length=max_length,
                            padding=True, return_tensors="pt")
-        with torch.no_grad(), autocast_like(model):
+        with torch.no_grad():
             out = model.generate(**{k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")},
                                  do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True)
         for index, ids in zip(chunk, out):

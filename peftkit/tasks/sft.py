@@ -303,8 +303,6 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
     prompt length with left padding; decoding stops at the end-of-turn or end-of-text token."""
     import torch
 
-    from peftkit.trainer import autocast_like
-
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -317,7 +315,7 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
-        with torch.no_grad(), autocast_like(model):
+        with torch.no_grad():
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=stop or None,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
