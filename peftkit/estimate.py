@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from peftkit.anatomy import inspect_model
-from peftkit.config import cpu_has_bf16
+from peftkit.config import native_precision
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
 from peftkit.strategies.bottleneck import Adapter
@@ -131,7 +131,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     layer scores those alone (sft; default: every position)."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
-        dtype = "bf16" if device != "cpu" or cpu_has_bf16() else "fp32"
+        dtype = "fp32" if native_precision(device) == "fp32" else "bf16"
     precision = precision or dtype
     for name, value in (("dtype", dtype), ("precision", precision)):
         if value not in DTYPE_BYTES:

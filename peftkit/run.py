@@ -364,8 +364,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    resolved = _trained_precision(record)
-    config = make_config({**record["config"], **resolved, **{k: v for k, v in overrides.items() if v is not None}})
+    config = make_config({**record["config"], **_trained_precision(record), **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
     task = config.task_kind
     source = resolve_model(config.model)
