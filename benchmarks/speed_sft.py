@@ -4,8 +4,10 @@
 
 The baseline is `trl.SFTTrainer(model=..., peft_config=LoraConfig(...))` written as TRL's
 documentation writes it: the conversations as prompt/completion pairs (so the loss falls on
-the answers only, as in peftkit), fp32 like peftkit on CPU (`bf16=False`: TRL's default bf16
-refuses to start on a CPU), TRL's own defaults otherwise, gradient checkpointing included.
+the answers only, as in peftkit), fp32 (`bf16=False`: TRL's default bf16 refuses to start on
+a CPU), TRL's own defaults otherwise, gradient checkpointing included. peftkit runs its defaults:
+the machine's native precision (on a CPU with AVX512-BF16 or AMX, bf16 frozen weights under bf16
+autocast, LoRA weights in fp32), which the precision column shows.
 The tuned baseline also turns gradient checkpointing off, as a careful user of a small model
 would. All sides train
 SmolLM2-135M-Instruct with the same LoRA (r 8, alpha 16, dropout 0.05, every linear
@@ -64,7 +66,7 @@ def baseline(data_dir: str, samples: int, eval_samples: int, tuned: bool = False
         trainer.train()
         train_time = time.perf_counter() - start
         loss = trainer.evaluate()["eval_loss"]
-    return {"train_time_s": train_time, "samples": samples, "validation_loss": loss}
+    return {"train_time_s": train_time, "samples": samples, "validation_loss": loss, "precision": "fp32"}
 
 
 def with_peftkit(data_dir: str, samples: int, eval_samples: int) -> dict:
@@ -79,7 +81,7 @@ def with_peftkit(data_dir: str, samples: int, eval_samples: int) -> dict:
             "select": "last", "max_generate_samples": 0, "output_dir": f"{out}/run", **SETTINGS,
         }).record
     return {"train_time_s": record["train_time_s"], "samples": record["data"]["train_examples"],
-            "validation_loss": record["metrics"]["loss"]}
+            "validation_loss": record["metrics"]["loss"], "precision": record["precision"]["compute"]}
 
 
 def chat_tokens(data_dir: str, samples: int) -> int:
@@ -151,13 +153,13 @@ def write(args: argparse.Namespace, rounds: list[dict], tokens: int) -> None:
              f"SmolLM2-135M-Instruct, LoRA r 8 on every projection, first {args.samples} sst2-chat examples "
              f"({tokens} tokens under the chat template), {SETTINGS}; validation loss on the answers of the first "
              f"{args.eval_samples} validation examples. Each run in its own process, alternating.", "",
-             "| round | side | samples/s | tokens/s | train s | validation loss | peftkit speed-up over it |",
-             "|---|---|---|---|---|---|---|"]
+             "| round | side | precision | samples/s | tokens/s | train s | validation loss | peftkit speed-up over it |",
+             "|---|---|---|---|---|---|---|---|"]
     for index, r in enumerate(rounds):
         for side in SIDES:
             s = r[side]
             ratio = {"baseline": f"{r['speedup']:.2f}x", "tuned-baseline": f"{r['speedup_tuned']:.2f}x"}.get(side, "")
-            lines.append(f"| {index} | {side} | {s['samples_per_s']:.2f} | {s['tokens_per_s']:.0f} | {s['train_time_s']:.0f} | "
+            lines.append(f"| {index} | {side} | {s['precision']} | {s['samples_per_s']:.2f} | {s['tokens_per_s']:.0f} | {s['train_time_s']:.0f} | "
                          f"{s['validation_loss']:.4f} | {ratio} |")
     lines += ["", f"Median speed-up over the plain script: **{statistics.median(r['speedup'] for r in rounds):.2f}x**; "
               f"over the tuned one: **{statistics.median(r['speedup_tuned'] for r in rounds):.2f}x**"]
