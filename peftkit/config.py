@@ -253,6 +253,9 @@ def cpu_has_bf16() -> bool:
     forced = os.environ.get("PEFTKIT_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    if forced:
+        raise PeftkitError(f"PEFTKIT_CPU_BF16 must be 0 or 1, not {forced!r}: set one of those, or unset "
+                           "it to let peftkit detect the CPU's bf16 support")
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 

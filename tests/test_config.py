@@ -101,3 +101,10 @@ def test_auto_on_cpu_is_bf16_where_the_cpu_computes_it_natively(monkeypatch, cap
     explicit = make_config({"model": "tiny-bert", "precision": "fp32"})
     assert (explicit.weights_dtype("cpu"), explicit.compute_precision("cpu")) == ("fp32", "fp32")
     assert make_config({"model": "tiny-bert"}).weights_dtype("cuda") == "bf16"  # a GPU decides for itself
+
+
+def test_a_bad_cpu_bf16_override_is_refused_in_one_line(monkeypatch):
+    """PEFTKIT_CPU_BF16=yes is a typo, not a third setting: silently detecting would hide it."""
+    monkeypatch.setenv("PEFTKIT_CPU_BF16", "yes")
+    with pytest.raises(PeftkitError, match="PEFTKIT_CPU_BF16 must be 0 or 1, not 'yes'"):
+        make_config({"model": "tiny-bert"}).weights_dtype("cpu")
