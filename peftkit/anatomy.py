@@ -63,6 +63,12 @@ def head_is_one_linear(model: nn.Module) -> bool:
     return len(heads) == 1 and isinstance(model.get_submodule(heads[0]), nn.Linear)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def is_under(name: str, modules: tuple[str, ...]) -> bool:
     """Whether a parameter or module name lies inside one of `modules` (or is one of them)."""
     return any(name == m or name.startswith(m + ".") for m in modules)

@@ -74,8 +74,9 @@ def train(
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="key=value override, e.g. --set r=16 or --set epochs=2."),
     model: Optional[str] = typer.Option(None, help="Hub id, local directory, or alias (minilm, smollm2-135m, tiny-bert, tiny-llama)."),
-    task: Optional[str] = typer.Option(None, help="Built-in data set (sst2, rte, conll2003, wnut17, sst2-chat, dolly, gsm8k) or a task kind for your own files (classification, token-classification, sft)."),
+    task: Optional[str] = typer.Option(None, help="Built-in data set (sst2, rte, conll2003, wnut17, squad, sst2-chat, dolly, gsm8k, scitldr; samsum, cnn_dailymail from the hub) or a task kind for your own files (classification, token-classification, qa, sft, seq2seq)."),
     strategy: Optional[str] = typer.Option(None, help="Strategy name; `peftkit strategies` lists them (none: evaluate the untuned model)."),
+    pooling: Optional[str] = typer.Option(None, help="How a classifier's head reads the model, under any strategy: auto (what the checkpoint declares: mean for MiniLM), model or mean."),
     data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl (or PEFTKIT_DATA_DIR)."),
     train_file: Optional[Path] = typer.Option(None, help="Own training data (.jsonl, .csv, .parquet)."),
     validation_file: Optional[Path] = typer.Option(None, help="Own validation data."),
@@ -95,7 +96,7 @@ def train(
     early_stopping_patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     precision: Optional[str] = typer.Option(None, help="Autocast dtype: auto, fp32, bf16 or fp16."),
-    dtype: Optional[str] = typer.Option(None, help="Frozen weights: auto (bf16 on a GPU, else fp32), fp32, bf16 or fp16."),
+    dtype: Optional[str] = typer.Option(None, help="Frozen weights: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32), fp32, bf16 or fp16."),
     optimizer: Optional[str] = typer.Option(None, help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
@@ -114,7 +115,7 @@ def train(
     if strategy is not None and strategy != (current.get("name") if isinstance(current, dict) else current):
         values["strategy"] = strategy  # another strategy: the recipe's options do not carry over
     flags = dict(
-        model=model, task=task, data_dir=data_dir, train_file=train_file,
+        model=model, task=task, pooling=pooling, data_dir=data_dir, train_file=train_file,
         validation_file=validation_file, text_columns=text_column or None, label_column=label_column,
         tokens_column=tokens_column, tags_column=tags_column, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, max_length=max_length,
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,

@@ -62,6 +62,11 @@ class RunConfig(BaseModel):
     model: str = "minilm"
     task: str | None = "sst2"
     strategy: StrategySpec = Field(default_factory=lambda: StrategySpec(name="lora"))
+    # how a head that reads one vector per example (classification) reads the model, under
+    # every strategy alike (peftkit.pooling): model (BERT's [CLS] pooler, a decoder's last
+    # token) or mean (the masked mean of the last hidden states). auto: what the checkpoint
+    # declares, mean for a sentence-transformers model that mean-pools (MiniLM), else model
+    pooling: Literal["auto", "model", "mean"] = "auto"
     # data
     data_dir: Path | None = None
     train_file: Path | None = None
@@ -185,6 +190,12 @@ class RunConfig(BaseModel):
                              f"'{task.name}': choose one of {', '.join(task.metrics)}")
         if self.max_length is None:
             self.max_length = task.default_max_length
+        from peftkit.models import declared_pooling
+        from peftkit.pooling import check_pooling
+
+        check_pooling(self.pooling, task)
+        if self.pooling == "auto":
+            self.pooling = declared_pooling(self.model) if task.reads_one_vector else "model"
         task.check_config(self, strategy)
         if self.data_dir is None and os.environ.get("PEFTKIT_DATA_DIR"):
             self.data_dir = Path(os.environ["PEFTKIT_DATA_DIR"])
@@ -269,6 +280,22 @@ def _check_column_options(config: RunConfig, task: Any) -> None:
             if name not in task.column_options and getattr(config, name) is not None:
                 raise ValueError(f"{name} is an option of task '{other.name}', and this run's task is "
                                  f"'{task.name}': drop it or pick a {other.name} task")
+
+
+def config_values(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record's config as today's RunConfig reads it. Records from before `pooling` was
+    a run setting kept it among a strategy's options, or (strategies without the option) read
+    the model its own way: both say so explicitly now, so that auto does not reread them."""
+    values = dict(record["config"])
+    if "pooling" not in values:
+        strategy = values.get("strategy")
+        if isinstance(strategy, dict) and "pooling" in strategy:
+            strategy = dict(strategy)
+            values["pooling"] = strategy.pop("pooling")
+            values["strategy"] = strategy
+        else:
+            values["pooling"] = "model"
+    return values
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:

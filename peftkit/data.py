@@ -64,6 +64,8 @@ def _from_hub(name: str, dataset: BuiltinDataset) -> dict[str, Any]:
         raise PeftkitError(f"cannot download {'/'.join(dataset.hub)} ({type(err).__name__}); {local_only}") from None
     validation = "validation" if "validation" in loaded else "test"
     splits = {"train": loaded["train"], "validation": loaded[validation]}
+    if validation != "test" and "test" in loaded and dataset.hub_test:
+        splits["test"] = loaded["test"]  # scored once at the end, beside validation
     return {split: data.rename_columns(dict(dataset.hub_columns)) if dataset.hub_columns else data
             for split, data in splits.items()}
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.anatomy import inspect_model
+from peftkit.anatomy import inspect_model, unwrap_peft
 from peftkit.config import native_precision
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
@@ -196,12 +196,16 @@ def optimizer_bytes(model: nn.Module, optimizer: str) -> int:
     return total
 
 
-def meta_model(config: Any, strategy: Strategy, task: Task) -> nn.Module:
-    """The task model on the meta device (no memory), with the strategy applied."""
+def meta_model(config: Any, strategy: Strategy, task: Task, pooling: str = "model") -> nn.Module:
+    """The task model on the meta device (no memory), with the strategy applied and its head
+    reading the model through `pooling` (what cannot work fails here, in one line)."""
     import transformers
 
+    from peftkit.pooling import read_with
+
     with torch.device("meta"):
-        return strategy.apply(getattr(transformers, task.model_class).from_config(config), task)
+        plain = getattr(transformers, task.model_class).from_config(config)
+        return read_with(pooling, plain, lambda model: strategy.apply(model, task))
 
 
 def _quantizable(name: str, module: nn.Module, head: tuple[str, ...]) -> bool:
@@ -213,8 +217,8 @@ def weight_bytes(model: nn.Module, quantized: bool, dtype_bytes: int, double_qua
     """Stored weights; 4-bit linear weights with their quantization constants."""
     quantized_ids = set()
     if quantized:
-        head = inspect_model(_unwrap(model)).head_modules
-        for name, module in _unwrap(model).named_modules():
+        head = inspect_model(unwrap_peft(model)).head_modules
+        for name, module in unwrap_peft(model).named_modules():
             if _quantizable(name, module, head) and hasattr(module, "weight"):
                 quantized_ids.add(id(module.weight))
     total = 0
@@ -231,12 +235,6 @@ def weight_bytes(model: nn.Module, quantized: bool, dtype_bytes: int, double_qua
     return int(total)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
                      bytes_per_value: int, gradient_checkpointing: bool, device: str = "cpu") -> int:
     """Tensors saved for backward over one batch, layer by layer from the lowest that needs
@@ -244,7 +242,7 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     lowest such layer trains only an adapter on its feed-forward sub-layer (pfeiffer,
     parallel), nothing below that adapter needs gradients: the layer keeps only what the
     adapter and the norm after it keep."""
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     anatomy = inspect_model(base)
     lowest = _lowest_layer_needing_grad(model, anatomy)
     length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
@@ -400,7 +398,7 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     tokens: MiniLM 4,250 values per token (4,224 counted), SmolLM2-135M 6,900 (6,912)."""
     length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
     h, heads, _, _, intermediate = _sizes(config)
-    gated = _gated(inspect_model(_unwrap(model)))
+    gated = _gated(inspect_model(unwrap_peft(model)))
     per_token = (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
     if getattr(config, "_attn_implementation", None) == "eager":  # scores and probabilities, stored
         per_token += 2 * heads * keys
@@ -466,7 +464,7 @@ def _lowest_layer_needing_grad(model: nn.Module, anatomy: Any) -> int | None:
     """The lowest layer whose activations backward needs, or None when only the head trains.
     Trainable tensors outside the base model (virtual tokens) and the embeddings sit at the
     input (layer 0); a final norm or pooler sits above the last layer."""
-    base_names = {n for n, _ in _unwrap(model).named_parameters()}
+    base_names = {n for n, _ in unwrap_peft(model).named_parameters()}
     lowest = None
     for name, param in model.named_parameters():
         clean = name.removeprefix("base_model.model.")

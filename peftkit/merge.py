@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import make_config
+from peftkit.config import config_values, make_config
 from peftkit.errors import PeftkitError
 from peftkit.run import load_run, package_versions, read_record, write_directory
 from peftkit.strategies.peft_base import first_line
@@ -28,7 +28,7 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
     (staged, then renamed into place). Returns the note saved there as merge.json."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     record = read_record(run_dir)
-    strategy = make_config(record["config"]).strategy.build()
+    strategy = make_config(config_values(record)).strategy.build()
     if strategy.merge_refusal:
         raise PeftkitError(f"strategy {strategy.name} cannot be merged: {strategy.merge_refusal}")
     if output_dir.resolve() == run_dir.resolve():

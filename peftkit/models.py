@@ -9,6 +9,7 @@ bitsandbytes quantize it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -105,6 +106,23 @@ def resolve_model(name: str) -> ModelSource:
             f"or one of {', '.join([*PACKAGED, *TINY])}"
         )
     return ModelSource(name, name, "hub")
+
+
+def declared_pooling(name: str) -> str:
+    """How a local checkpoint says its output is read: `mean` where it is a sentence-transformers
+    model whose pooling module averages the token states (all-MiniLM-L6-v2), else `model` (the
+    architecture's own reading). What `pooling: auto` resolves to; a hub id is not fetched for it."""
+    if name in TINY or name in PACKAGED and PACKAGED[name].gguf:
+        return "model"
+    directory = _package_dir(name) if name in PACKAGED else Path(name).expanduser()
+    try:
+        modules = json.loads((directory / "modules.json").read_text())
+        pooling_dir = next(m["path"] for m in modules if m.get("type", "").endswith(".Pooling"))
+        modes = json.loads((directory / pooling_dir / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return "model"
+    chosen = {k for k, v in modes.items() if k.startswith("pooling_mode_") and v is True}
+    return "mean" if chosen == {"pooling_mode_mean_tokens"} else "model"
 
 
 def portable_name(path: str) -> str:

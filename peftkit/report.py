@@ -93,25 +93,27 @@ def with_current_estimate(record: dict) -> dict:
     from pydantic import ValidationError
 
     from peftkit.estimate import estimate_for
-    from peftkit.config import RunConfig
+    from peftkit.config import RunConfig, config_values
 
     if record.get("status") != "ok" or not isinstance(record.get("config"), dict):
         return record
     try:
-        config = RunConfig.model_validate(record["config"])
+        config = RunConfig.model_validate(config_values(record))
     except (ValidationError, PeftkitError):
         return record
     estimate = estimate_for(config, record)
     return {**record, "estimate": estimate} if "total_bytes" in estimate else record
 
 
-def pareto(rows: list[Row]) -> list[Row]:
-    """Rows no other row beats on both fewer trainable parameters and a higher metric."""
+def pareto(rows: list[Row], greater_is_better: bool = True) -> list[Row]:
+    """Rows no other row beats on both fewer trainable parameters and a better metric (higher,
+    or lower for a loss or perplexity)."""
+    sign = 1.0 if greater_is_better else -1.0
     frontier, best = [], float("-inf")
-    for row in sorted(rows, key=lambda r: (r.trainable_params, -r.metric_mean)):
-        if row.metric_mean > best:
+    for row in sorted(rows, key=lambda r: (r.trainable_params, -sign * r.metric_mean)):
+        if sign * row.metric_mean > best:
             frontier.append(row)
-            best = row.metric_mean
+            best = sign * row.metric_mean
     return frontier
 
 
@@ -125,9 +127,30 @@ def provenance(records: list[dict]) -> list[str]:
     lines = [f"Command: `{c}`" for c in commands]
     lines += [f"Code: {v}" for v in code_versions(records)]
     lines += [f"Machine: {d}" for d in devices] + [f"Packages: {v}" for v in versions]
+    lines += [f"Checkpoint: {c}" for c in sorted({_selection(r) for r in ok})]
+    lines += [f"Head input: {p}" for p in sorted({_pooling(r) for r in ok if r.get("task_kind", "classification") == "classification"})]
     if dates:
         lines.append(f"Date: {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
     return [line + "  " for line in lines]
+
+
+def _selection(record: dict) -> str:
+    """Which weights a row reports, as its record says."""
+    chosen = record.get("selection")
+    if not chosen:
+        return "best epoch on the validation split it reports (records from before the held-out protocol)"
+    if chosen["select"] == "last":
+        return "the final weights (select: last)"
+    return f"best {chosen['metric']} on a {chosen['on']}; the validation split scored once, at the end"
+
+
+def _pooling(record: dict) -> str:
+    """How a classification row's head read the model."""
+    from peftkit.config import config_values
+
+    pooling = config_values(record)["pooling"]
+    return {"mean": "mean pooling of the last hidden states (pooling: mean)",
+            "model": "the model's own pooled vector or last token (pooling: model)"}.get(pooling, pooling)
 
 
 def failures(records: list[dict]) -> list[str]:
@@ -178,8 +201,8 @@ def label_offsets(ax: Any, points: list[tuple[float, float]], labels: list[str],
     return offsets
 
 
-def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
-    """Three PNGs, labelled with units."""
+def plots(rows: list[Row], metric: str, out: Path, greater_is_better: bool = True) -> list[Path]:
+    """Three PNGs, labelled with units; the frontier follows the metric's direction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +218,7 @@ def plots(rows: list[Row], metric: str, out: Path) -> list[Path]:
         moved = offset[1] < 0  # a label pushed below its point gets a leader line to it
         ax.annotate(r.strategy, point, textcoords="offset points", xytext=offset, fontsize=9,
                     arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if moved else None)
-    front = pareto(rows)
+    front = pareto(rows, greater_is_better)
     ax.step([r.trainable_params for r in front], [r.metric_mean for r in front], where="post", linestyle="--",
             color="grey", label="Pareto frontier")
     ax.set_xlabel("trainable parameters (log scale)")
@@ -278,7 +301,7 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
         writer.writeheader()
         writer.writerows({**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows)
     (runs_dir / "results.json").write_text(json.dumps([{**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows], indent=1) + "\n")
-    images = plots(rows, metric, runs_dir)
+    images = plots(rows, metric, runs_dir, task.greater_is_better(metric))
     (runs_dir / "results.html").write_text(_html(title, rows, metric, images, records))
     return [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
 

@@ -24,12 +24,13 @@ from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
 from peftkit.checkpoints import checkpoint_root, load_progress, load_selection, record_options, resume_point
-from peftkit.config import RunConfig, make_config
+from peftkit.config import RunConfig, config_values, make_config
 from peftkit.cpu_dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
                              load_tokenizer, resolve_model)
+from peftkit.pooling import read_with
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
 from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
@@ -68,7 +69,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     model_config = load_model_config(source)
     strategy.check(model_config, task)
     data = task.load_data(config, dataset)
-    check_structure(model_config, strategy, task, len(data.info.get("label_names", [])))
+    check_structure(model_config, strategy, task, len(data.info.get("label_names", [])), config.pooling)
     if config.select == "best":
         task.hold_out_selection(data, config)
 
@@ -89,7 +90,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = keep_trainable_fp32(strategy.apply(model, task))
+    model = keep_trainable_fp32(read_with(config.pooling, model, lambda plain: strategy.apply(plain, task)))
     if device == "cpu" and config.fast_cpu_dropout:
         use_cpu_dropout(model)
     print(trainable_line(model), flush=True)
@@ -152,10 +153,11 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
 
 
-def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int = 0) -> None:
-    """Apply the strategy to an empty (meta-device) model of the architecture: a pair that
-    cannot work (no biases for bitfit, no place for adapters, targets PEFT cannot wrap) fails
-    here, in one line, before any weights load. Other failures are left to the real model."""
+def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int = 0, pooling: str = "model") -> None:
+    """Apply the strategy and the pooling to an empty (meta-device) model of the architecture:
+    what cannot work (no biases for bitfit, no place for adapters, targets PEFT cannot wrap,
+    mean pooling for a head that reads the sequence) fails here, in one line, before any
+    weights load. Other failures are left to the real model."""
     import copy
 
     from peftkit.estimate import meta_model
@@ -166,7 +168,7 @@ def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     try:
-        meta_model(config, strategy, task)
+        meta_model(config, strategy, task, pooling)
     except PeftkitError:
         raise
     except Exception:  # noqa: BLE001 - advisory: what the empty model cannot show, the real one will
@@ -344,9 +346,20 @@ def _trained_precision(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model, the vector instructions torch uses on it and the
+    threads: times from different machines must not pass for one machine's (report lists them)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as Linux reports it, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
@@ -364,7 +377,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    config = make_config({**record["config"], **_trained_precision(record), **{k: v for k, v in overrides.items() if v is not None}})
+    config = make_config({**config_values(record), **_trained_precision(record), **{k: v for k, v in overrides.items() if v is not None}})
     strategy = config.strategy.build()
     task = config.task_kind
     source = resolve_model(config.model)
@@ -373,6 +386,7 @@ def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     quantization = base_quantization(config, strategy) if quantized else None
     base = task.load_model(source, record["data"], tokenizer, quantization, **weight_options(config))
-    model = keep_4bit_training_layout(keep_trainable_fp32(strategy.load(base, Path(run_dir), task)))
+    model = read_with(config.pooling, base, lambda plain: strategy.load(plain, Path(run_dir), task))
+    model = keep_4bit_training_layout(keep_trainable_fp32(model))
     model.eval()
     return config, model, tokenizer, record

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from peftkit.errors import PeftkitError
+from peftkit.pooling import check_pooling, read_with
 from peftkit.anatomy import head_is_one_linear
 from peftkit.run import check_structure
 from peftkit.strategies import build_strategy
@@ -92,12 +93,14 @@ def run_cell(family: str, kind: str, strategy_name: str) -> str:
     cls = model_class(family, kind)
     if cls is None:
         return "n/a"
-    spec = {"name": "full", "pooling": "mean"} if strategy_name == "mean-pooling" else {"name": strategy_name}
-    config, task, strategy = config_of(family, kind), TASKS[kind], build_strategy(spec.pop("name"), spec)
+    pooling = "mean" if strategy_name == "mean-pooling" else "model"
+    name = "full" if strategy_name == "mean-pooling" else strategy_name
+    config, task, strategy = config_of(family, kind), TASKS[kind], build_strategy(name)
     try:  # what `peftkit train` checks before any weights load
+        check_pooling(pooling, task)
         strategy.check(config, task)
         task.check_strategy(strategy)
-        check_structure(config, strategy, task, config.num_labels)
+        check_structure(config, strategy, task, config.num_labels, pooling)
     except PeftkitError as err:
         assert "\n" not in str(err)
         return f"refused: {err}"
@@ -107,7 +110,7 @@ def run_cell(family: str, kind: str, strategy_name: str) -> str:
         return cls(config)
 
     inputs = batch(kind)
-    model = strategy.apply(base(), task)
+    model = read_with(pooling, base(), lambda plain: strategy.apply(plain, task))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "nothing trains"
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -124,7 +127,7 @@ def run_cell(family: str, kind: str, strategy_name: str) -> str:
         before = outputs(model, inputs, kind)
     with tempfile.TemporaryDirectory() as directory:
         strategy.save(model, Path(directory))
-        reloaded = strategy.load(base(), Path(directory), task).eval()
+        reloaded = read_with(pooling, base(), lambda plain: strategy.load(plain, Path(directory), task)).eval()
         with torch.no_grad():
             after = outputs(reloaded, inputs, kind)
     assert torch.allclose(before, after, atol=1e-5), f"reloaded outputs differ by {(before - after).abs().max():.2e}"

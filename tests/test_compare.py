@@ -126,7 +126,9 @@ def fake(strategy, seed, accuracy, trainable):
     return {"strategy": strategy, "seed": seed, "status": "ok", "metrics": {"accuracy": accuracy},
             "trainable_params": trainable, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
             "train_time_s": 10.0, "samples_per_s": 5.0, "tokens_per_s": 50.0, "size_on_disk_bytes": 2**20,
-            "config": {"model": "m", "task": "t"}, "estimate": {"total_bytes": 2**29}, "device": "cpu (x86_64, 2 threads)",
+            "config": {"model": "m", "task": "t", "pooling": "mean"}, "estimate": {"total_bytes": 2**29},
+            "device": "cpu (x86_64, 2 threads)", "task_kind": "classification",
+            "selection": {"select": "best", "metric": "accuracy", "on": "held-out slice of the training data"},
             "versions": {"torch": "2.13.0"}, "command": "peftkit compare --strategies full,lora", "finished": "2026-11-28T05:00:00"}
 
 
@@ -142,6 +144,9 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
     assert rows["full"].estimate_ratio == pytest.approx(0.5)
     assert [r.strategy for r in pareto(list(rows.values()))] == ["probe", "lora", "full"]
+    by_loss = aggregate([fake("big", 0, 1.2, 1000), fake("small", 0, 1.5, 10), fake("worse", 0, 1.9, 100)],
+                        "accuracy", greater_is_better=False)  # read the values as a loss: lower is better
+    assert [r.strategy for r in pareto(by_loss, greater_is_better=False)] == ["small", "big"]
     for record in records:
         append_run(tmp_path, record)
     paths = write_report(tmp_path)
@@ -149,6 +154,8 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "0.8900 ± 0.0141" in text and "| 0.8600 | 1 |" in text
     assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
+    assert "Checkpoint: best accuracy on a held-out slice of the training data; the validation split scored once" in text
+    assert "Head input: mean pooling of the last hidden states (pooling: mean)" in text  # one reading, shown
     assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
     assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
     assert "accuracy (mean ± std)" in text

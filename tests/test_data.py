@@ -9,6 +9,7 @@ import pytest
 from peftkit.config import make_config
 from peftkit.data import load_data
 from peftkit.errors import PeftkitError
+from peftkit.tasks import resolve_task
 
 
 def write_jsonl(path, rows):
@@ -108,6 +109,24 @@ def test_hub_failure_explains_the_local_alternative(monkeypatch):
     monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
     with pytest.raises(PeftkitError, match="cannot download nyu-mll/glue/sst2.*--data-dir"):
         load_data(make_config({"task": "sst2"}))
+
+
+@pytest.mark.parametrize("task, reported", [("conll2003", ["train", "validation", "test"]),
+                                            ("sst2", ["train", "validation"]), ("gsm8k", ["train", "validation"])])
+def test_a_labelled_hub_test_split_is_read_and_glues_unlabelled_one_is_not(monkeypatch, task, reported):
+    """CoNLL-2003's hub test split is labelled and reported beside validation; GLUE's test
+    labels are all -1, so it is left out; gsm8k has train and test only, and test validates."""
+    import datasets
+
+    from peftkit.data import read_splits
+
+    row = {"tokens": ["EU"], "ner_tags": [3], "sentence": "fine", "label": -1, "question": "1+1?", "answer": "#### 2"}
+    hub = datasets.DatasetDict({name: datasets.Dataset.from_list([row]) for name in
+                                (["train", "test"] if task == "gsm8k" else ["train", "validation", "test"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hub)
+    monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
+    config = make_config({"task": task})
+    assert sorted(read_splits(config, resolve_task(task)[1])) == sorted(reported)
 
 
 def test_training_data_with_one_label_is_refused(tmp_path):

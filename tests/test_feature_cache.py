@@ -11,6 +11,7 @@ from peftkit.config import make_config
 from peftkit.data import load_data
 from peftkit.feature_cache import FeatureStore, cache_key, cached_head_inputs
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
+from peftkit.pooling import read_with
 from peftkit.tasks.classification import PadToLongest, tokenize
 
 
@@ -97,7 +98,7 @@ def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir
 
     source, tokenizer, dataset, _ = setup("tiny-bert", data_dir)
     torch.manual_seed(0)
-    model = build_strategy("linear-probe", {"pooling": "mean"}).apply(load_for_classification(source, ["a", "b"], tokenizer)).eval()
+    model = read_with("mean", load_for_classification(source, ["a", "b"], tokenizer), build_strategy("linear-probe").apply).eval()
     collate = PadToLongest(tokenizer)
     features = cached_head_inputs(FeatureStore(), model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="mean")
     torch.manual_seed(0)
@@ -109,7 +110,7 @@ def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir
         torch.testing.assert_close(model.classifier(features[:8]), model(**batch).logits, atol=1e-5, rtol=1e-5)
     run = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "max_train_samples": 64,
                          "max_eval_samples": 48, "epochs": 1, "output_dir": tmp_path / "run",
-                         "strategy": {"name": "linear-probe", "pooling": "mean"}})
+                         "strategy": "linear-probe", "pooling": "mean"})
     again = [load_run(run.output_dir)[1](**batch).logits for _ in range(2)]
     assert torch.equal(again[0], again[1])
 
@@ -121,4 +122,4 @@ def test_mean_pooling_refuses_per_token_heads():
     source = resolve_model("tiny-llama")
     model = load_for_classification(source, ["a", "b"], load_tokenizer(source))
     with pytest.raises(PeftkitError, match="pooling=mean needs a head that reads one vector"):
-        build_strategy("linear-probe", {"pooling": "mean"}).apply(model)
+        read_with("mean", model, build_strategy("linear-probe").apply)

@@ -108,6 +108,24 @@ def test_scitldr_through_instruction_tuning_is_prompted_and_scored_against_every
     assert {"rouge_1", "rouge_2", "rouge_l", "bleu"} <= set(result.metrics)
 
 
+def test_hub_summarization_sets_map_onto_source_and_target(monkeypatch):
+    """samsum by name, as a user with a hub gets it: dialogue -> source, summary -> target, and
+    its labelled test split kept (the download itself is replaced here: no hub in the tests)."""
+    import datasets
+
+    from peftkit.data import load_data
+
+    rows = [{"id": str(i), "dialogue": f"A: hi {i}\nB: hello", "summary": f"they greet {i}"} for i in range(3)]
+    hub = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name in ("train", "validation", "test")})
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: asked.append(args) or hub)
+    monkeypatch.delenv("PEFTKIT_DATA_DIR", raising=False)
+    data = load_data(make_config({"model": "tiny-t5", "task": "samsum", "strategy": "lora"}))
+    assert asked == [("Samsung/samsum",)] and resolve_task("samsum")[0].name == "seq2seq"
+    assert data.train[0]["source"] == "A: hi 0\nB: hello" and data.train[0]["target"] == "they greet 0"
+    assert data.test is not None and data.test[2]["references"] == ["they greet 2"]
+
+
 def test_the_estimate_says_it_does_not_model_encoder_decoders():
     from peftkit.estimate import estimate
 

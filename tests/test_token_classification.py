@@ -85,7 +85,8 @@ def test_options_of_another_task_and_mean_pooling_are_refused():
     with pytest.raises(PeftkitError, match="tokens_column is an option of task 'token-classification'"):
         make_config({"task": "sst2", "tokens_column": "words"})
     with pytest.raises(PeftkitError, match="pooling=mean makes one vector per example, and task 'token-classification'"):
-        make_config({"task": "conll2003", "strategy": {"name": "linear-probe", "pooling": "mean"}})
+        make_config({"task": "conll2003", "strategy": "linear-probe", "pooling": "mean"})
+    assert make_config({"task": "conll2003", "model": "minilm"}).pooling == "model"  # auto: a per-token head reads every token
     assert resolve_task("wnut17")[0].name == "token-classification"
 
 

@@ -176,6 +176,9 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
     options = dict(options or {})
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in options:
+        if key == "pooling" and key not in valid:
+            raise PeftkitError(f"pooling is a run setting, not an option of strategy '{name}', so that every strategy "
+                               "reads the model alike: put `pooling: mean` at the top of the recipe, or --set pooling=mean")
         if key not in valid:
             raise PeftkitError(
                 f"strategy '{name}' has no option '{key}'{did_you_mean(key, valid)}; "

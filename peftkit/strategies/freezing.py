@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
@@ -23,11 +23,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class Freezing(Strategy):
-    """Base for strategies that choose which of the model's own parameters train.
-    `pooling="mean"` feeds the head the mean of the last hidden states (how sentence-embedding
-    models such as all-MiniLM are meant to be read) instead of the model's own pooled vector."""
-
-    pooling: Literal["model", "mean"] = "model"
+    """Base for strategies that choose which of the model's own parameters train."""
 
     def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
         """Whether a parameter trains; `beside` are the modules the task trains beside any strategy."""
@@ -37,13 +33,6 @@ class Freezing(Strategy):
         anatomy, beside = inspect_model(model), trained_beside(model, task)
         for name, param in model.named_parameters():
             param.requires_grad_(self.trainable(name, anatomy, beside))
-        return self.pool(model)
-
-    def pool(self, model: nn.Module) -> nn.Module:
-        if self.pooling == "mean":
-            from peftkit.pooling import MeanPooling
-
-            MeanPooling(model)
         return model
 
 
@@ -99,7 +88,7 @@ class Full(LayerwiseLR):
         model.save_pretrained(directory / "model")
 
     def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
-        return self.pool(type(base).from_pretrained(directory / "model", dtype=base.dtype))
+        return type(base).from_pretrained(directory / "model", dtype=base.dtype)
 
 
 @register("partial")

@@ -47,6 +47,7 @@ class BuiltinDataset:
     hub_columns: dict[str, str] = field(default_factory=dict)  # hub column -> our column
     label_names: tuple[str, ...] = ()            # classification: the names of integer labels
     answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
+    hub_test: bool = False                       # the hub's test split is labelled and reported (GLUE's is not)
 
 
 @dataclass
@@ -89,9 +90,6 @@ class Task:
 
     def check_strategy(self, strategy: Strategy) -> None:
         """Refuse a strategy that means nothing for this task, before any weights load."""
-        if strategy.options().get("pooling") == "mean" and not self.reads_one_vector:
-            raise PeftkitError(f"pooling=mean makes one vector per example, and task '{self.name}' reads every token: "
-                               "use pooling=model")
         if self.pretrained_head and strategy.frozen_below_head:
             raise PeftkitError(f"strategy '{strategy.name}' trains only a new task head, and task '{self.name}' has "
                                "none (the model's own output layer is kept): pick lora, full, adapter, ...")
@@ -259,7 +257,9 @@ def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
 def task_for_model(model: nn.Module) -> Task:
     """The task kind a loaded model was built for (a PEFT wrapper is looked through); the
     Python API's default when `apply_strategy` is given no task."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from peftkit.anatomy import unwrap_peft
+
+    inner = unwrap_peft(model)
     for task in TASKS.values():
         if task.owns(inner):
             return task

@@ -123,7 +123,7 @@ class Classification(Task):
         splits = [s for s in (train_dataset, eval_dataset) if s is not None]
         collate: Any = self.collator(tokenizer)
         store = FeatureStore()
-        variant = repr((sorted(strategy.options().items()), config.quantization,
+        variant = repr((sorted(strategy.options().items()), config.pooling, config.quantization,
                         config.weights_dtype(), config.compute_precision()))
         on_features = strategy.frozen_below_head and config.cache_features and head_is_one_linear(model)
         replay = None

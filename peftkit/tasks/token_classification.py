@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 SCHEME = "IOB tags, entities as seqeval's default (conlleval) mode reads them; micro average"
 
 DATASETS["conll2003"] = BuiltinDataset("token-classification", {"tokens_column": "tokens", "tags_column": "ner_tags"},
-                                       hub=("eriktks/conll2003",))
+                                       hub=("eriktks/conll2003",), hub_test=True)
 DATASETS["wnut17"] = BuiltinDataset("token-classification", {"tokens_column": "tokens", "tags_column": "ner_tags"},
-                                    hub=("leondz/wnut_17",))
+                                    hub=("leondz/wnut_17",), hub_test=True)
 
 
 @register_task("token-classification")
