@@ -29,7 +29,10 @@ Terms, each computed from the model as the strategy would train it:
   key/value cache (classifiers are loaded with `use_cache=False`), except the one prefix
   tuning passes its prefixes in: every layer's keys and values. Training activations are
   freed before it runs, so only the larger of the two counts towards the total;
-- runtime: on CPU, what the process holds besides tensors (tokenizer, data, Trainer).
+- runtime: on CPU, what the process holds besides tensors (tokenizer, data, Trainer);
+- cached_features: a linear probe on cached features keeps them while its head trains: one
+  fp32 hidden-size vector per training and selection example, or per labelled token for NER
+  (the count comes from the run's data, so `peftkit estimate` alone leaves it out).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.anatomy import inspect_model, unwrap_peft
+from peftkit.anatomy import head_is_one_linear, inspect_model, unwrap_peft
 from peftkit.config import native_precision
 from peftkit.errors import PeftkitError
 from peftkit.strategies import Strategy, build_strategy
@@ -120,7 +123,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
              device: str = "cuda", quantization: str = "none", eval_batch_size: int | None = None,
              eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
              precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True,
-             answer_tokens: int | None = None, eval_answer_tokens: int | None = None) -> Estimate:
+             answer_tokens: int | None = None, eval_answer_tokens: int | None = None,
+             feature_rows: int = 0) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
@@ -128,7 +132,9 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     `attn_implementation` the attention kernel (only eager stores the scores); `keeps_best`
     whether a copy of the best trainable weights is kept (`select: best`); `answer_tokens` and
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
-    layer scores those alone (sft; default: every position)."""
+    layer scores those alone (sft; default: every position); `feature_rows` the feature vectors
+    a linear probe caches (one per example, or per labelled token for NER), kept in fp32 while
+    the head trains on them."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
         dtype = "fp32" if native_precision(device) == "fp32" else "bf16"
@@ -170,6 +176,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
                              max_new_tokens, answer_tokens, eval_answer_tokens),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
+        "cached_features": 4 * feature_rows * _sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
     settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len,
@@ -499,7 +506,8 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
                     attn_implementation=config.attn_implementation, keeps_best=config.select == "best",
                     answer_tokens=train_answer,
-                    eval_answer_tokens=data.get("longest_eval_answer"))
+                    eval_answer_tokens=data.get("longest_eval_answer"),
+                    feature_rows=data.get("cached_feature_rows", 0) if config.cache_features else 0)
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:

@@ -98,6 +98,16 @@ def test_activations_full_and_checkpointed():
     assert cpu("full", gradient_checkpointing=True).terms["activations"] == checkpointed
 
 
+def test_a_linear_probe_keeps_its_cached_features():
+    """One fp32 hidden-size vector per cached row, only where the head trains on cached
+    features (a frozen model below a one-linear head)."""
+    rows = 1000
+    probe = estimate("tiny-bert", "linear-probe", 2, 8, device="cpu", feature_rows=rows)
+    assert probe.terms["cached_features"] == 4 * rows * 64  # tiny-bert's hidden size
+    assert probe.total_bytes - estimate("tiny-bert", "linear-probe", 2, 8, device="cpu").total_bytes == 4 * rows * 64
+    assert estimate("tiny-bert", "lora", 2, 8, device="cpu", feature_rows=rows).terms["cached_features"] == 0
+
+
 def test_activations_follow_what_needs_gradients():
     assert cpu("linear-probe").terms["activations"] == 4 * 2 * 64   # the head's input only
     assert cpu("bitfit").terms["activations"] == TOKENS * (2 * FROZEN_LAYER + EMBEDDINGS_OUT)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from peftkit.cli import app
 from peftkit.config import make_config
 from peftkit.errors import PeftkitError
+from peftkit.estimate import estimate_for
 from peftkit.inference import evaluate_run, predict
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.run import train
@@ -142,6 +143,11 @@ def test_every_strategy_trains_reloads_and_predicts(tmp_path, data_dir, strategy
                     "output_dir": str(tmp_path / strategy)})
     record = result.record
     assert record["task_kind"] == "token-classification" and record["cached_features"] == (strategy == "linear-probe")
+    # what a linear probe caches, for the estimate: one vector per word of the 40 training sentences (with the selection slice)
+    words = sum(len(json.loads(line)["tokens"]) for line in (data_dir / "conll2003" / "train.jsonl").read_text().splitlines()[:40])
+    assert record["data"]["cached_feature_rows"] == words
+    cached = estimate_for(make_config(record["config"]), record)["terms"]["cached_features"]
+    assert cached == (4 * words * 64 if strategy == "linear-probe" else 0)
     assert {"f1", "precision", "recall", "accuracy", "loss"} <= set(record["metrics"])
     assert all(key.split("/")[0] in {"PER", "ORG", "LOC", "MISC"} for key in record["metrics"] if "/" in key)
     again = evaluate_run(result.output_dir)

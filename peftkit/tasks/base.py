@@ -117,6 +117,12 @@ class Task:
         Default: none (every position counts)."""
         return {}
 
+    def feature_rows(self, prepared: Prepared) -> dict[str, int]:
+        """How many feature vectors a linear probe on cached features keeps in memory (the
+        training split and the selection slice; run records keep it for the estimate).
+        Default: none (the task trains no head on cached features)."""
+        return {}
+
     def greater_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better
 

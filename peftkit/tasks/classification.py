@@ -106,6 +106,11 @@ class Classification(Task):
             for name, split in data.splits().items()})
         return Prepared(splits, data.splits(), {**data.info, "truncated_examples": truncated})
 
+    def feature_rows(self, prepared: Prepared) -> dict[str, int]:
+        """One vector per training and selection example."""
+        held_out = prepared.selection
+        return {"cached_feature_rows": len(prepared.train) + (len(held_out) if held_out is not None else 0)}
+
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
                       scratch_dir: str, model_dir: str, callbacks: list) -> Any:
         """The Trainer for this run. With `cache_features` on, frozen computation is done once:

@@ -91,6 +91,13 @@ class TokenClassification(Classification):
             for name, split in data.splits().items()})
         return Prepared(splits, data.splits(), {**data.info, "truncated_examples": truncated})
 
+    def feature_rows(self, prepared: Prepared) -> dict[str, int]:
+        """One vector per labelled token (each word's first sub-token) of the training split
+        and the selection slice: what a linear probe caches (peftkit.feature_cache)."""
+        splits = [s for s in (prepared.train, prepared.selection) if s is not None]
+        return {"cached_feature_rows": sum(sum(label != -100 for label in labels) for split in splits
+                                           for labels in split["labels"])}
+
     def collator(self, tokenizer: Any) -> Any:
         return PadWithLabels(tokenizer)
 
