@@ -28,9 +28,14 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
     (staged, then renamed into place). Returns the note saved there as merge.json."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     record = read_record(run_dir)
-    strategy = make_config(config_values(record)).strategy.build()
+    run_config = make_config(config_values(record))
+    strategy = run_config.strategy.build()
     if strategy.merge_refusal:
         raise PeftkitError(f"strategy {strategy.name} cannot be merged: {strategy.merge_refusal}")
+    if run_config.pooling == "mean":  # plain transformers would feed the head the [CLS] pooler instead
+        raise PeftkitError("this run's head reads the mean of the last hidden states (pooling mean), which a plain "
+                           "transformers classifier cannot do: use the run through peftkit (predict, eval), "
+                           "or train it with --pooling model to merge it")
     if output_dir.resolve() == run_dir.resolve():
         raise PeftkitError(f"--output {output_dir} is the run itself: write the merged checkpoint somewhere else")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

@@ -90,6 +90,16 @@ def test_strategies_without_weights_to_fold_refuse_to_merge(tmp_path, data_dir, 
     assert not out.exists()
 
 
+def test_a_mean_pooled_run_refuses_to_merge(tmp_path, data_dir):
+    """A plain transformers checkpoint would read the [CLS] pooler, not the mean the run trained on."""
+    run = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "max_train_samples": 32,
+                         "max_eval_samples": 16, "epochs": 1, "strategy": "lora", "pooling": "mean",
+                         "output_dir": tmp_path / "run"}).output_dir
+    with pytest.raises(PeftkitError, match=r"pooling mean\), which a plain transformers classifier cannot do"):
+        merge_run(run, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_a_peft_method_without_a_merge_is_reported(tmp_path, data_dir):
     run = train(tmp_path, data_dir, "peft:lily")
     with pytest.raises(PeftkitError, match="strategy peft:lily cannot be merged: This method is not supported for Lily"):
