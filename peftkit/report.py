@@ -128,7 +128,7 @@ def provenance(records: list[dict]) -> list[str]:
     lines += [f"Code: {v}" for v in code_versions(records)]
     lines += [f"Machine: {d}" for d in devices] + [f"Packages: {v}" for v in versions]
     lines += [f"Checkpoint: {c}" for c in sorted({_selection(r) for r in ok})]
-    lines += [f"Head input: {p}" for p in sorted({_pooling(r) for r in ok if r.get("task_kind", "classification") == "classification"})]
+    lines += [f"Head input: {p}" for p in sorted({_pooling(r) for r in ok if _reads_one_vector(r)})]
     if dates:
         lines.append(f"Date: {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
     return [line + "  " for line in lines]
@@ -142,6 +142,13 @@ def _selection(record: dict) -> str:
     if chosen["select"] == "last":
         return "the final weights (select: last)"
     return f"best {chosen['metric']} on a {chosen['on']}; the validation split scored once, at the end"
+
+
+def _reads_one_vector(record: dict) -> bool:
+    """Whether the row's task head reads one vector per example, where pooling applies."""
+    from peftkit.tasks import TASKS
+
+    return TASKS[record.get("task_kind", "classification")].reads_one_vector
 
 
 def _pooling(record: dict) -> str:
