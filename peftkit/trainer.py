@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from peftkit.checkpoints import NO_PROGRESS
 from peftkit.config import RunConfig
@@ -105,6 +106,17 @@ class Timed:
             save_atomically(self, lambda: super(Timed, self)._save_checkpoint(model, trial), self.selection, progress)
         finally:
             self.checkpoint_seconds += time.perf_counter() - start
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        """Evaluation in the data set's order. transformers 5 reuses the training sampler's
+        length grouping for evaluation, a seeded shuffle of the rows: harmless where labels
+        travel with the predictions, wrong wherever predictions are matched to rows by position
+        (QA's windows to their questions and contexts scored MiniLM's SQuAD answers from other
+        windows: F1 0.05)."""
+        from torch.utils.data import SequentialSampler
+
+        sampler = super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset) if isinstance(sampler, LengthGroupedSampler) else sampler
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         start = time.perf_counter()
