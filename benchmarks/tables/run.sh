@@ -20,7 +20,7 @@ data="${PEFTKIT_DATA_DIR:-$clone/../shared/data}"
 # on one without, and a table spans sessions on whichever machine each one gets.
 QUEUE="
 minilm-wnut17|5ac3250|minilm|wnut17|full,lora|0,1,2|--set dtype=fp32 --set precision=fp32
-minilm-squad|912f592|minilm|squad|full,lora,adapter|0|--set dtype=fp32 --set precision=fp32
+minilm-squad|c18e3f5|minilm|squad|full,lora,adapter|0|--set dtype=fp32 --set precision=fp32
 smollm2-scitldr|6708c39|smollm2-135m|scitldr|none,lora|0|--set dtype=fp32 --set precision=fp32
 smollm2-sst2-chat|6708c39|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0|--set dtype=fp32 --set precision=fp32
 smollm2-dolly|6708c39|smollm2-135m|dolly|none,lora,qlora,full|0|--set dtype=fp32 --set precision=fp32
