@@ -14,7 +14,7 @@ every long run does: in a run's first step they do not exist yet), under the all
 publishes peaks with (`cpu_mmap_threshold_kb=1024`); its estimate is `peftkit estimate` for the
 run's own settings and longest examples (`estimate_run`, as the comparison tables use).
 Finished cases are kept in `<work>/records.jsonl`, so an interrupted check resumes.
-Encoder-decoders (T5) are not among the cases: the estimate refuses them (it models one stack).
+Encoder-decoders (random T5 and BART) are among the cases: the estimate counts their two stacks.
 """
 
 from __future__ import annotations
@@ -44,7 +44,14 @@ RANDOM = {
     "random-deberta-v2": dict(model_type="deberta-v2", hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                               intermediate_size=1536, max_position_embeddings=512, relative_attention=True,
                               position_buckets=256, pos_att_type=["p2c", "c2p"]),
+    "random-t5": dict(model_type="t5", d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,
+                      relative_attention_num_buckets=32),
+    "random-bart": dict(model_type="bart", d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                        decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=1024),
 }
+# Encoder-decoders read SciTLDR as source/target pairs (the built-in `scitldr` is an instruction-tuning data set)
+SCITLDR_PAIRS = {"source_column": "document", "target_column": "summary", "references_column": "references",
+                 "max_target_length": 64}
 # (name, model, task, strategy, batch size, other options)
 CASES = [
     ("minilm-sst2-full-b16", "minilm", "sst2", "full", 16, {"max_length": 128}),
@@ -72,6 +79,12 @@ CASES = [
     ("llama-dolly-lora-b4-512", "random-llama", "dolly", "lora", 4, {"chat_template": TEMPLATE, "max_length": 512}),
     ("deberta-rte-full-b16-256", "random-deberta-v2", "rte", "full", 16, {"max_length": 256}),
     ("deberta-sst2-lora-b64", "random-deberta-v2", "sst2", "lora", 64, {}),
+    ("t5-scitldr-full-b8-512", "random-t5", "seq2seq", "full", 8, {**SCITLDR_PAIRS, "max_length": 512}),
+    ("t5-scitldr-lora-b16-256", "random-t5", "seq2seq", "lora", 16, {**SCITLDR_PAIRS, "max_length": 256}),
+    ("t5-scitldr-prompt-tuning-b16-256", "random-t5", "seq2seq", "prompt-tuning", 16,
+     {**SCITLDR_PAIRS, "max_length": 256}),
+    ("bart-scitldr-full-b8-512", "random-bart", "seq2seq", "full", 8, {**SCITLDR_PAIRS, "max_length": 512}),
+    ("bart-scitldr-lora-b16-256", "random-bart", "seq2seq", "lora", 16, {**SCITLDR_PAIRS, "max_length": 256}),
 ]
 
 
@@ -85,9 +98,13 @@ def case_config(case: tuple, work: Path, data_dir: Path) -> dict:
         digest = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:8]
         model = str(random_checkpoint(f"estimate-check-{model}-{digest}", sizes))  # new sizes, a new model
     eval_batch = extra.get("eval_batch_size", batch)
+    if task == "seq2seq":
+        extra = {"train_file": str(data_dir / "scitldr" / "train.jsonl"),
+                 "validation_file": str(data_dir / "scitldr" / "validation.jsonl"), **extra}
     return {"model": model, "task": task, "strategy": strategy, "batch_size": batch, "eval_batch_size": eval_batch,
             "max_train_samples": batch * STEPS, "max_eval_samples": eval_batch, "epochs": 2, "select": "last",
             "save_strategy": "no", "max_new_tokens": 8, "cpu_mmap_threshold_kb": 1024, "seed": 0,
+            "dtype": "fp32", "precision": "fp32",  # as every table; auto would be bf16 on a CPU with AVX512-BF16
             "data_dir": str(data_dir), "output_dir": str(work / "runs" / name), "overwrite": True, **extra}
 
 

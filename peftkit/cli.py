@@ -387,11 +387,13 @@ def estimate(
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
     quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
     eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: --batch-size)."),
-    task: str = typer.Option("classification", help="Task kind or built-in data set (sft counts the LM head and generation)."),
-    max_new_tokens: int = typer.Option(0, min=0, help="sft: tokens generated per evaluation prompt (the key/value cache)."),
+    task: str = typer.Option("classification", help="Task kind or built-in data set (sft and seq2seq count the LM head and generation)."),
+    max_new_tokens: int = typer.Option(0, min=0, help="sft, seq2seq: tokens generated per evaluation prompt (the key/value cache)."),
     select: str = typer.Option("best", help="best: a copy of the best weights is kept (as train's select); last: none."),
     answer_tokens: Optional[int] = typer.Option(None, min=1, help="sft: the longest answer in tokens (the LM head "
-                                                "scores answer positions only; default: every position)."),
+                                                "scores answer positions only; default: every position); seq2seq: "
+                                                "the target's length (default: --seq-len, the source's)."),
+    num_beams: int = typer.Option(1, min=1, help="seq2seq: beams per example in generation (each keeps its cache)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from peftkit.config import apply_overrides
@@ -406,7 +408,7 @@ def estimate(
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
                      eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
                      attn_implementation=attn_implementation, keeps_best=select == "best",
-                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens)
+                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens, num_beams=num_beams)
     settings = result.settings
     _print_estimate(result, f"{strategy} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
                             f"weights {settings['dtype']}, compute {settings['precision']}, {optimizer}, "

@@ -33,6 +33,15 @@ Terms, each computed from the model as the strategy would train it:
 - cached_features: a linear probe on cached features keeps them while its head trains: one
   fp32 hidden-size vector per training and selection example, or per labelled token for NER
   (the count comes from the run's data, so `peftkit estimate` alone leaves it out).
+
+An encoder-decoder (T5, BART) has two layer stacks, counted in `peftkit.estimate_encoder_decoder`
+(the encoder's layers over the source, the decoder's over the target with cross-attention to
+the source); its output layer's vocabulary-size logits are the task's (`tasks.seq2seq`).
+
+Known gap, under bf16/fp16 compute: fp32 copies that some models make are not counted (LoRA's
+fp32 adapters cast their input up; T5 keeps its `wo` projections in fp32, so its residual stream
+runs in fp32: a random t5-small-sized LoRA run measured 3.1 GB against 2.0 GB estimated). The
+published checks (benchmarks/results/estimate_check.md) run in fp32.
 """
 
 from __future__ import annotations
@@ -124,7 +133,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
              eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
              precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True,
              answer_tokens: int | None = None, eval_answer_tokens: int | None = None,
-             feature_rows: int = 0) -> Estimate:
+             feature_rows: int = 0, num_beams: int = 1) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
@@ -134,7 +143,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
     layer scores those alone (sft; default: every position); `feature_rows` the feature vectors
     a linear probe caches (one per example, or per labelled token for NER), kept in fp32 while
-    the head trains on them."""
+    the head trains on them; `num_beams` the beams generation keeps per example. For an
+    encoder-decoder `seq_len` is the source's length and the answer tokens the target's."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     if dtype == "auto":
         dtype = "fp32" if native_precision(device) == "fp32" else "bf16"
@@ -151,9 +161,6 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
     strategy.check_quantization(quantization)
     config = load_config(model)
-    if getattr(config, "is_encoder_decoder", False):  # one layer stack is modelled; T5/BART have two, and cross-attention
-        raise PeftkitError(f"peftkit estimate models one layer stack, and {config.model_type} is an encoder-decoder "
-                           "(two stacks, cross-attention): no estimate for it yet; measure a short run instead")
     config.num_labels = num_labels
     if attn_implementation != "auto":
         # flash attention, like sdpa, stores no score matrix (only "eager" changes a term); building the
@@ -170,21 +177,40 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         "gradients": 4 * trainable,
         "optimizer": optimizer_bytes(meta, optimizer),
         "best_weights": 4 * trainable if keeps_best else 0,  # `select: last` evaluates nothing, keeps no copy
-        "activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes, gradient_checkpointing,
-                                        device),
-        "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes),
+        **_layer_terms(meta, config, strategy, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes,
+                       gradient_checkpointing, device, answer_tokens, eval_answer_tokens),
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
-                             max_new_tokens, answer_tokens, eval_answer_tokens),
+                             max_new_tokens, answer_tokens, eval_answer_tokens, num_beams),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
-        "cached_features": 4 * feature_rows * _sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
+        "cached_features": 4 * feature_rows * model_sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
     }
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
     settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len,
                 "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
                 "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
                 "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization,
-                "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len, "answer_tokens": answer_tokens}
+                "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len, "answer_tokens": answer_tokens,
+                "num_beams": num_beams}
     return Estimate(terms, trainable, total, settings)
+
+
+def _layer_terms(meta: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int, eval_batch_size: int,
+                 eval_seq_len: int, values_bytes: int, gradient_checkpointing: bool, device: str,
+                 answer_tokens: int | None, eval_answer_tokens: int | None) -> dict[str, int]:
+    """The layers' `activations` and `evaluation` terms: one stack, or an encoder-decoder's two
+    (`peftkit.estimate_encoder_decoder`), whose `seq_len` is the source's and whose answer
+    tokens are the target's (default: as long as the source)."""
+    if getattr(config, "is_encoder_decoder", False):
+        from peftkit import estimate_encoder_decoder as two_stacks
+
+        return {"activations": two_stacks.activation_bytes(meta, config, strategy, batch_size, seq_len,
+                                                           answer_tokens or seq_len, values_bytes,
+                                                           gradient_checkpointing, device),
+                "evaluation": two_stacks.evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len,
+                                                          eval_answer_tokens or eval_seq_len, values_bytes)}
+    return {"activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes,
+                                            gradient_checkpointing, device),
+            "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes)}
 
 
 def optimizer_bytes(model: nn.Module, optimizer: str) -> int:
@@ -252,35 +278,37 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     base = unwrap_peft(model)
     anatomy = inspect_model(base)
     lowest = _lowest_layer_needing_grad(model, anatomy)
-    length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
+    length, keys = seq_len + virtual_tokens(strategy), seq_len + virtual_tokens(strategy, "keys")
     tokens = batch_size * length
     if lowest is None:  # only the head trains: it keeps its input, one vector per example or per token
         return int((tokens if anatomy.head_scores_every_token else batch_size) * config.hidden_size * bytes_per_value)
     mask_bytes = bytes_per_value if device == "cpu" else 1  # dropout keeps a float mask on CPU, a bool one on CUDA
     layers = []
     for index in range(lowest, anatomy.num_layers):
-        extra = _strategy_extra_bytes(model, anatomy, index, bytes_per_value, mask_bytes)
-        if index == lowest and _trains_only_after_feed_forward(model, anatomy, index):
+        prefix = f"{anatomy.layers_prefix}.{index}."
+        extra = strategy_extra_bytes(model, prefix, bytes_per_value, mask_bytes)
+        if index == lowest and trains_only_after_feed_forward(model, prefix):
             layers.append(extra + config.hidden_size * bytes_per_value)  # the adapter's input, and the norm or sum it feeds
         else:
-            layers.append(layer_saved_bytes(config, anatomy, keys, _projections_train(model, anatomy, index),
+            layers.append(layer_saved_bytes(config, _gated(anatomy), keys, projections_train_under(model, prefix),
                                             bytes_per_value, mask_bytes, device) + extra)
     if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
         per_token = len(layers) * config.hidden_size * bytes_per_value + max(layers)
     else:
         per_token = sum(layers)
     embeddings_out = config.hidden_size * bytes_per_value
-    return int(tokens * (per_token + embeddings_out) + _weight_sized_bytes(model, bytes_per_value))
+    return int(tokens * (per_token + embeddings_out) + weight_sized_bytes(model, bytes_per_value))
 
 
-def _trains_only_after_feed_forward(model: nn.Module, anatomy: Any, index: int) -> bool:
-    """Whether everything layer `index` trains is its feed-forward adapter (`adapter_ffn`)."""
+def trains_only_after_feed_forward(model: nn.Module, prefix: str) -> bool:
+    """Whether everything the layer (names starting `prefix`) trains is its feed-forward
+    adapter (`adapter_ffn`)."""
     trained = [name.removeprefix("base_model.model.") for name, param in model.named_parameters() if param.requires_grad]
-    in_layer = [name for name in trained if anatomy.layer_index(name) == index]
+    in_layer = [name for name in trained if name.startswith(prefix)]
     return bool(in_layer) and all(".adapter_ffn." in name for name in in_layer)
 
 
-def _weight_sized_bytes(model: nn.Module, bytes_per_value: int) -> int:
+def weight_sized_bytes(model: nn.Module, bytes_per_value: int) -> int:
     """Weight-sized tensors some methods keep for backward, whatever the batch (measured with
     saved-tensor hooks on MiniLM): DoRA normalises each adapted weight (base + LoRA product)
     per output row on every forward, 1.5 copies per adapted projection; LoHa and LoKr rebuild
@@ -302,32 +330,44 @@ def _rebuilds_delta_weight(module: nn.Module) -> bool:
     return isinstance(module, LycorisLayer) and hasattr(module, "base_layer")
 
 
-def layer_saved_bytes(config: Any, anatomy: Any, seq_len: int, projections_train: bool, bytes_per_value: int,
-                      mask_bytes: int, device: str) -> int:
+def layer_saved_bytes(config: Any, gated: bool, seq_len: int, projections_train: bool, bytes_per_value: int,
+                      mask_bytes: int, device: str, cross_keys: int = 0) -> int:
     """Bytes one transformer layer saves for backward, per token (see the module docstring);
-    `seq_len` is the number of keys each token attends to."""
-    h, heads, head_dim, kv, intermediate = _sizes(config)
-    gated = _gated(anatomy)
-    attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout")
-    eager = getattr(config, "_attn_implementation", None) == "eager"
-    hidden_dropout = _dropout(config, "hidden_dropout_prob", "resid_pdrop")
+    `seq_len` is the number of keys each token attends to, `cross_keys` the number of
+    encoder states a decoder layer's cross-attention reads (its keys and values are counted
+    per encoder state by the caller, `estimate_encoder_decoder`)."""
+    h, heads, head_dim, kv, intermediate = model_sizes(config)
+    hidden_dropout = _dropout(config, "hidden_dropout_prob", "resid_pdrop", "dropout_rate", "dropout")
     values = 2 * h + (heads + 2 * kv) * head_dim            # the two norm inputs; q, k, v
     if getattr(config, "rope_parameters", None) or hasattr(config, "rope_theta"):
         values += (heads + kv) * head_dim                    # rotary embeddings keep q and k before rotation
     values += (3 if gated else 1) * intermediate             # the activation's input (gated: gate, up, act(gate))
-    if device == "cpu" and attention_dropout or eager and attention_dropout:
-        # the math path keeps the probabilities, their dropped-out copy, the mask
-        values += 2 * heads * seq_len
-        masks = heads * seq_len
-    elif eager:  # the probabilities, which the product with the values keeps too
-        values, masks = values + heads * seq_len, 0
-    else:  # fused attention kernels keep their output and a log-sum-exp per head instead
-        values, masks = values + h + heads, 0
+    attention, masks = _attention_saved(config, heads, seq_len, device)
+    values += attention
     masks += 2 * h if hidden_dropout else 0                  # after the attention and feed-forward outputs
+    masks += intermediate if _dropout(config, "dropout_rate", "activation_dropout") else 0  # T5, BART: inside the FFN
     if projections_train:  # a linear layer keeps its input only to compute its weight's gradient
         values += 3 * h + intermediate                       # q/k/v input, output-projection input, FFN in/out inputs
+    if cross_keys:  # its norm's input and queries, the attention, its output's dropout mask, the projections' inputs
+        attention, cross_masks = _attention_saved(config, heads, cross_keys, device)
+        values += h + heads * head_dim + attention + (2 * h if projections_train else 0)
+        masks += cross_masks + (h if hidden_dropout else 0)
     values += _disentangled_attention_values(config, seq_len)
     return int(values * bytes_per_value + masks * mask_bytes)
+
+
+def _attention_saved(config: Any, heads: int, keys: int, device: str) -> tuple[int, int]:
+    """(values, dropout-mask values) one token's attention over `keys` keys saves: the math
+    path (attention dropout on CPU, or the eager implementation with dropout) keeps the
+    probabilities, their dropped-out copy and the mask; eager without dropout the
+    probabilities; fused kernels their output and a log-sum-exp per head."""
+    attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout", "dropout_rate")
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    if device == "cpu" and attention_dropout or eager and attention_dropout:
+        return 2 * heads * keys, heads * keys
+    if eager:
+        return heads * keys, 0
+    return config.hidden_size + heads, 0
 
 
 def _disentangled_attention_values(config: Any, seq_len: int) -> float:
@@ -360,25 +400,25 @@ def _dropout(config: Any, *names: str) -> bool:
     return any((getattr(config, name, 0.0) or 0.0) > 0 for name in names)
 
 
-def _projections_train(model: nn.Module, anatomy: Any, index: int) -> bool:
-    """Whether any of layer `index`'s own linear weights train (full, partial) or get a
-    weight-sized update (LoHa, LoKr), not only biases, norms or small added modules."""
-    prefix = f"{anatomy.layers_prefix}.{index}."
+def projections_train_under(model: nn.Module, prefix: str) -> bool:
+    """Whether any of the layer's own linear weights (names starting `prefix`, e.g.
+    `encoder.layer.3.`) train (full, partial) or get a weight-sized update (LoHa, LoKr), not
+    only biases, norms or small added modules."""
     if any(prefix in name + "." and _rebuilds_delta_weight(module) for name, module in model.named_modules()):
         return True
     for name, param in model.named_parameters():
         clean = name.removeprefix("base_model.model.")
-        if param.requires_grad and param.dim() == 2 and anatomy.layer_index(clean) == index \
+        if param.requires_grad and param.dim() == 2 and clean.startswith(prefix) \
                 and clean.endswith(".weight") and not any(m in clean for m in ("lora_", "adapter", "ia3_", "modules_to_save")):
             return True
     return False
 
 
-def _strategy_extra_bytes(model: nn.Module, anatomy: Any, index: int, bytes_per_value: int, mask_bytes: int) -> int:
-    """Per token in layer `index`: LoRA's dropped-out inputs, their masks and rank-r outputs;
-    an adapter's input and bottleneck; the tensors IA3's vectors rescale."""
+def strategy_extra_bytes(model: nn.Module, prefix: str, bytes_per_value: int, mask_bytes: int) -> int:
+    """Per token in the layer whose modules' names contain `prefix`: LoRA's dropped-out inputs,
+    their masks and rank-r outputs; an adapter's input and bottleneck; the tensors IA3's
+    vectors rescale."""
     extra = 0
-    prefix = f"{anatomy.layers_prefix}.{index}."
     for name, module in model.named_modules():
         if prefix not in name + ".":
             continue
@@ -403,8 +443,8 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     """The most one layer holds at once in a forward pass without gradients (see the module
     docstring). Checked with the process high-water mark on a no-gradient forward of 256 x 128
     tokens: MiniLM 4,250 values per token (4,224 counted), SmolLM2-135M 6,900 (6,912)."""
-    length, keys = seq_len + _virtual_tokens(strategy), seq_len + _virtual_tokens(strategy, "keys")
-    h, heads, _, _, intermediate = _sizes(config)
+    length, keys = seq_len + virtual_tokens(strategy), seq_len + virtual_tokens(strategy, "keys")
+    h, heads, _, _, intermediate = model_sizes(config)
     gated = _gated(inspect_model(unwrap_peft(model)))
     per_token = (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
     if getattr(config, "_attn_implementation", None) == "eager":  # scores and probabilities, stored
@@ -418,23 +458,26 @@ def _prefix_cache_values(config: Any, strategy: Strategy, keys: int) -> int:
     per example, every layer's keys and values over prefix and input."""
     if getattr(strategy, "virtual_tokens_enter", "input") != "keys":
         return 0
-    _, _, head_dim, kv, _ = _sizes(config)
+    _, _, head_dim, kv, _ = model_sizes(config)
     return config.num_hidden_layers * 2 * kv * head_dim * keys
 
 
-def _virtual_tokens(strategy: Strategy, where: str = "input") -> int:
+def virtual_tokens(strategy: Strategy, where: str = "input") -> int:
     """Virtual tokens the strategy adds to the input sequence, or (`where="keys"`) to the keys:
     prompt tuning lengthens both, prefix tuning only the keys and values."""
     count = int(getattr(strategy, "num_virtual_tokens", 0) or 0)
     return count if where == "keys" or getattr(strategy, "virtual_tokens_enter", "input") == "input" else 0
 
 
-def _sizes(config: Any) -> tuple[int, int, int, int, int]:
-    """(hidden size, attention heads, head dim, key/value heads, feed-forward width)."""
+def model_sizes(config: Any) -> tuple[int, int, int, int, int]:
+    """(hidden size, attention heads, head dim, key/value heads, feed-forward width), under
+    each family's names (T5: d_kv, d_ff; BART: encoder_ffn_dim)."""
     h = config.hidden_size
     heads = config.num_attention_heads
-    return (h, heads, getattr(config, "head_dim", None) or h // heads,
-            getattr(config, "num_key_value_heads", None) or heads, getattr(config, "intermediate_size", None) or 4 * h)
+    width = next((w for w in (getattr(config, name, None) for name in ("intermediate_size", "d_ff", "encoder_ffn_dim"))
+                  if w), 4 * h)
+    return (h, heads, getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or h // heads,
+            getattr(config, "num_key_value_heads", None) or heads, width)
 
 
 
@@ -463,7 +506,7 @@ def fused_lm_head_bytes(config: Any, scored: int, device: str, backward: bool, b
 
 def kv_cache_bytes(config: Any, batch_size: int, seq_len: int, bytes_per_value: int) -> int:
     """Generation's key/value cache: every layer's keys and values for every token."""
-    _, _, head_dim, kv, _ = _sizes(config)
+    _, _, head_dim, kv, _ = model_sizes(config)
     return int(config.num_hidden_layers * 2 * kv * head_dim * batch_size * seq_len * bytes_per_value)
 
 
@@ -492,7 +535,9 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
     the recorded one, else this machine's). Before a run the maximum length stands in for the
     longest examples, and for packed training rows, which fill it with many answers."""
     data = (run or {}).get("data", {})
-    train_len, train_answer = data.get("longest_train_example", config.max_length), data.get("longest_train_answer")
+    # an encoder-decoder's answers are its targets, before a run as long as they may be
+    train_len = data.get("longest_train_example", config.max_length)
+    train_answer = data.get("longest_train_answer", config.max_target_length)
     if config.packing:
         train_len, train_answer = config.max_length, None
     if device is None:
@@ -506,8 +551,9 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
                     attn_implementation=config.attn_implementation, keeps_best=config.select == "best",
                     answer_tokens=train_answer,
-                    eval_answer_tokens=data.get("longest_eval_answer"),
-                    feature_rows=data.get("cached_feature_rows", 0) if config.cache_features else 0)
+                    eval_answer_tokens=data.get("longest_eval_answer", config.max_target_length),
+                    feature_rows=data.get("cached_feature_rows", 0) if config.cache_features else 0,
+                    num_beams=config.num_beams or 1)
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:

@@ -125,9 +125,3 @@ def test_hub_summarization_sets_map_onto_source_and_target(monkeypatch):
     assert data.train[0]["source"] == "A: hi 0\nB: hello" and data.train[0]["target"] == "they greet 0"
     assert data.test is not None and data.test[2]["references"] == ["they greet 2"]
 
-
-def test_the_estimate_says_it_does_not_model_encoder_decoders():
-    from peftkit.estimate import estimate
-
-    with pytest.raises(PeftkitError, match="t5 is an encoder-decoder .* no estimate for it yet"):
-        estimate("tests/configs/flan-t5-small.json", "lora", task="seq2seq")

@@ -103,11 +103,12 @@ class Task:
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
-                      eval_answer_tokens: int | None = None) -> dict[str, int]:
+                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
         """Memory the task's output layer needs beyond the layers' activations (peftkit.estimate):
         `output_layer` while training, `evaluation_output` while evaluating; `answer_tokens`
-        bounds the positions of one example that carry a label (None: every position). Default:
-        none (a classifier head keeps one small input, counted with the activations)."""
+        bounds the positions of one example that carry a label (None: every position), and
+        generation runs `num_beams` beams per example. Default: none (a classifier head keeps
+        one small input, counted with the activations)."""
         return {}
 
     def longest_answers(self, prepared: Prepared) -> dict[str, int]:

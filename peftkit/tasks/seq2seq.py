@@ -60,6 +60,37 @@ class SequenceToSequence(Task):
         config.max_target_length = config.max_target_length or 128
         config.num_beams = config.num_beams or 1
 
+    def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
+                      bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
+                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
+        """The vocabulary-size logits of every target position (`answer_tokens`: the longest
+        target; default the source length) and their cross-entropy: training keeps the fp32
+        log-probabilities for backward, which adds their gradient and the logits' (and, under
+        bf16, the logits' fp32 copy and bf16 gradient); the evaluation loss holds the logits
+        and their log-probabilities. Generation keeps, per beam, the encoder's output and every
+        decoder layer's cross-attention keys and values over the source and its own over the
+        generated tokens."""
+        from peftkit.estimate import model_sizes
+
+        h, _, head_dim, kv, _ = model_sizes(config)
+        half = bytes_per_value != 4
+        train_positions = batch_size * (answer_tokens or seq_len) * config.vocab_size
+        eval_positions = eval_batch_size * (eval_answer_tokens or eval_seq_len) * config.vocab_size
+        layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) \
+            or config.num_hidden_layers
+        beams = eval_batch_size * num_beams
+        generation = beams * (eval_seq_len * h + layers * 2 * kv * head_dim * (eval_seq_len + max_new_tokens)) \
+            * bytes_per_value
+        return {"output_layer": train_positions * (12 + (bytes_per_value if half else 0)),
+                "evaluation_output": max(eval_positions * (bytes_per_value + 4 + (4 if half else 0)), generation)}
+
+    def longest_answers(self, prepared: Prepared) -> dict[str, int]:
+        """The longest target of the training split and of the evaluated ones (selection,
+        validation, test): the decoder's length, and the logits' rows."""
+        evaluated = [split for name, split in prepared.splits.items() if name != "train"]
+        return {"longest_train_answer": max(map(len, prepared.train["labels"])),
+                "longest_eval_answer": max(max(map(len, split["labels"]), default=0) for split in evaluated)}
+
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
         """Checked splits with `source`, `target` and `references` (a list) columns."""
         splits = read_splits(config, dataset)

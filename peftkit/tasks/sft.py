@@ -57,7 +57,7 @@ class InstructionTuning(Task):
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
-                      eval_answer_tokens: int | None = None) -> dict[str, int]:
+                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
         """TRL's fused LM head scores the answers' positions in tiles, in training and in the
         evaluation loss; generation keeps every layer's keys and values for prompt and answer."""
         from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
