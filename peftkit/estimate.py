@@ -446,10 +446,17 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
     length, keys = seq_len + virtual_tokens(strategy), seq_len + virtual_tokens(strategy, "keys")
     h, heads, _, _, intermediate = model_sizes(config)
     gated = _gated(inspect_model(unwrap_peft(model)))
-    per_token = (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
+    per_token = layer_peak_values(h, intermediate, gated)
     if getattr(config, "_attn_implementation", None) == "eager":  # scores and probabilities, stored
         per_token += 2 * heads * keys
     return int(batch_size * (length * per_token + _prefix_cache_values(config, strategy, keys)) * bytes_per_value)
+
+
+def layer_peak_values(h: int, intermediate: int, gated: bool) -> int:
+    """Values per token one layer holds at its no-gradient peak, inside the feed-forward block:
+    the layer's input, the residual stream, the normalised input and two intermediates (gated
+    MLPs: three, and one more hidden-size buffer)."""
+    return (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
 
 
 def _prefix_cache_values(config: Any, strategy: Strategy, keys: int) -> int:
