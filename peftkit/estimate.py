@@ -24,7 +24,8 @@ Terms, each computed from the model as the strategy would train it:
 - evaluation: the per-epoch evaluation's forward pass without gradients, in its own (larger)
   batch: what one layer holds at its peak, inside the feed-forward block: the layer's input,
   the residual stream and the normalised input, the feed-forward intermediates (two; three
-  for gated MLPs, whose layers hold one more hidden-size buffer). Without dropout, attention
+  for gated MLPs, whose layers hold one more hidden-size buffer), and beside them an unmerged
+  adapter's update of the up projection (LoRA: one more; DoRA: up to five more). Without dropout, attention
   runs in a fused kernel that never stores the scores (the eager implementation does). No
   key/value cache (classifiers are loaded with `use_cache=False`), except the one prefix
   tuning passes its prefixes in: every layer's keys and values. Training activations are
@@ -442,21 +443,52 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
                      bytes_per_value: int) -> int:
     """The most one layer holds at once in a forward pass without gradients (see the module
     docstring). Checked with the process high-water mark on a no-gradient forward of 256 x 128
-    tokens: MiniLM 4,250 values per token (4,224 counted), SmolLM2-135M 6,900 (6,912)."""
+    tokens (SmolLM2: 128 x 128), values per token measured (counted): MiniLM 4,234 (4,224),
+    with LoRA, QLoRA, LoHa or LoKr 5,751-5,780 (5,760), DoRA 10,424 (10,368); SmolLM2-135M
+    6,911 (6,912), LoRA and QLoRA 8,419-8,449 (8,448), DoRA 11,576 (13,056)."""
     length, keys = seq_len + virtual_tokens(strategy), seq_len + virtual_tokens(strategy, "keys")
     h, heads, _, _, intermediate = model_sizes(config)
     gated = _gated(inspect_model(unwrap_peft(model)))
-    per_token = layer_peak_values(h, intermediate, gated)
+    per_token = layer_peak_values(h, intermediate, gated, feed_forward_outputs_at_once(model, intermediate))
     if getattr(config, "_attn_implementation", None) == "eager":  # scores and probabilities, stored
         per_token += 2 * heads * keys
     return int(batch_size * (length * per_token + _prefix_cache_values(config, strategy, keys)) * bytes_per_value)
 
 
-def layer_peak_values(h: int, intermediate: int, gated: bool) -> int:
+def layer_peak_values(h: int, intermediate: int, gated: bool, up_outputs: int = 1) -> int:
     """Values per token one layer holds at its no-gradient peak, inside the feed-forward block:
-    the layer's input, the residual stream, the normalised input and two intermediates (gated
-    MLPs: three, and one more hidden-size buffer)."""
-    return (3 * intermediate + 4 * h) if gated else (2 * intermediate + 3 * h)
+    the layer's input, the residual stream and the normalised input (gated MLPs: one more
+    hidden-size buffer), and the widest of the feed-forward's stages. Plain: the up projection's
+    output and its activation (gated: the activated gate, the up projection and their product).
+    An up projection holding `up_outputs` feed-forward-wide tensors at once (an unmerged
+    adapter's update beside its base output, `feed_forward_outputs_at_once`) holds them beside
+    the activated gate when the MLP is gated."""
+    if gated:
+        return max(3, 1 + up_outputs) * intermediate + 4 * h
+    return max(2, up_outputs) * intermediate + 3 * h
+
+
+def feed_forward_outputs_at_once(model: nn.Module, intermediate: int) -> int:
+    """The most feed-forward-wide tensors one of the model's up (or gate) projections, those
+    `intermediate` wide, holds at once in a forward pass without gradients, read from PEFT's
+    forward code: a plain projection its output (1); an unmerged LoRA-style update computed
+    out of place (LoRA, QLoRA, LoHa, LoKr) the base output, the update and their sum (3); DoRA
+    the base output, the LoRA output and its scaled copy, the base output recomputed when
+    dropout is on, the rescaled base output and their sum (6;
+    peft.tuners.lora.dora.DoraLinearLayer.forward)."""
+    from peft.tuners.lora import LoraLayer
+
+    most = 1
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if getattr(base, "out_features", None) != intermediate:
+            continue
+        if getattr(module, "lora_magnitude_vector", None):
+            dropout = module.lora_dropout["default"]
+            most = max(most, 6 if isinstance(dropout, nn.Dropout) and dropout.p > 0 else 5)
+        elif isinstance(module, LoraLayer) or _rebuilds_delta_weight(module):
+            most = max(most, 3)
+    return most
 
 
 def _prefix_cache_values(config: Any, strategy: Strategy, keys: int) -> int:
@@ -485,9 +517,6 @@ def model_sizes(config: Any) -> tuple[int, int, int, int, int]:
                   if w), 4 * h)
     return (h, heads, getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or h // heads,
             getattr(config, "num_key_value_heads", None) or heads, width)
-
-
-
 
 
 def fused_lm_head_bytes(config: Any, scored: int, device: str, backward: bool, bytes_per_value: int = 4) -> int:

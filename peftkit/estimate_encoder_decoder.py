@@ -162,11 +162,11 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: i
     `peftkit.estimate.evaluation_bytes`), the decoder's with the encoder's output and the
     layer's cross-attention keys and values beside it. T5's relative position bias reaches the
     attention as one float mask per example and head, query and key."""
-    from peftkit.estimate import layer_peak_values, model_sizes, virtual_tokens
+    from peftkit.estimate import feed_forward_outputs_at_once, layer_peak_values, model_sizes, virtual_tokens
 
     h, heads, head_dim, kv, intermediate = model_sizes(config)
     gated = bool(getattr(config, "is_gated_act", False))
-    per_token = layer_peak_values(h, intermediate, gated)
+    per_token = layer_peak_values(h, intermediate, gated, feed_forward_outputs_at_once(model, intermediate))
     biased = getattr(config, "relative_attention_num_buckets", None) is not None
     source = source_len + virtual_tokens(strategy)
     source_keys, target_keys = source_len + virtual_tokens(strategy, "keys"), target_len + virtual_tokens(strategy, "keys")

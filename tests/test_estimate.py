@@ -144,8 +144,37 @@ def test_evaluation_of_prefix_tuning_keeps_every_layers_keys_and_values():
 
 def test_evaluation_of_a_gated_decoder_counts_three_intermediates():
     # tiny Llama: hidden 64, FFN 128 gated (gate, up and their product), one more hidden-size buffer
-    result = estimate("tiny-llama", "lora", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
+    result = estimate("tiny-llama", "full", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
     assert result.terms["evaluation"] == 4 * 6 * 10 * (3 * 128 + 4 * 64)
+
+
+@pytest.mark.parametrize(("model", "strategy", "intermediates"), [
+    # MiniLM-style: the up projection's base output, the update and their sum (3) outgrow the
+    # plain peak (its output and activation, 2); DoRA also keeps the LoRA output's scaled copy,
+    # the base output recomputed under dropout, the rescaled base output and the update (6)
+    ("tiny-bert", "lora", 3), ("tiny-bert", "qlora", 3), ("tiny-bert", "peft:loha", 3), ("tiny-bert", "peft:lokr", 3),
+    ("tiny-bert", "dora", 6), ("tiny-bert", {"name": "dora", "dropout": 0.0}, 5),
+    ("tiny-bert", "ia3", 2), ("tiny-bert", "adapter", 2), ("tiny-bert", "bitfit", 2),
+    # gated: those tensors sit beside the activated gate (plain peak 3: gate, up, product)
+    ("tiny-llama", "lora", 4), ("tiny-llama", "dora", 7), ("tiny-llama", "ia3", 3),
+])
+def test_evaluation_counts_an_unmerged_update_of_the_up_projection(model, strategy, intermediates):
+    from peftkit.strategies import build_strategy
+
+    spec = {"name": strategy} if isinstance(strategy, str) else strategy
+    built = build_strategy(spec["name"], {k: v for k, v in spec.items() if k != "name"})
+    result = estimate(model, built, batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
+    hidden = 4 * 64 if model == "tiny-llama" else 3 * 64
+    assert result.terms["evaluation"] == 4 * 6 * 10 * (intermediates * 128 + hidden)
+
+
+def test_evaluation_counts_no_update_when_the_up_projection_is_not_adapted():
+    from peftkit.strategies import build_strategy
+
+    attention_only = build_strategy("lora", {"target_modules": ["query", "value"]})
+    result = estimate("tiny-bert", attention_only, batch_size=2, seq_len=10, dtype="fp32", device="cpu",
+                      eval_batch_size=6)
+    assert result.terms["evaluation"] == 4 * 6 * 10 * (2 * 128 + 3 * 64)
 
 
 @pytest.mark.parametrize(("model", "strategy"), [
