@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -551,17 +551,24 @@ def _lowest_layer_needing_grad(model: nn.Module, anatomy: Any) -> int | None:
     Trainable tensors outside the base model (virtual tokens) and the embeddings sit at the
     input (layer 0); a final norm or pooler sits above the last layer."""
     base_names = {n for n, _ in unwrap_peft(model).named_parameters()}
-    lowest = None
-    for name, param in model.named_parameters():
-        clean = name.removeprefix("base_model.model.")
-        if not param.requires_grad or "modules_to_save" in clean or anatomy.is_head(clean):
-            continue
-        index = anatomy.layer_index(clean)
-        if index is None:
-            on_top = clean in base_names and anatomy.region(clean) == "top"
-            index = anatomy.num_layers - 1 if on_top else 0
-        lowest = index if lowest is None else min(lowest, index)
-    return lowest
+
+    def place(name: str) -> int:
+        index = anatomy.layer_index(name)
+        if index is not None:
+            return index
+        return anatomy.num_layers - 1 if name in base_names and anatomy.region(name) == "top" else 0
+
+    return lowest_trained_place(model, place, anatomy.is_head)
+
+
+def lowest_trained_place(model: nn.Module, place: Callable[[str], int], is_head: Callable[[str], bool]) -> int | None:
+    """The lowest `place` (a layer's index, from a base parameter's name) of any tensor that
+    trains outside the head (and outside PEFT's trained copies of it), or None when none does:
+    from that layer up, backward needs the activations."""
+    places = [place(clean) for name, param in model.named_parameters()
+              if param.requires_grad and "modules_to_save" not in (clean := name.removeprefix("base_model.model."))
+              and not is_head(clean)]
+    return min(places, default=None)
 
 
 def estimate_run(config: Any, run: dict | None = None, device: str | None = None) -> Estimate:

@@ -86,15 +86,11 @@ def lowest_layer_needing_grad(model: nn.Module, encoder: Stack, decoder: Stack, 
     """The lowest layer (in encoder-then-decoder order) whose activations backward needs, or
     None when only the output layer trains. Trainable tensors outside the base model (virtual
     tokens) enter at the encoder's input."""
+    from peftkit.anatomy import is_under
+    from peftkit.estimate import lowest_trained_place
+
     places = _positions(model, encoder, decoder)
-    lowest = None
-    for name, param in model.named_parameters():
-        clean = name.removeprefix("base_model.model.")
-        if not param.requires_grad or "modules_to_save" in clean or any(clean.startswith(h + ".") for h in head):
-            continue
-        index = places.get(clean, 0)
-        lowest = index if lowest is None else min(lowest, index)
-    return lowest
+    return lowest_trained_place(model, lambda name: places.get(name, 0), lambda name: is_under(name, head))
 
 
 def activation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: int, source_len: int, target_len: int,
