@@ -580,7 +580,7 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
     data = (run or {}).get("data", {})
     # an encoder-decoder's answers are its targets, before a run as long as they may be
     train_len = data.get("longest_train_example", config.max_length)
-    train_answer = data.get("longest_train_answer", config.max_target_length)
+    train_answer = _answer_tokens(data, "train", config.batch_size) or config.max_target_length
     if config.packing:
         train_len, train_answer = config.max_length, None
     if device is None:
@@ -594,9 +594,17 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     max_new_tokens=config.max_new_tokens, precision=config.compute_precision(device),
                     attn_implementation=config.attn_implementation, keeps_best=config.select == "best",
                     answer_tokens=train_answer,
-                    eval_answer_tokens=data.get("longest_eval_answer", config.max_target_length),
+                    eval_answer_tokens=_answer_tokens(data, "eval", config.eval_batch_size) or config.max_target_length,
                     feature_rows=data.get("cached_feature_rows", 0) if config.cache_features else 0,
                     num_beams=config.num_beams or 1)
+
+
+def _answer_tokens(data: dict, split: str, batch_size: int) -> int | None:
+    """Labelled positions per example for a run's peak batch: the fullest batch's answer
+    tokens spread over the batch (rounded up) where the task records them, else the longest
+    answer (`Task.longest_answers`), else None."""
+    fullest = data.get(f"fullest_{split}_batch_answers")
+    return -(-fullest // batch_size) if fullest else data.get(f"longest_{split}_answer")
 
 
 def estimate_for(config: Any, run: dict | None) -> dict:

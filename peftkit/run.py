@@ -85,7 +85,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     prepared = task.prepare(data, tokenizer, config)  # before weights load: a bad template or column fails fast
     longest = {"longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
                "longest_validation_example": int(max(prepared.validation["length"])),
-               **task.longest_answers(prepared), **task.feature_rows(prepared)}
+               **task.longest_answers(prepared, config), **task.feature_rows(prepared)}
     check_memory(config, {"data": longest}, device)
     model = task.load_model(source, data.info, tokenizer, base_quantization(config, strategy), **weight_options(config))
     if config.gradient_checkpointing:

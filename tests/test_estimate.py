@@ -303,3 +303,7 @@ def test_a_runs_estimate_scores_its_longest_answers_and_packed_rows_whole(tmp_pa
     every, answers = output_layer(False, lengths), output_layer(False, {**lengths, "longest_train_answer": 3})
     assert answers < every
     assert output_layer(True, {**lengths, "longest_train_answer": 3}) > every  # 4 x 64 positions, not 4 x 3
+    # the fullest batch's answers (34 tokens in 4 examples), not 4 x the longest (30)
+    fullest = output_layer(False, {**lengths, "longest_train_answer": 30, "fullest_train_batch_answers": 34})
+    assert fullest == output_layer(False, {**lengths, "longest_train_answer": 9}) < output_layer(
+        False, {**lengths, "longest_train_answer": 30})  # 4 x 9 positions (34 rounded up), not 4 x 30

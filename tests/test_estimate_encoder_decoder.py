@@ -98,7 +98,7 @@ def test_a_runs_estimate_reads_its_longest_targets(jsonl, tmp_path):
     task = config.task_kind
     source = resolve_model("tiny-t5")
     prepared = task.prepare(load_data(config), load_tokenizer(source), config)
-    longest = task.longest_answers(prepared)
+    longest = task.longest_answers(prepared, config)
     assert longest == {"longest_train_answer": 3, "longest_eval_answer": 3}  # [CLS] one [SEP]: tiny T5 reads MiniLM's words
     before, after = estimate_run(config, {"device": "cpu"}), estimate_run(config, {"data": longest, "device": "cpu"})
     assert after.terms["output_layer"] * 16 == before.terms["output_layer"]  # 3 target positions, not 48

@@ -152,12 +152,30 @@ def test_packed_training_runs_and_records(tmp_path, data_dir):
     assert set(result.metrics) == {"loss", "perplexity"}
 
 
+def test_the_fullest_batch_holds_a_batch_worth_of_the_longest_answers():
+    from peftkit.config import make_config
+    from peftkit.tasks import resolve_task
+    from peftkit.tasks.base import Prepared
+
+    train = {"labels": [[-100, 1, 2], [-100, -100, 5], [1, 2, 3, 4], [-100, 7, 7]]}  # answers 2, 1, 4, 2
+    evaluated = {"labels": [[-100, 3], [4, 4, 4]]}  # answers 1, 3
+    config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "batch_size": 2,
+                          "eval_batch_size": 3})
+    task, _ = resolve_task("sst2-chat")
+    prepared = Prepared(splits={"train": train, "validation": evaluated}, raw={})
+    assert task.longest_answers(prepared, config) == {
+        "longest_train_answer": 4, "longest_eval_answer": 3,
+        "fullest_train_batch_answers": 4 + 2, "fullest_eval_batch_answers": 3 + 1}
+
+
 def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir)
     record = result.record
     assert record["task_kind"] == "sft"
     # the most labelled positions of an example, for the estimate's LM head term: the answer, not the prompt
     assert 0 < record["data"]["longest_train_answer"] < record["data"]["longest_train_example"]
+    assert record["data"]["longest_train_answer"] <= record["data"]["fullest_train_batch_answers"] \
+        <= 8 * record["data"]["longest_train_answer"]
     assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]

@@ -111,10 +111,11 @@ class Task:
         one small input, counted with the activations)."""
         return {}
 
-    def longest_answers(self, prepared: Prepared) -> dict[str, int]:
+    def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """The most labelled positions of one training example and of one evaluated example
         (selection slice, validation, test), for tasks whose output layer works on those alone
-        (run records keep them for the estimate).
+        (run records keep them for the estimate), and where that layer scores only labelled
+        positions, the most one batch of the run can hold (`config`'s batch sizes).
         Default: none (every position counts)."""
         return {}
 

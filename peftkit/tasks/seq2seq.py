@@ -84,7 +84,7 @@ class SequenceToSequence(Task):
         return {"output_layer": train_positions * (12 + (bytes_per_value if half else 0)),
                 "evaluation_output": max(eval_positions * (bytes_per_value + 4 + (4 if half else 0)), generation)}
 
-    def longest_answers(self, prepared: Prepared) -> dict[str, int]:
+    def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """The longest target of the training split and of the evaluated ones (selection,
         validation, test): the decoder's length, and the logits' rows."""
         evaluated = [split for name, split in prepared.splits.items() if name != "train"]
