@@ -21,12 +21,12 @@ data="${PEFTKIT_DATA_DIR:-$clone/../shared/data}"
 QUEUE="
 minilm-wnut17|5ac3250|minilm|wnut17|full,lora|0,1,2|--set dtype=fp32 --set precision=fp32
 minilm-squad|c18e3f5|minilm|squad|full,lora,adapter|0|--set dtype=fp32 --set precision=fp32
-smollm2-scitldr|6708c39|smollm2-135m|scitldr|none,lora|0|--set dtype=fp32 --set precision=fp32
-smollm2-sst2-chat|6708c39|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0|--set dtype=fp32 --set precision=fp32
-smollm2-dolly|6708c39|smollm2-135m|dolly|none,lora,qlora,full|0|--set dtype=fp32 --set precision=fp32
-smollm2-sst2|5ac3250|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000 --set dtype=fp32 --set precision=fp32
-minilm-rte|5ac3250|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
-minilm-sst2|5ac3250|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
+smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|none,lora|0|--set dtype=fp32 --set precision=fp32
+smollm2-sst2-chat|9da1dc9|smollm2-135m|sst2-chat|none,lora,qlora,full,dora,ia3,adapter,prompt-tuning|0|--set dtype=fp32 --set precision=fp32
+smollm2-dolly|9da1dc9|smollm2-135m|dolly|none,lora,qlora,full|0|--set dtype=fp32 --set precision=fp32
+smollm2-sst2|9da1dc9|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000 --set dtype=fp32 --set precision=fp32
+minilm-rte|9da1dc9|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
+minilm-sst2|9da1dc9|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
 "
 
 
