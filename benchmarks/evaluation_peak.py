@@ -34,10 +34,6 @@ STRATEGIES = ("full", "bitfit", "lora", "qlora", "dora", "peft:loha", "peft:lokr
 NO_BIASES = {"smollm2-135m": {"bitfit"}}  # Llama has no biases: bitfit refuses it
 
 
-def high_water_bytes() -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-
-
 def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
     """In this process: the no-gradient forward's high-water growth and the estimate's term."""
     import gc
@@ -46,6 +42,7 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
 
     from peftkit.allocator import set_mmap_threshold
     from peftkit.estimate import estimate
+    from peftkit.measure import PeakMemory
     from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
     from peftkit.provenance import code_version
     from peftkit.strategies import build_strategy
@@ -63,11 +60,10 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
         warm = torch.randint(10, 200, (2, length))
         net(input_ids=warm, attention_mask=torch.ones_like(warm))
         gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-        before = high_water_bytes()
+        memory = PeakMemory("cpu").start()  # peftkit's CPU measure: VmHWM reset to the resident size, and its growth
         ids = torch.randint(10, 200, (batch, length))
         net(input_ids=ids, attention_mask=torch.ones_like(ids))
-        measured = high_water_bytes() - before
+        measured = memory.stop()["peak_memory_bytes"]
     counted = estimate(model, built, batch_size=2, seq_len=length, dtype="fp32", device="cpu",
                        eval_batch_size=batch).terms["evaluation"]
     version = code_version()
