@@ -426,8 +426,7 @@ def strategy_extra_bytes(model: nn.Module, prefix: str, bytes_per_value: int, ma
         lora_a = getattr(module, "lora_A", None)
         if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
             a = lora_a["default"]
-            dropout = module.lora_dropout["default"]
-            dropped = isinstance(dropout, nn.Dropout) and dropout.p > 0
+            dropped = _lora_drops_out(module)
             extra += (a.in_features + a.out_features) * bytes_per_value + (a.in_features * mask_bytes if dropped else 0)
             if getattr(module, "lora_magnitude_vector", None):  # DoRA rescales the base and LoRA outputs
                 extra += 2 * module.lora_B["default"].out_features * bytes_per_value
@@ -484,11 +483,16 @@ def feed_forward_outputs_at_once(model: nn.Module, intermediate: int) -> int:
         if getattr(base, "out_features", None) != intermediate:
             continue
         if getattr(module, "lora_magnitude_vector", None):
-            dropout = module.lora_dropout["default"]
-            most = max(most, 6 if isinstance(dropout, nn.Dropout) and dropout.p > 0 else 5)
+            most = max(most, 6 if _lora_drops_out(module) else 5)
         elif isinstance(module, LoraLayer) or _rebuilds_delta_weight(module):
             most = max(most, 3)
     return most
+
+
+def _lora_drops_out(module: nn.Module) -> bool:
+    """Whether a PEFT LoRA layer applies dropout to its input (PEFT puts an identity there at 0)."""
+    dropout = module.lora_dropout["default"]
+    return isinstance(dropout, nn.Dropout) and dropout.p > 0
 
 
 def _prefix_cache_values(config: Any, strategy: Strategy, keys: int) -> int:
