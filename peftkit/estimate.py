@@ -441,10 +441,11 @@ def strategy_extra_bytes(model: nn.Module, prefix: str, bytes_per_value: int, ma
 def evaluation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
                      bytes_per_value: int) -> int:
     """The most one layer holds at once in a forward pass without gradients (see the module
-    docstring). Checked with the process high-water mark on a no-gradient forward of 256 x 128
-    tokens (SmolLM2: 128 x 128), values per token measured (counted): MiniLM 4,234 (4,224),
-    with LoRA, QLoRA, LoHa or LoKr 5,751-5,780 (5,760), DoRA 10,424 (10,368); SmolLM2-135M
-    6,911 (6,912), LoRA and QLoRA 8,419-8,449 (8,448), DoRA 11,576 (13,056)."""
+    docstring). Checked per strategy by benchmarks/evaluation_peak.py (the process high-water
+    mark over a no-gradient forward of 256 x 128 tokens, SmolLM2: 128 x 128), values per token
+    measured (counted): MiniLM 4,224 (4,224), with LoRA, QLoRA, LoHa or LoKr 5,759-5,784
+    (5,760), DoRA 10,427 (10,368); SmolLM2-135M 6,911 (6,912), LoRA, QLoRA, LoHa or LoKr
+    8,447-8,465 (8,448), DoRA 11,614 (13,056)."""
     length, keys = seq_len + virtual_tokens(strategy), seq_len + virtual_tokens(strategy, "keys")
     h, heads, _, _, intermediate = model_sizes(config)
     gated = _gated(inspect_model(unwrap_peft(model)))
