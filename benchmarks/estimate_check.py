@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import yaml
+from measured_at import one_clean_commit
 
 MB = 2**20
 STEPS = 4
@@ -168,17 +169,14 @@ def main() -> None:
 def write(out: Path, rows: list[dict]) -> None:
     import torch
 
-    commits = {(r["commit"], r["dirty"]) for r in rows}
-    if len(commits) != 1 or next(iter(commits))[1]:
-        sys.exit(f"error: the cases ran on different or uncommitted code {sorted(commits)}: "
-                 "delete the work directory's records.jsonl and run again from a clean checkout")
+    commit = one_clean_commit(rows, "delete the work directory's records.jsonl and run again from a clean checkout")
     inside = sum(LOW <= r["ratio"] <= HIGH for r in rows)
     ratios = [r["ratio"] for r in rows]
     command = "python benchmarks/estimate_check.py " + shlex.join(sys.argv[1:])
     lines = [
         "# The memory estimate, out of sample: `peftkit estimate` vs measured peak", "",
         f"Command: `{command}`", "",
-        f"Date: {date.today()}; commit {rows[0]['commit'][:10]}; machine: {platform.platform()}, CPU, "
+        f"Date: {date.today()}; commit {commit[:10]}; machine: {platform.platform()}, CPU, "
         f"torch {torch.__version__}", "",
         f"{len(rows)} cases, none of them used to set the estimate's constants (those came from the MiniLM "
         f"SST-2 comparison at batch 32). Each is a fresh `peftkit train` process: 2 epochs of {STEPS} optimizer steps "

@@ -26,6 +26,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from measured_at import one_clean_commit
+
 MB = 2**20
 # (model, batch, length): MiniLM at the comparison's evaluation batch, SmolLM2 at half of it
 MODELS = (("minilm", 256, 128), ("smollm2-135m", 128, 128))
@@ -75,15 +77,12 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
 def write(out: Path, rows: list[dict], command: str) -> None:
     import torch
 
-    commits = {(r["commit"], r["dirty"]) for r in rows}
-    if len(commits) != 1 or next(iter(commits))[1]:
-        sys.exit(f"error: the cases ran on different or uncommitted code {sorted(commits)}: "
-                 "commit first, then run again")
+    commit = one_clean_commit(rows, "commit first, then run again")
     ratios = [r["ratio"] for r in rows]
     lines = [
         "# The evaluation term: estimate vs a no-gradient forward's measured peak", "",
         f"Command: `{command}`", "",
-        f"Date: {date.today()}; commit {rows[0]['commit'][:10]}; machine: {platform.platform()}, CPU, 1 thread, "
+        f"Date: {date.today()}; commit {commit[:10]}; machine: {platform.platform()}, CPU, 1 thread, "
         f"torch {torch.__version__}", "",
         "Each row: a fresh process, the packaged model as a two-label classifier in fp32 with the strategy applied, "
         "one no-gradient forward of batch x length random tokens after a small warm-up; measured = VmHWM growth over "

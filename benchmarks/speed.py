@@ -25,6 +25,11 @@ excluded, dev accuracy, the ratios peftkit/plain and peftkit/tuned, and model-FL
 utilisation against this machine's measured matmul ceiling in the precision each side computes in. The order of the three sides
 alternates from case to case, so drift in the machine's speed does not favour one side.
 
+Resumable: each finished case is added to OUT.json with the commit it ran at (and the ceilings
+measured at the start of its invocation); running the same command again skips the cases already
+measured at this commit and remeasures the rest, so the table can be made in pieces between
+other work. OUT.md is written once every chosen case is in, all from one clean commit.
+
 Model FLOPs per real token: a forward pass costs 2 per weight; backward costs 2 per weight
 for the input gradients of every layer from the lowest one holding a trainable weight up, and
 2 more per trainable weight for its gradient. So 6N for full training, about 4N for LoRA
@@ -36,10 +41,8 @@ does its 2N once, not once per epoch: its utilisation uses the work it did.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -48,12 +51,13 @@ import time
 from pathlib import Path
 
 import torch
+from measured_at import one_clean_commit, stamp
 
 CASES = {
     "minilm": [("full", 2, 1e-4), ("lora", 2, 1e-3), ("partial", 2, 2e-4), ("linear-probe", 5, 1e-2)],
     "smollm2-135m": [("lora", 1, 5e-4), ("qlora", 1, 5e-4)],
 }
-SAMPLES = {"minilm": 8000, "smollm2-135m": 1000}
+SAMPLES = {"minilm": 8000, "smollm2-135m": 4000}  # as the comparison tables train them
 BATCH = {"minilm": 32, "smollm2-135m": 16}
 SIDES = ("plain", "tuned", "peftkit")
 
@@ -201,22 +205,55 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
+    here = stamp()
+    cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
+    done = measured_rows(args.out.with_suffix(".json"), here["commit"])
     ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     rows = []
-    cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
     for number, (model_name, strategy, epochs, lr) in enumerate(cases):
         case = describe(model_name, strategy, epochs, lr)
         if args.max_train_samples:
             case["samples"] = args.max_train_samples
+        key = case_key(case)
+        if key in done:
+            rows.append(done.pop(key))
+            continue
         order = SIDES if number % 2 == 0 else SIDES[::-1]
         results = {side: run_side(side, case, args.data_dir) for side in order}
-        row = {**{k: case[k] for k in ("model", "strategy", "epochs", "lr", "samples", "batch")}, "order": list(order),
+        row = {**{k: case[k] for k in KEY}, "order": list(order), **here, "ceiling_flops": ceilings,
                **results, **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in SIDES},
                "vs_plain": results["peftkit"]["samples_per_s"] / results["plain"]["samples_per_s"],
                "vs_tuned": results["peftkit"]["samples_per_s"] / results["tuned"]["samples_per_s"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(args.out, rows, ceilings)
+        save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
+    save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
+    write(args.out, rows)
+
+
+KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
+
+
+def case_key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def measured_rows(path: Path, commit: str) -> dict[tuple, dict]:
+    """The cases OUT.json already holds from this commit (a clean tree), by case; rows from other
+    code, or from before rows named their commit, are measured again."""
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {case_key(r): r for r in rows if r.get("commit") == commit and r.get("dirty") is False}
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": command_line(), "rows": rows}, indent=1) + "\n")
+
+
+def command_line() -> str:
+    return "python benchmarks/speed.py " + shlex.join(sys.argv[1:])
 
 
 def quiet() -> None:
@@ -228,16 +265,24 @@ def quiet() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def write(out: Path, rows: list[dict], ceilings: dict[str, float]) -> None:
+def write(out: Path, rows: list[dict]) -> None:
     from importlib import metadata
 
-    command = "python " + shlex.join(sys.argv)
+    commit = one_clean_commit(rows, "run the same command again from a clean checkout")
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "bitsandbytes"))
+
+    def spread(values: list[float]) -> str:
+        low, high = min(values) / 1e9, max(values) / 1e9
+        return f"{low:.1f}" if round(low, 1) == round(high, 1) else f"{low:.1f}-{high:.1f}"
+
+    ceilings = {p: spread([r["ceiling_flops"][p] for r in rows]) for p in ("fp32", "bf16")}
     lines = [
         "# Speed: peftkit's defaults vs a plain and a tuned Trainer + peft script (SST-2, each in its own process)", "",
-        f"Command: `{command}`", "",
-        f"Date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {torch.get_num_threads()} threads; {versions}; "
-        f"measured matmul ceiling fp32 {ceilings['fp32'] / 1e9:.1f} / bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s", "",
+        f"Command: `{command_line()}`", "",
+        f"Commit {commit[:10]}; dates {', '.join(sorted({r['date'] for r in rows}))}; "
+        f"machine: {', '.join(sorted({r['machine'] for r in rows}))}, {torch.get_num_threads()} threads; {versions}; "
+        f"measured matmul ceiling fp32 {ceilings['fp32']} / bf16 {ceilings['bf16']} GFLOP/s "
+        "(at the start of each invocation; a row's MFU uses its own)", "",
         "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
         "MFU: model FLOPs (see the script's docstring) per second over the ceiling of the precision the side computes "
         "in (both scripts: Trainer's fp32 default; peftkit: its default, the machine's native precision, bf16 autocast "
@@ -254,9 +299,7 @@ def write(out: Path, rows: list[dict], ceilings: dict[str, float]) -> None:
         use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in SIDES)
         lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | **{r['vs_plain']:.2f}x** "
                      f"| **{r['vs_tuned']:.2f}x** | {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "ceiling_flops": ceilings, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 
