@@ -120,6 +120,38 @@ def inspect_model(model: nn.Module) -> Anatomy:
     return Anatomy(prefix, len(stack), head, frozenset(embeddings), suffixes, every_token)
 
 
+@dataclass(frozen=True)
+class Stack:
+    """One layer stack: its module path and layer count."""
+
+    prefix: str
+    layers: int
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.prefix}.{index}."
+
+
+def encoder_decoder_stacks(model: nn.Module) -> tuple[Stack, Stack]:
+    """An encoder-decoder's two layer stacks, the encoder's and the decoder's (`encoder.block`
+    and `decoder.block` in T5, `model.encoder.layers` and `model.decoder.layers` in BART): the
+    largest module list whose parent is named `encoder`, and `decoder`. `inspect_model` names
+    only the larger (the decoder); what acts on every layer (adapters, the estimate) asks here."""
+    from torch import nn
+
+    base = unwrap_peft(model)
+    lists = [(name, module) for name, module in base.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and "." in name]
+    found = []
+    for side in ("encoder", "decoder"):
+        candidates = [(name, module) for name, module in lists if name.split(".")[-2] == side]
+        if not candidates:
+            raise PeftkitError(f"cannot find the {side}'s layer stack of {type(base).__name__}: looked for a module list "
+                               f"inside a module named '{side}'")
+        name, module = max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+        found.append(Stack(name, len(module)))
+    return found[0], found[1]
+
+
 def _is_linear(module: nn.Module) -> bool:
     """nn.Linear (bitsandbytes' 4/8-bit layers subclass it) and GPT-2's transposed Conv1D."""
     from torch import nn

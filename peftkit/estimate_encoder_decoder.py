@@ -16,42 +16,11 @@ the task's (`tasks.seq2seq`), and `answer_tokens` there are the target tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from peftkit.anatomy import unwrap_peft
-from peftkit.errors import PeftkitError
-
-
-@dataclass(frozen=True)
-class Stack:
-    """One layer stack: its module path and layer count."""
-
-    prefix: str
-    layers: int
-
-    def layer_prefix(self, index: int) -> str:
-        return f"{self.prefix}.{index}."
-
-
-def stacks(model: nn.Module) -> tuple[Stack, Stack]:
-    """The encoder's and the decoder's layer stacks (`encoder.block` and `decoder.block` in T5,
-    `model.encoder.layers` and `model.decoder.layers` in BART): the largest module list whose
-    parent is named `encoder`, and `decoder`."""
-    base = unwrap_peft(model)
-    lists = [(name, module) for name, module in base.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) > 0 and "." in name]
-    found = []
-    for side in ("encoder", "decoder"):
-        candidates = [(name, module) for name, module in lists if name.split(".")[-2] == side]
-        if not candidates:
-            raise PeftkitError(f"cannot find the {side}'s layer stack of {type(base).__name__}: looked for a module list "
-                               f"inside a module named '{side}'")
-        name, module = max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-        found.append(Stack(name, len(module)))
-    return found[0], found[1]
+from peftkit.anatomy import Stack, encoder_decoder_stacks, unwrap_peft
 
 
 def _positions(model: nn.Module, encoder: Stack, decoder: Stack) -> dict[str, int]:
@@ -101,7 +70,7 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: i
     from peftkit.estimate import (projections_train_under, model_sizes, strategy_extra_bytes, trains_only_after_feed_forward,
                                   virtual_tokens, weight_sized_bytes, layer_saved_bytes)
 
-    encoder, decoder = stacks(model)
+    encoder, decoder = encoder_decoder_stacks(model)
     head = inspect_model(unwrap_peft(model)).head_modules
     lowest = lowest_layer_needing_grad(model, encoder, decoder, head)
     h, _, head_dim, kv, _ = model_sizes(config)

@@ -106,19 +106,31 @@ def test_gpt2_conv1d_projections():
     assert trainable(model) == expected
 
 
-def test_t5_adapts_the_decoder_stack_after_its_last_sublayer():
-    # inspect_model's stack for T5ForSequenceClassification is the decoder (the larger one);
-    # its feed-forward is sub-layer 2, after self-attention (0) and cross-attention (1).
+def test_t5_adapts_both_stacks_after_their_last_sublayer():
+    # an encoder-decoder gets adapters in its encoder and its decoder, as AdapterHub places them;
+    # T5's feed-forward is the last sub-layer: 1 in the encoder (after self-attention), 2 in the
+    # decoder (after self-attention and cross-attention).
     model = build_strategy("adapter", {"variant": "pfeiffer", "init": "bert"}).apply(tiny_t5())
     expected = {n: p.numel() for n, p in model.named_parameters() if n.startswith("classification_head.")}
     assert len(expected) == 4
-    for i in range(L):
-        expected |= adapter_params(f"transformer.decoder.block.{i}.adapter_ffn")
+    for stack in ("encoder", "decoder"):
+        for i in range(L):
+            expected |= adapter_params(f"transformer.{stack}.block.{i}.adapter_ffn")
     assert trainable(model) == expected
-    block, x = model.transformer.decoder.block[0], torch.randn(2, 3, H)
-    with torch.no_grad():  # pre-LN pfeiffer: the feed-forward sub-layer gives x + h + A(x + h)
-        plain = x + block.layer[2].dropout.forward(block.layer[2].DenseReluDense(block.layer[2].layer_norm.forward(x)))
-        assert torch.allclose(block.layer[2](x), plain + block.adapter_ffn(plain), atol=1e-6)
+    x = torch.randn(2, 3, H)
+    for block, ffn in ((model.transformer.encoder.block[0], 1), (model.transformer.decoder.block[0], 2)):
+        sublayer = block.layer[ffn]
+        with torch.no_grad():  # pre-LN pfeiffer: the feed-forward sub-layer gives x + h + A(x + h)
+            plain = x + sublayer.dropout.forward(sublayer.DenseReluDense(sublayer.layer_norm.forward(x)))
+            assert torch.allclose(sublayer(x), plain + block.adapter_ffn(plain), atol=1e-6)
+
+
+def test_layers_of_an_encoder_decoder_count_in_each_stack():
+    model = build_strategy("adapter", {"variant": "houlsby", "layers": "1"}).apply(tiny_t5())
+    adapted = sorted({n.split(".adapter_")[0] for n in trainable(model) if ".adapter_" in n})
+    assert adapted == ["transformer.decoder.block.1", "transformer.encoder.block.1"]
+    with pytest.raises(PeftkitError, match=r"adapter layers \[2\] do not exist: the model has layers 0-1"):
+        build_strategy("adapter", {"layers": "2"}).apply(tiny_t5())
 
 
 @pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftkit.anatomy import encoder_decoder_stacks
 from peftkit.estimate import estimate
-from peftkit.estimate_encoder_decoder import lowest_layer_needing_grad, stacks
+from peftkit.estimate_encoder_decoder import lowest_layer_needing_grad
 from peftkit.models import load_tokenizer, random_checkpoint, resolve_model
 from peftkit.strategies import build_strategy
 from peftkit.tasks import resolve_task
@@ -57,13 +58,16 @@ def test_the_two_stacks_are_read_in_encoder_then_decoder_order():
 
     config = load_config(FLAN_T5_SMALL)
     task = resolve_task("seq2seq")[0]
-    encoder, decoder = stacks(meta_model(config, build_strategy("full"), task))
+    encoder, decoder = encoder_decoder_stacks(meta_model(config, build_strategy("full"), task))
     assert (encoder.prefix, encoder.layers, decoder.prefix, decoder.layers) == ("encoder.block", 8, "decoder.block", 8)
     full = meta_model(config, build_strategy("full"), task)
     assert lowest_layer_needing_grad(full, encoder, decoder, ()) == 0  # the shared embeddings sit below layer 0
-    # our adapters go into the decoder's layers only: nothing of the encoder is kept for backward
+    # adapters go into both stacks: backward reaches the encoder's first layer
     adapter = meta_model(config, build_strategy("adapter"), task)
-    assert lowest_layer_needing_grad(adapter, encoder, decoder, ()) == 8
+    assert lowest_layer_needing_grad(adapter, encoder, decoder, ()) == 0
+    # partial trains the decoder's top two layers: nothing of the encoder is kept for backward
+    partial = meta_model(config, build_strategy("partial"), task)
+    assert lowest_layer_needing_grad(partial, encoder, decoder, ()) == 14
 
 
 def test_output_layer_and_generation_count_the_vocabulary_per_target_token_and_the_cache_per_beam():

@@ -61,7 +61,7 @@ def test_an_encoder_decoder_learns_scores_saves_and_reloads(jsonl, tmp_path):
     assert again["metrics"] == pytest.approx(again["recorded"], rel=1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["lora", "prompt-tuning", "ia3"])
+@pytest.mark.parametrize("strategy", ["lora", "prompt-tuning", "ia3", "adapter"])
 def test_adapters_and_prompts_apply_to_an_encoder_decoder(jsonl, tmp_path, strategy):
     result = seq2seq_run(jsonl, tmp_path, strategy=strategy, epochs=1)
     record = result.record

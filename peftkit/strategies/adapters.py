@@ -19,7 +19,8 @@ published ones (`VARIANT_DEFAULTS`); each can be overridden.
 The adapter module itself (`peftkit.strategies.bottleneck`, imported when a model is adapted,
 so the option schema loads without torch). One mechanism for every variant and architecture:
 the adapters become child modules of their
-layer (`adapter_attention`, `adapter_ffn`, so `state_dict`, `.to()` and saving see them) and
+layer (every layer of the stack; an encoder-decoder's encoder and decoder layers alike)
+(`adapter_attention`, `adapter_ffn`, so `state_dict`, `.to()` and saving see them) and
 forward hooks on the sub-layer's existing modules add them: on the module whose output is h
 (the dropout after the output projection; Llama's down/o projections, which have none), a
 pre-hook captures x where the sub-layer reads it, and pfeiffer's hook on a post-LN model sits
@@ -32,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal
 
-from peftkit.anatomy import Anatomy, inspect_model, is_under
+from peftkit.anatomy import Anatomy, encoder_decoder_stacks, inspect_model, is_under
 from peftkit.errors import PeftkitError
 from peftkit.strategies.base import Strategy, register, trained_beside
 from peftkit.strategies.freezing import parse_layer_ranges
@@ -113,15 +114,15 @@ class BottleneckAdapter(Strategy):
         for name, param in model.named_parameters():
             param.requires_grad_(is_under(name, beside))
         width = model.config.get_text_config().hidden_size
-        stack = model.get_submodule(anatomy.layers_prefix)
-        for index in self._chosen_layers(anatomy):
-            layer = stack[index]
-            sites = find_sites(model, layer)
-            like = next(p for p in layer.parameters() if p.is_floating_point())  # never a packed 4-bit weight
-            if self.variant == "houlsby":
-                adapter = self._attach(layer, "adapter_attention", width, like, "output")
-                sites.attention_output.register_forward_hook(adapter.add_to_output)
-            self._attach_ffn(layer, sites, width, like)
+        for stack in adapted_stacks(model, anatomy):
+            for index in self._chosen_layers(len(stack)):
+                layer = stack[index]
+                sites = find_sites(model, layer)
+                like = next(p for p in layer.parameters() if p.is_floating_point())  # never a packed 4-bit weight
+                if self.variant == "houlsby":
+                    adapter = self._attach(layer, "adapter_attention", width, like, "output")
+                    sites.attention_output.register_forward_hook(adapter.add_to_output)
+                self._attach_ffn(layer, sites, width, like)
         return model
 
     def _attach_ffn(self, layer: nn.Module, sites: LayerSites, width: int, like: torch.Tensor) -> None:
@@ -147,14 +148,21 @@ class BottleneckAdapter(Strategy):
         layer.add_module(name, adapter)
         return adapter
 
-    def _chosen_layers(self, anatomy: Anatomy) -> list[int]:
+    def _chosen_layers(self, count: int) -> list[int]:
         if self.layers is None:
-            return list(range(anatomy.num_layers))
-        missing = [i for i in self.layers if i >= anatomy.num_layers]
+            return list(range(count))
+        missing = [i for i in self.layers if i >= count]
         if missing:
-            last = anatomy.num_layers - 1
-            raise PeftkitError(f"adapter layers {missing} do not exist: the model has layers 0-{last}")
+            raise PeftkitError(f"adapter layers {missing} do not exist: the model has layers 0-{count - 1}")
         return self.layers
+
+
+def adapted_stacks(model: nn.Module, anatomy: Anatomy) -> list[nn.ModuleList]:
+    """The layer stacks that get adapters: an encoder-decoder's two (encoder and decoder, as
+    AdapterHub places them; the decoder's cross-attention gets none, its default), else the one."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return [model.get_submodule(stack.prefix) for stack in encoder_decoder_stacks(model)]
+    return [model.get_submodule(anatomy.layers_prefix)]
 
 
 def find_sites(model: nn.Module, layer: nn.Module) -> LayerSites:
