@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, DistilBertConfig, GPT2Config,
-                          T5Config)
+from transformers import (AutoModelForSequenceClassification, BartConfig, BitsAndBytesConfig, DistilBertConfig,
+                          GPT2Config, T5Config)
 
 import peftkit
 from peftkit.errors import PeftkitError
@@ -249,9 +249,42 @@ def test_rejects_layers_the_model_lacks_and_bad_options():
         build_strategy("adapter", {"dropout": 1.5})
 
 
+def tiny_distilbert():
+    return tiny_from_config(DistilBertConfig(dim=H, hidden_dim=128, n_layers=L, n_heads=2, vocab_size=100))
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "pfeiffer", "parallel"])
+def test_each_variant_on_distilbert(variant):
+    # DistilBERT is post-LN: its feed-forward sub-layer gives LN(x + h), h = ffn(x) after its
+    # dropout; its attention output projection has no dropout after it, so houlsby reads out_lin.
+    base, model = tiny_distilbert(), build_strategy("adapter", {"variant": variant, "init": "bert", "scaling": 0.5})
+    model = model.apply(tiny_distilbert())
+    expected = {n: p.numel() for n, p in model.named_parameters() if n.startswith(("pre_classifier.", "classifier."))}
+    for i in range(L):
+        for name in WHERE[variant]:
+            expected |= adapter_params(f"distilbert.transformer.layer.{i}.{name}", bottleneck=DEFAULT_BOTTLENECK[variant])
+    assert trainable(model) == expected
+    plain, layer, x = base.distilbert.transformer.layer[0], model.distilbert.transformer.layer[0], torch.randn(2, 3, H)
+    with torch.no_grad():
+        h = plain.ffn(x)
+        norm = plain.output_layer_norm
+        if variant == "houlsby":
+            reference = norm(x + h + bottleneck(layer.adapter_ffn, h, 0.5))
+        elif variant == "pfeiffer":
+            reference = norm(x + h + bottleneck(layer.adapter_ffn, norm(x + h), 0.5))
+        else:
+            reference = norm(x + h + bottleneck(layer.adapter_ffn, x, 0.5))
+        assert torch.allclose(layer.output_layer_norm(layer.ffn(x) + x), reference, atol=1e-6)
+        if variant == "houlsby":
+            o = plain.attention.out_lin(x)
+            assert torch.allclose(layer.attention.out_lin(x), o + bottleneck(layer.adapter_attention, o, 0.5), atol=1e-6)
+
+
 def test_unmapped_architecture_names_what_it_looked_for():
-    model = tiny_from_config(DistilBertConfig(dim=H, hidden_dim=128, n_layers=L, n_heads=2, vocab_size=100))
-    message = r"DistilBertForSequenceClassification.*looked for.*attention\.output\.dropout"
+    model = tiny_from_config(BartConfig(d_model=H, encoder_layers=L, decoder_layers=L, encoder_attention_heads=2,
+                                        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                        vocab_size=100, max_position_embeddings=64))
+    message = r"BartForSequenceClassification.*looked for.*attention\.output\.dropout"
     with pytest.raises(PeftkitError, match=message):
         build_strategy("adapter", {}).apply(model)
 

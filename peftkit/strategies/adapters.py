@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 # feed-forward is the last sub-layer (index 1 in the encoder, 2 in the decoder).
 SITE_PATHS: tuple[tuple[str, str, str, str], ...] = (
     ("attention.output.dropout", "output.dropout", "intermediate", "output.LayerNorm"),  # BERT, RoBERTa, DeBERTa
+    ("attention.out_lin", "ffn.dropout", "ffn", "output_layer_norm"),  # DistilBERT (no dropout after out_lin)
     ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm", ""),  # Llama, Mistral, Qwen
     ("attn.resid_dropout", "mlp.dropout", "ln_2", ""),  # GPT-2
     ("layer.0.dropout", "layer.-1.dropout", "layer.-1.layer_norm", ""),  # T5
