@@ -26,7 +26,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from measured_at import one_clean_commit
+from measured_at import one_clean_commit, stamp
 
 MB = 2**20
 # (model, batch, length): MiniLM at the comparison's evaluation batch, SmolLM2 at half of it
@@ -46,7 +46,6 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
     from peftkit.estimate import estimate
     from peftkit.measure import PeakMemory
     from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
-    from peftkit.provenance import code_version
     from peftkit.strategies import build_strategy
 
     set_mmap_threshold(1024)
@@ -68,7 +67,7 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
         measured = memory.stop()["peak_memory_bytes"]
     counted = estimate(model, built, batch_size=2, seq_len=length, dtype="fp32", device="cpu",
                        eval_batch_size=batch).terms["evaluation"]
-    version = code_version()
+    version = stamp()
     return {"model": model, "strategy": strategy, "batch": batch, "length": length, "measured_bytes": measured,
             "estimate_bytes": counted, "ratio": counted / measured, "commit": version["commit"],
             "dirty": version["dirty"]}
