@@ -115,15 +115,14 @@ class BottleneckAdapter(Strategy):
         for name, param in model.named_parameters():
             param.requires_grad_(is_under(name, beside))
         width = model.config.get_text_config().hidden_size
-        for stack in adapted_stacks(model, anatomy):
-            for index in self._chosen_layers(len(stack)):
-                layer = stack[index]
-                sites = find_sites(model, layer)
-                like = next(p for p in layer.parameters() if p.is_floating_point())  # never a packed 4-bit weight
-                if self.variant == "houlsby":
-                    adapter = self._attach(layer, "adapter_attention", width, like, "output")
-                    sites.attention_output.register_forward_hook(adapter.add_to_output)
-                self._attach_ffn(layer, sites, width, like)
+        layers = [stack[i] for stack in adapted_stacks(model, anatomy) for i in self._chosen_layers(len(stack))]
+        for layer in layers:
+            sites = find_sites(model, layer)
+            like = next(p for p in layer.parameters() if p.is_floating_point())  # never a packed 4-bit weight
+            if self.variant == "houlsby":
+                adapter = self._attach(layer, "adapter_attention", width, like, "output")
+                sites.attention_output.register_forward_hook(adapter.add_to_output)
+            self._attach_ffn(layer, sites, width, like)
         return model
 
     def _attach_ffn(self, layer: nn.Module, sites: LayerSites, width: int, like: torch.Tensor) -> None:
