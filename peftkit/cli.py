@@ -381,7 +381,7 @@ def estimate(
     seq_len: int = typer.Option(512, min=1),
     dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda and on a CPU with bf16 instructions, else fp32), fp32, bf16 or fp16."),
     precision: Optional[str] = typer.Option(None, help="Activations: fp32, bf16 or fp16 (default: --dtype)."),
-    attn_implementation: str = typer.Option("auto", help="auto, sdpa, eager or flash_attention_2."),
+    attn_implementation: str = typer.Option("auto", help="auto (sdpa; in fp32 on a CPU under bf16/fp16), sdpa, eager or flash_attention_2."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),

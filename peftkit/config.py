@@ -127,6 +127,8 @@ class RunConfig(BaseModel):
     # memory switches (peftkit estimate counts each)
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit", "sgd", "adafactor"] = "adamw"
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0: no clipping
+    # auto: transformers' choice (sdpa where the model has it), computed in fp32 on a CPU under
+    # bf16/fp16 (peftkit.cpu_attention); sdpa: transformers' sdpa in the run's own precision
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     torch_compile: bool = False
     gradient_checkpointing: bool = False

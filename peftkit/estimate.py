@@ -139,7 +139,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
     weights' (auto: bf16 on cuda and on a CPU that computes bf16 natively, else fp32); `precision` the activations' (default: dtype);
-    `attn_implementation` the attention kernel (only eager stores the scores); `keeps_best`
+    `attn_implementation` the attention kernel (only eager stores the scores; auto on CPU under
+    bf16/fp16 keeps fp32 attention tensors, `peftkit.cpu_attention`); `keeps_best`
     whether a copy of the best trainable weights is kept (`select: best`); `answer_tokens` and
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
     layer scores those alone (sft; default: every position); `feature_rows` the feature vectors
@@ -173,13 +174,14 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     quantized = strategy.quantization_config(torch.float32) is not None or quantization != "none"
     trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     values_bytes = DTYPE_BYTES[precision]
+    attention_bytes = attention_value_bytes(meta, device, precision, attn_implementation)
     terms = {
         "weights": weight_bytes(meta, quantized, DTYPE_BYTES[dtype], getattr(strategy, "double_quant", True)),
         "gradients": 4 * trainable,
         "optimizer": optimizer_bytes(meta, optimizer),
         "best_weights": 4 * trainable if keeps_best else 0,  # `select: last` evaluates nothing, keeps no copy
         **_layer_terms(meta, config, strategy, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes,
-                       gradient_checkpointing, device, answer_tokens, eval_answer_tokens),
+                       gradient_checkpointing, device, answer_tokens, eval_answer_tokens, attention_bytes),
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
                              max_new_tokens, answer_tokens, eval_answer_tokens, num_beams),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
@@ -197,7 +199,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
 
 def _layer_terms(meta: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int, eval_batch_size: int,
                  eval_seq_len: int, values_bytes: int, gradient_checkpointing: bool, device: str,
-                 answer_tokens: int | None, eval_answer_tokens: int | None) -> dict[str, int]:
+                 answer_tokens: int | None, eval_answer_tokens: int | None, attention_bytes: int) -> dict[str, int]:
     """The layers' `activations` and `evaluation` terms: one stack, or an encoder-decoder's two
     (`peftkit.estimate_encoder_decoder`), whose `seq_len` is the source's and whose answer
     tokens are the target's (default: as long as the source)."""
@@ -206,11 +208,11 @@ def _layer_terms(meta: nn.Module, config: Any, strategy: Strategy, batch_size: i
 
         return {"activations": two_stacks.activation_bytes(meta, config, strategy, batch_size, seq_len,
                                                            answer_tokens or seq_len, values_bytes,
-                                                           gradient_checkpointing, device),
+                                                           gradient_checkpointing, device, attention_bytes),
                 "evaluation": two_stacks.evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len,
                                                           eval_answer_tokens or eval_seq_len, values_bytes)}
     return {"activations": activation_bytes(meta, config, strategy, batch_size, seq_len, values_bytes,
-                                            gradient_checkpointing, device),
+                                            gradient_checkpointing, device, attention_bytes),
             "evaluation": evaluation_bytes(meta, config, strategy, eval_batch_size, eval_seq_len, values_bytes)}
 
 
@@ -270,7 +272,8 @@ def weight_bytes(model: nn.Module, quantized: bool, dtype_bytes: int, double_qua
 
 
 def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_size: int, seq_len: int,
-                     bytes_per_value: int, gradient_checkpointing: bool, device: str = "cpu") -> int:
+                     bytes_per_value: int, gradient_checkpointing: bool, device: str = "cpu",
+                     attention_bytes: int | None = None) -> int:
     """Tensors saved for backward over one batch, layer by layer from the lowest that needs
     gradients. Checked against what autograd really saves in tests/test_estimate.py. When the
     lowest such layer trains only an adapter on its feed-forward sub-layer (pfeiffer,
@@ -292,7 +295,7 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Strategy, batch_si
             layers.append(extra + config.hidden_size * bytes_per_value)  # the adapter's input, and the norm or sum it feeds
         else:
             layers.append(layer_saved_bytes(config, _gated(anatomy), keys, projections_train_under(model, prefix),
-                                            bytes_per_value, mask_bytes, device) + extra)
+                                            bytes_per_value, mask_bytes, device, attention_bytes=attention_bytes) + extra)
     if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
         per_token = len(layers) * config.hidden_size * bytes_per_value + max(layers)
     else:
@@ -332,29 +335,47 @@ def _rebuilds_delta_weight(module: nn.Module) -> bool:
 
 
 def layer_saved_bytes(config: Any, gated: bool, seq_len: int, projections_train: bool, bytes_per_value: int,
-                      mask_bytes: int, device: str, cross_keys: int = 0) -> int:
+                      mask_bytes: int, device: str, cross_keys: int = 0, attention_bytes: int | None = None) -> int:
     """Bytes one transformer layer saves for backward, per token (see the module docstring);
     `seq_len` is the number of keys each token attends to, `cross_keys` the number of
     encoder states a decoder layer's cross-attention reads (its keys and values are counted
-    per encoder state by the caller, `estimate_encoder_decoder`)."""
+    per encoder state by the caller, `estimate_encoder_decoder`); `attention_bytes` the bytes
+    of one value the attention kernel keeps (its q, k, v and what `_attention_saved` counts;
+    default `bytes_per_value`; 4 where it computes in fp32, `attention_value_bytes`). SDPA's
+    math path, which CPU training takes when attention drops out, computes in fp32 whatever its
+    inputs' precision."""
     h, heads, head_dim, kv, intermediate = model_sizes(config)
+    attention_bytes = 4 if _cpu_math_path(config, device) else attention_bytes or bytes_per_value
+    attention_mask_bytes = attention_bytes if device == "cpu" else mask_bytes  # a CPU mask is float, as its input
     hidden_dropout = _dropout(config, "hidden_dropout_prob", "resid_pdrop", "dropout_rate", "dropout")
-    values = 2 * h + (heads + 2 * kv) * head_dim            # the two norm inputs; q, k, v
+    values = 2 * h                                           # the two norm inputs
     if getattr(config, "rope_parameters", None) or hasattr(config, "rope_theta"):
         values += (heads + kv) * head_dim                    # rotary embeddings keep q and k before rotation
     values += (3 if gated else 1) * intermediate             # the activation's input (gated: gate, up, act(gate))
-    attention, masks = _attention_saved(config, heads, seq_len, device)
-    values += attention
-    masks += 2 * h if hidden_dropout else 0                  # after the attention and feed-forward outputs
+    inner, inner_masks = _attention_saved(config, heads, seq_len, device)
+    inner += (heads + 2 * kv) * head_dim                     # the kernel's q, k, v
+    masks = 2 * h if hidden_dropout else 0                   # after the attention and feed-forward outputs
     masks += intermediate if _dropout(config, "dropout_rate", "activation_dropout") else 0  # T5, BART: inside the FFN
     if projections_train:  # a linear layer keeps its input only to compute its weight's gradient
         values += 3 * h + intermediate                       # q/k/v input, output-projection input, FFN in/out inputs
     if cross_keys:  # its norm's input and queries, the attention, its output's dropout mask, the projections' inputs
         attention, cross_masks = _attention_saved(config, heads, cross_keys, device)
-        values += h + heads * head_dim + attention + (2 * h if projections_train else 0)
-        masks += cross_masks + (h if hidden_dropout else 0)
+        values += h + (2 * h if projections_train else 0)
+        inner += heads * head_dim + attention
+        inner_masks += cross_masks
+        masks += h if hidden_dropout else 0
     values += _disentangled_attention_values(config, seq_len)
-    return int(values * bytes_per_value + masks * mask_bytes)
+    return int(values * bytes_per_value + masks * mask_bytes + inner * attention_bytes + inner_masks * attention_mask_bytes)
+
+
+def attention_value_bytes(model: nn.Module, device: str, precision: str, attn_implementation: str) -> int:
+    """Bytes per value the attention kernel keeps for backward: 4 where peftkit computes SDPA
+    in fp32 (on CPU under bf16/fp16 with `attn_implementation` auto, a model that can switch:
+    `peftkit.cpu_attention`), else the activations' own."""
+    from peftkit.cpu_attention import can_use_fp32_cpu_attention
+
+    fp32_on_cpu = device == "cpu" and precision != "fp32" and attn_implementation == "auto"
+    return 4 if fp32_on_cpu and can_use_fp32_cpu_attention(model) else DTYPE_BYTES[precision]
 
 
 def _attention_saved(config: Any, heads: int, keys: int, device: str) -> tuple[int, int]:
@@ -362,13 +383,22 @@ def _attention_saved(config: Any, heads: int, keys: int, device: str) -> tuple[i
     path (attention dropout on CPU, or the eager implementation with dropout) keeps the
     probabilities, their dropped-out copy and the mask; eager without dropout the
     probabilities; fused kernels their output and a log-sum-exp per head."""
-    attention_dropout = _dropout(config, "attention_probs_dropout_prob", "attention_dropout", "dropout_rate")
+    attention_dropout = _attention_dropout(config)
     eager = getattr(config, "_attn_implementation", None) == "eager"
     if device == "cpu" and attention_dropout or eager and attention_dropout:
         return 2 * heads * keys, heads * keys
     if eager:
         return heads * keys, 0
     return config.hidden_size + heads, 0
+
+
+def _attention_dropout(config: Any) -> bool:
+    return _dropout(config, "attention_probs_dropout_prob", "attention_dropout", "dropout_rate")
+
+
+def _cpu_math_path(config: Any, device: str) -> bool:
+    """Whether training attention runs SDPA's math path: on CPU, under attention dropout."""
+    return device == "cpu" and _attention_dropout(config) and getattr(config, "_attn_implementation", None) != "eager"
 
 
 def _disentangled_attention_values(config: Any, seq_len: int) -> float:

@@ -63,7 +63,8 @@ def lowest_layer_needing_grad(model: nn.Module, encoder: Stack, decoder: Stack, 
 
 
 def activation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: int, source_len: int, target_len: int,
-                     bytes_per_value: int, gradient_checkpointing: bool, device: str) -> int:
+                     bytes_per_value: int, gradient_checkpointing: bool, device: str,
+                     attention_bytes: int | None = None) -> int:
     """Tensors saved for backward over one batch of `source_len` source and `target_len` target
     tokens (see the module docstring)."""
     from peftkit.anatomy import inspect_model
@@ -93,9 +94,10 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: i
             continue
         trains = projections_train_under(model, prefix)
         per_token = layer_saved_bytes(config, gated, source_keys if in_encoder else target_keys, trains, bytes_per_value,
-                                      mask_bytes, device, cross_keys=0 if in_encoder else source)
+                                      mask_bytes, device, cross_keys=0 if in_encoder else source,
+                                      attention_bytes=attention_bytes)
         per_token += extra + _trained_python_norms(model, prefix) * h * bytes_per_value
-        cross = 0 if in_encoder else batch_size * source * 2 * kv * head_dim * bytes_per_value  # its keys and values
+        cross = 0 if in_encoder else batch_size * source * 2 * kv * head_dim * (attention_bytes or bytes_per_value)  # its keys and values
         layers.append(tokens * per_token + cross)
         inputs += tokens * h * bytes_per_value
     if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
