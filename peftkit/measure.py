@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -76,3 +77,18 @@ class PeakMemory:
 def size_on_disk(directory: Path) -> int:
     """Bytes of every file under a directory."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def saved_for_backward(model: nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs `model` (each storage once, the
+    model's own parameters left out): what `peftkit.estimate`'s activation term predicts."""
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        forward()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in parameters)

@@ -127,6 +127,7 @@ def test_activation_term_adds_what_the_fp32_attention_keeps(model, strategy):
     v and output on Llama's fused kernel; nothing on BERT, whose attention dropout takes SDPA's
     math path, which computes in fp32 anyway."""
     from peftkit.estimate import estimate
+    from peftkit.measure import saved_for_backward
     from peftkit.models import keep_trainable_fp32, load_model_config
     from peftkit.strategies import build_strategy
 
@@ -140,16 +141,9 @@ def test_activation_term_adds_what_the_fp32_attention_keeps(model, strategy):
                                                                       dtype=torch.bfloat16))).train()
         assert not switch or use_fp32_cpu_attention(net)
         ids = torch.randint(10, 200, (4, 24))
-        saved: dict[int, int] = {}
-
-        def keep(tensor):
-            saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(4, dtype=torch.long))
-        parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
-        return sum(n for ptr, n in saved.items() if ptr not in parameters)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                       labels=torch.zeros(4, dtype=torch.long)))
 
     def estimated(attention: str) -> int:
         return estimate(model, strategy, batch_size=4, seq_len=24, dtype="bf16", device="cpu",

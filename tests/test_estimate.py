@@ -51,10 +51,11 @@ def test_optimizer_variants():
 
 
 def test_dtype_sets_the_frozen_weights_and_precision_the_activations():
-    bf16, fp32 = (estimate("tiny-bert", "lora", batch_size=2, seq_len=10, dtype=d, device="cuda") for d in ("bf16", "fp32"))
+    bf16, fp32 = (estimate("tiny-bert", "lora", batch_size=16, seq_len=64, dtype=d, device="cuda") for d in ("bf16", "fp32"))
     assert fp32.terms["weights"] == 4 * TOTAL + 4 * LORA and bf16.terms["weights"] == 2 * TOTAL + 4 * LORA
-    assert bf16.terms["activations"] < 0.6 * fp32.terms["activations"]  # values halve; 1-byte dropout masks stay
-    mixed = estimate("tiny-bert", "lora", batch_size=2, seq_len=10, dtype="bf16", precision="fp32", device="cuda")
+    # values halve; 1-byte dropout masks stay, and autocast adds a bf16 copy of each fp32 adapter weight
+    assert bf16.terms["activations"] < 0.6 * fp32.terms["activations"]
+    mixed = estimate("tiny-bert", "lora", batch_size=16, seq_len=64, dtype="bf16", precision="fp32", device="cuda")
     assert mixed.terms["weights"] == bf16.terms["weights"] and mixed.terms["activations"] == fp32.terms["activations"]
     auto = estimate("tiny-bert", "lora", batch_size=2, seq_len=10, device="cpu")
     assert auto.settings["dtype"] == "fp32"
@@ -184,12 +185,20 @@ def test_evaluation_counts_no_update_when_the_up_projection_is_not_adapted():
                      {"name": "adapter", "variant": "parallel"})
     if (model, strategy) != ("tiny-llama", "bitfit")  # Llama has no biases: bitfit refuses it
 ] + [("deberta-v2", "full"), ("deberta-v2", "lora")])
-def test_activation_term_matches_what_autograd_saves(model, strategy):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_term_matches_what_autograd_saves(model, strategy, precision):
     """The analytic term against the bytes autograd really keeps for one training forward
-    (DeBERTa-v2: its disentangled attention, relative positions in both directions)."""
+    (DeBERTa-v2: its disentangled attention, relative positions in both directions), in fp32
+    and as a run on this CPU computes in bf16: a bf16 base, trained tensors in fp32, bf16
+    autocast, attention in fp32 (`peftkit.cpu_attention`)."""
+    import contextlib
+
     import torch
 
-    from peftkit.models import load_for_classification, load_model_config, load_tokenizer, random_checkpoint, resolve_model
+    from peftkit.cpu_attention import use_fp32_cpu_attention
+    from peftkit.measure import saved_for_backward
+    from peftkit.models import (keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer,
+                                random_checkpoint, resolve_model)
     from peftkit.strategies import build_strategy
 
     if model == "deberta-v2":
@@ -203,24 +212,25 @@ def test_activation_term_matches_what_autograd_saves(model, strategy):
     tokenizer = load_tokenizer(source)
     torch.manual_seed(0)
     built.prepare_tokenizer(tokenizer, load_model_config(source))
-    quantization = built.quantization_config(torch.float32)
-    net = built.apply(load_for_classification(source, ["a", "b"], tokenizer, quantization)).train()
+    half = precision == "bf16"
+    quantization = built.quantization_config(torch.bfloat16 if half else torch.float32)
+    net = built.apply(load_for_classification(source, ["a", "b"], tokenizer, quantization,
+                                              dtype=torch.bfloat16 if half else torch.float32))
+    net = keep_trainable_fp32(net).train()
+    if half:
+        use_fp32_cpu_attention(net)
     ids = torch.randint(10, 200, (4, 24))
-    saved: dict[int, int] = {}
-
-    def keep(tensor):
-        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(4, dtype=torch.long))
-    parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    measured = sum(n for ptr, n in saved.items() if ptr not in parameters)
-    predicted = estimate(model, built, batch_size=4, seq_len=24, dtype="fp32", device="cpu").terms["activations"]
+    with torch.autocast("cpu", dtype=torch.bfloat16) if half else contextlib.nullcontext():
+        measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                       labels=torch.zeros(4, dtype=torch.long)))
+    predicted = estimate(model, built, batch_size=4, seq_len=24, dtype=precision, device="cpu").terms["activations"]
     # adapters: the lowest layer counts whole although its attention sits below the first adapter;
     # what DoRA's weight normalisation saves varies from run to run (1.10-1.18 of the count on tiny Llama)
     high = {"adapter": 1.35, "dora": 1.2}.get(spec["name"], 1.15)
-    assert 0.85 < predicted / measured < high, (predicted, measured)
+    low = 0.85
+    if half:  # what bf16 leaves out (estimate's docstring): a trained fp32 residual stream and norm
+        low, high = 0.65, 1.5  # outputs (full), fp32 prefixes; on these tiny models a large share
+    assert low < predicted / measured < high, (predicted, measured)
 
 
 def test_llama3_8b_qlora_fits_24gb_and_full_does_not_fit_80gb():

@@ -10,6 +10,7 @@ import torch
 from peftkit.anatomy import encoder_decoder_stacks
 from peftkit.estimate import estimate
 from peftkit.estimate_encoder_decoder import lowest_layer_needing_grad
+from peftkit.measure import saved_for_backward
 from peftkit.models import load_tokenizer, random_checkpoint, resolve_model
 from peftkit.strategies import build_strategy
 from peftkit.tasks import resolve_task
@@ -37,17 +38,9 @@ def test_activation_term_matches_what_autograd_saves(model, strategy):
     net = built.apply(task.load_model(source, {}, load_tokenizer(source)), task).train()
     batch, source_len, target_len = 4, 24, 10
     ids, labels = torch.randint(10, 200, (batch, source_len)), torch.randint(10, 200, (batch, target_len))
-    saved: dict[int, int] = {}
-
-    def keep(tensor):
-        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-    parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
     log_probabilities = batch * target_len * net.config.vocab_size * 4
-    measured = sum(n for ptr, n in saved.items() if ptr not in parameters) - log_probabilities
+    measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                   labels=labels)) - log_probabilities
     predicted = estimate(_model(model), built, batch_size=batch, seq_len=source_len, dtype="fp32", device="cpu",
                          task="seq2seq", answer_tokens=target_len).terms["activations"]
     assert 0.85 < predicted / measured < 1.15, (predicted, measured)
