@@ -43,10 +43,8 @@ Under bf16/fp16 autocast, counted: the half-precision copy of every fp32 linear 
 ones, and bitfit's frozen neighbours, which stay fp32 too), kept for backward; LoRA's dropout
 mask in fp32 (PEFT casts the input up to its fp32 adapter); fp32 attention tensors on CPU
 (`attention_value_bytes`). Against what autograd keeps for one bf16 training forward of 8 x 32
-tokens on CPU, activations estimated / measured: MiniLM full 0.91, partial 1.05, lora 1.03,
-bitfit 1.00, dora 0.85, ia3 0.88, adapter 0.96, prompt-tuning 0.99; SmolLM2-135M full 0.86,
-partial 0.88, lora 0.99, dora 0.93, ia3 0.86, adapter 0.96, prompt-tuning 0.96.
-Known gap there: other fp32 copies some models make are not counted (full fine-tuning's fp32
+tokens on CPU, activations estimated / measured are 0.86-1.05 on MiniLM and SmolLM2-135M
+across 15 strategies (benchmarks/results/saved_activations_bf16.md). Known gap there: other fp32 copies some models make are not counted (full fine-tuning's fp32
 residual stream and norm outputs; T5 keeps its `wo` projections in fp32, so its residual stream
 runs in fp32: a random t5-small-sized LoRA run measured 3.1 GB against 2.0 GB estimated). The
 published checks (benchmarks/results/estimate_check.md) run in fp32.
