@@ -26,7 +26,7 @@ utilisation against this machine's measured matmul ceiling in the precision each
 alternates from case to case, so drift in the machine's speed does not favour one side.
 
 Resumable: each finished case is added to OUT.json with the commit it ran at (and the ceilings
-measured at the start of its invocation); running the same command again skips the cases already
+measured before its invocation's first measured case); running the same command again skips the cases already
 measured at this commit and remeasures the rest, so the table can be made in pieces between
 other work. OUT.md is written once every chosen case is in, all from one clean commit.
 
@@ -208,7 +208,7 @@ def main() -> None:
     here = stamp()
     cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
     done = measured_rows(args.out.with_suffix(".json"), here["commit"])
-    ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+    ceilings: dict[str, float] = {}  # measured once, before the first case that is not resumed
     rows = []
     for number, (model_name, strategy, epochs, lr) in enumerate(cases):
         case = describe(model_name, strategy, epochs, lr)
@@ -218,6 +218,7 @@ def main() -> None:
         if key in done:
             rows.append(done.pop(key))
             continue
+        ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
         order = SIDES if number % 2 == 0 else SIDES[::-1]
         results = {side: run_side(side, case, args.data_dir) for side in order}
         row = {**{k: case[k] for k in KEY}, "order": list(order), **here, "ceiling_flops": ceilings,
@@ -282,7 +283,7 @@ def write(out: Path, rows: list[dict]) -> None:
         f"Commit {commit[:10]}; dates {', '.join(sorted({r['date'] for r in rows}))}; "
         f"machine: {', '.join(sorted({r['machine'] for r in rows}))}, {torch.get_num_threads()} threads; {versions}; "
         f"measured matmul ceiling fp32 {ceilings['fp32']} / bf16 {ceilings['bf16']} GFLOP/s "
-        "(at the start of each invocation; a row's MFU uses its own)", "",
+        "(once per invocation, before its first measured case; a row's MFU uses its own)", "",
         "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
         "MFU: model FLOPs (see the script's docstring) per second over the ceiling of the precision the side computes "
         "in (both scripts: Trainer's fp32 default; peftkit: its default, the machine's native precision, bf16 autocast "
