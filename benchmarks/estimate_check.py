@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from measured_at import one_clean_commit
+from measured_at import one_clean_commit, stamp
 
 MB = 2**20
 STEPS = 4
@@ -131,7 +131,7 @@ def measure(case: tuple, work: Path, data_dir: Path) -> dict:
             "total_params": run["total_params"], "trainable_params": run["trainable_params"],
             "measured_mb": run["peak_memory_bytes"] / MB, "estimate_mb": estimate.total_bytes / MB,
             "ratio": estimate.total_bytes / run["peak_memory_bytes"], "commit": run["provenance"]["commit"],
-            "dirty": run["provenance"]["dirty"]}
+            "dirty": run["provenance"]["dirty"] or stamp()["dirty"]}  # peftkit, or a benchmark script, changed
 
 
 def main() -> None:
