@@ -46,6 +46,9 @@ while IFS='|' read -r table commit model task strategies seeds extra; do
   if [ ${#tables[@]} -gt 0 ] && [[ ! " ${tables[*]} " == *" $table "* ]]; then continue; fi
   wt="$(worktree "$commit")"
   echo "== $table at $commit ($(date -u +%H:%M:%S))"
+  # Convert a packaged model into the cache before any cell: before ac99485 a cell that did it
+  # in its own process counted the converter's freed memory in its baseline (peak ~680 MB low).
+  (cd "$wt" && .venv/bin/python -c "from peftkit.models import resolve_model; resolve_model('$model')")
   (cd "$wt" && .venv/bin/peftkit compare --model "$model" --task "$task" --strategies "$strategies" \
      --seeds "$seeds" --recipe-dir recipes --data-dir "$data" --out "$here/$table" ${extra:-})
 done <<< "$QUEUE"
