@@ -30,6 +30,12 @@ Terms, each computed from the model as the strategy would train it:
   key/value cache (classifiers are loaded with `use_cache=False`), except the one prefix
   tuning passes its prefixes in: every layer's keys and values. Training activations are
   freed before it runs, so only the larger of the two counts towards the total;
+- generation (a decoder-only LM generating its validation answers, `tasks.sft`): a pass of its
+  own, after the evaluation loss: the key/value cache of the largest generation batch (prompt
+  and new tokens, every layer) and its prompt's forward pass (`generation_forward`, counted
+  as `evaluation` is). Runs record that batch (rows, longest prompt): generation sorts prompts
+  by length, so the longest ones sit in the last, often smaller, batch. The phases never
+  coexist: the largest of training, evaluation and generation counts;
 - runtime: on CPU, what the process holds besides tensors (tokenizer, data, Trainer);
 - cached_features: a linear probe on cached features keeps them while its head trains: one
   fp32 hidden-size vector per training and selection example, or per labelled token for NER
@@ -78,6 +84,8 @@ LOGPROB_TOKEN_CHUNK, LOGPROB_VOCAB_CHUNK = 4096, 32768  # TRL's chunked log-prob
 # tile-sized fp32 tensors alive at once when torch folds a tile (fused_lm_head_bytes); the bool target mask counts 1/4
 LM_HEAD_FORWARD_BUFFERS, LM_HEAD_BACKWARD_BUFFERS = 4, 8.25
 EVALUATION_TERMS = ("evaluation", "evaluation_output")
+GENERATION_TERMS = ("generation_forward", "generation_cache")
+PHASES = (TRAINING_TERMS, EVALUATION_TERMS, GENERATION_TERMS)
 
 
 @dataclass
@@ -91,12 +99,12 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        """Every term, except that training and evaluation never coexist: only the larger
-        of the two phases counts (training: activations and the output layer's loss;
-        evaluation: its forward pass and the output layer's loss or generation cache)."""
-        training = sum(self.terms.get(t, 0) for t in TRAINING_TERMS)
-        evaluation = sum(self.terms.get(t, 0) for t in EVALUATION_TERMS)
-        return sum(self.terms.values()) - min(training, evaluation)
+        """Every term, except that the phases never coexist: only the largest counts
+        (training: activations and the output layer's loss; evaluation: its forward pass and
+        the output layer's loss, or an encoder-decoder's generation; generation: the prompts'
+        forward pass and the key/value cache)."""
+        phases = [sum(self.terms.get(t, 0) for t in terms) for terms in PHASES]
+        return sum(self.terms.values()) - sum(phases) + max(phases)
 
     def fits(self, gigabytes: float) -> bool:
         return self.total_bytes <= gigabytes * GB
@@ -139,7 +147,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
              eval_seq_len: int | None = None, task: Task | str = "classification", max_new_tokens: int = 0,
              precision: str | None = None, attn_implementation: str = "auto", keeps_best: bool = True,
              answer_tokens: int | None = None, eval_answer_tokens: int | None = None,
-             feature_rows: int = 0, num_beams: int = 1) -> Estimate:
+             feature_rows: int = 0, num_beams: int = 1, generation_batch: tuple[int, int] | None = None) -> Estimate:
     """Peak training memory of `strategy` on `model` for one batch of `batch_size` x `seq_len`,
     evaluated each epoch in batches of `eval_batch_size` x `eval_seq_len` (defaults: the
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
@@ -150,9 +158,12 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
     layer scores those alone (sft; default: every position); `feature_rows` the feature vectors
     a linear probe caches (one per example, or per labelled token for NER), kept in fp32 while
-    the head trains on them; `num_beams` the beams generation keeps per example. For an
+    the head trains on them; `num_beams` the beams generation keeps per example;
+    `generation_batch` the (rows, prompt tokens) of the largest batch a decoder-only LM
+    generates in (default: the evaluation batch at its longest example). For an
     encoder-decoder `seq_len` is the source's length and the answer tokens the target's."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
+    generation_batch = generation_batch or (eval_batch_size, eval_seq_len)
     if dtype == "auto":
         dtype = "fp32" if native_precision(device) == "fp32" else "bf16"
     precision = precision or dtype
@@ -188,10 +199,13 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         **_layer_terms(meta, config, strategy, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes,
                        gradient_checkpointing, device, answer_tokens, eval_answer_tokens, attention_bytes),
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
-                             max_new_tokens, answer_tokens, eval_answer_tokens, num_beams),
+                             max_new_tokens, answer_tokens, eval_answer_tokens, num_beams, generation_batch),
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
         "cached_features": 4 * feature_rows * model_sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
     }
+    if "generation_cache" in terms:
+        rows, prompt = generation_batch
+        terms["generation_forward"] = evaluation_bytes(meta, config, strategy, rows * num_beams, prompt, values_bytes)
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
     settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len,
                 "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
@@ -652,7 +666,8 @@ def estimate_run(config: Any, run: dict | None = None, device: str | None = None
                     answer_tokens=train_answer,
                     eval_answer_tokens=_answer_tokens(data, "eval", config.eval_batch_size) or config.max_target_length,
                     feature_rows=data.get("cached_feature_rows", 0) if config.cache_features else 0,
-                    num_beams=config.num_beams or 1)
+                    num_beams=config.num_beams or 1,
+                    generation_batch=(batch["rows"], batch["prompt_tokens"]) if (batch := data.get("generation_batch")) else None)
 
 
 def _answer_tokens(data: dict, split: str, batch_size: int) -> int | None:

@@ -87,7 +87,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     longest = {"longest_train_example": int(max(prepared.train["length"])),  # tokens; they set the peak batches
                "longest_validation_example": int(max(prepared.validation["length"])),
                **task.longest_answers(prepared, config), **task.feature_rows(prepared)}
-    check_memory(config, {"data": longest}, device)
+    check_memory(config, {"data": {**prepared.info, **longest}}, device)  # as the record will have it
     model = load_base(config, task, source, data.info, tokenizer, base_quantization(config, strategy))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -268,18 +268,41 @@ def test_instruction_tuning_counts_the_fused_lm_head_and_the_generation_cache():
     sft = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512, task="sft", max_new_tokens=64)
     classifier = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512)
     assert sft.terms["output_layer"] == fused_lm_head_bytes(config, 1024, "cuda", True, 2)
-    assert sft.terms["evaluation_output"] == max(fused_lm_head_bytes(config, 1024, "cuda", False, 2),
-                                                 kv_cache_bytes(config, 2, 512 + 64, 2))
+    assert sft.terms["evaluation_output"] == fused_lm_head_bytes(config, 1024, "cuda", False, 2)
+    assert sft.terms["generation_cache"] == kv_cache_bytes(config, 2, 512 + 64, 2)  # the evaluation batch by default
     # only the answers' positions are scored: at most 2 x 20 here
     answers = estimate(LLAMA3_8B, "qlora", batch_size=2, seq_len=512, task="sft", max_new_tokens=64,
                        answer_tokens=20, eval_answer_tokens=30)
     assert answers.terms["output_layer"] == fused_lm_head_bytes(config, 40, "cuda", True, 2)
-    assert answers.terms["evaluation_output"] == max(fused_lm_head_bytes(config, 60, "cuda", False, 2),
-                                                     kv_cache_bytes(config, 2, 512 + 64, 2))
+    assert answers.terms["evaluation_output"] == fused_lm_head_bytes(config, 60, "cuda", False, 2)
     assert "output_layer" not in classifier.terms
     assert sft.trainable_params < classifier.trainable_params  # no classifier head copy beside the adapters
     with pytest.raises(PeftkitError, match="has none"):
         estimate(LLAMA3_8B, "linear-probe", task="sft")
+
+
+def test_generation_is_a_phase_of_its_own_sized_by_its_largest_batch():
+    """Generation runs after the evaluation loss, in batches sorted by prompt length: its peak
+    is the largest batch's key/value cache plus that batch's prompt forward, and only the
+    largest of training, evaluation and generation counts towards the total."""
+    from peftkit.estimate import GENERATION_TERMS, PHASES, evaluation_bytes, kv_cache_bytes, load_config, meta_model
+    from peftkit.strategies import build_strategy
+    from peftkit.tasks import resolve_task
+
+    config = load_config(LLAMA3_8B)
+    small = estimate(LLAMA3_8B, "none", eval_batch_size=16, eval_seq_len=1024, task="sft", max_new_tokens=128,
+                     generation_batch=(4, 300))
+    assert small.terms["generation_cache"] == kv_cache_bytes(config, 4, 300 + 128, 2)
+    strategy, task = build_strategy("none"), resolve_task("sft")[0]
+    assert small.terms["generation_forward"] == evaluation_bytes(meta_model(config, strategy, task), config, strategy,
+                                                                 4, 300, 2)
+    phases = [sum(small.terms[t] for t in terms if t in small.terms) for terms in PHASES]
+    assert small.total_bytes == sum(small.terms.values()) - sum(phases) + max(phases)
+    assert max(phases) == phases[1]  # the loss pass over 16 x 1,024 outweighs generating 4 x 428
+    large = estimate(LLAMA3_8B, "none", eval_batch_size=16, eval_seq_len=1024, task="sft", max_new_tokens=128,
+                     generation_batch=(16, 1024))
+    assert large.total_bytes - large.terms["weights"] - large.terms["runtime"] == sum(large.terms[t] for t in GENERATION_TERMS)
+    assert "generation_cache" not in estimate(LLAMA3_8B, "lora").terms  # a classifier generates nothing
 
 
 def test_llama_3_1_8b_qlora_lies_within_20_percent_of_torchtunes_published_peak():

@@ -168,6 +168,35 @@ def test_the_fullest_batch_holds_a_batch_worth_of_the_longest_answers():
         "fullest_train_batch_answers": 4 + 2, "fullest_eval_batch_answers": 3 + 1}
 
 
+def test_the_largest_generation_batch_is_the_one_with_the_largest_cache():
+    from peftkit.tasks.sft import generation_batches, largest_generation_batch
+
+    encoded = [[0] * n for n in (5, 30, 9, 7, 100)]  # by length: 5, 7, 9, 30, 100
+    assert generation_batches(encoded, 2) == [[0, 3], [2, 1], [4]]
+    # batches of 2 x 7, 2 x 30 and 1 x 100 prompt tokens: with 4 new, 2 x 34 < 1 x 104; with 60, 2 x 90 > 1 x 160
+    assert largest_generation_batch(encoded, 2, 4) == {"rows": 1, "prompt_tokens": 100}
+    assert largest_generation_batch(encoded, 2, 60) == {"rows": 2, "prompt_tokens": 30}
+
+
+def test_a_run_records_the_largest_batch_it_generates_in(tmp_path, data_dir, monkeypatch):
+    """The estimate sizes generation's key/value cache by the record's `generation_batch`:
+    it must be the largest batch `generate` really ran (12 validation prompts in batches of 5)."""
+    from transformers import GenerationMixin
+
+    shapes = []
+    original = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    record = tiny_run(tmp_path, data_dir, eval_batch_size=5, select="last").record
+    assert [rows for rows, _ in shapes] == [5, 5, 2]
+    rows, prompt = max(shapes, key=lambda shape: shape[0] * (shape[1] + 5))
+    assert record["data"]["generation_batch"] == {"rows": rows, "prompt_tokens": prompt}
+
+
 def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir)
     record = result.record

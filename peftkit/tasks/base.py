@@ -103,12 +103,15 @@ class Task:
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
-                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
+                      eval_answer_tokens: int | None = None, num_beams: int = 1,
+                      generation_batch: tuple[int, int] = (1, 1)) -> dict[str, int]:
         """Memory the task's output layer needs beyond the layers' activations (peftkit.estimate):
-        `output_layer` while training, `evaluation_output` while evaluating; `answer_tokens`
-        bounds the positions of one example that carry a label (None: every position), and
-        generation runs `num_beams` beams per example. Default: none (a classifier head keeps
-        one small input, counted with the activations)."""
+        `output_layer` while training, `evaluation_output` while evaluating, and for a
+        decoder-only LM `generation_cache` while generating (its keys and values) in batches of
+        at most `generation_batch` (rows, prompt tokens); `answer_tokens` bounds the positions of
+        one example that carry a label (None: every position), and generation runs `num_beams`
+        beams per example. Default: none (a classifier head keeps one small input, counted with
+        the activations)."""
         return {}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:

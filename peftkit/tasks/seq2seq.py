@@ -62,7 +62,8 @@ class SequenceToSequence(Task):
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
-                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
+                      eval_answer_tokens: int | None = None, num_beams: int = 1,
+                      generation_batch: tuple[int, int] = (1, 1)) -> dict[str, int]:
         """The vocabulary-size logits of every target position (`answer_tokens`: the longest
         target; default the source length) and their cross-entropy: training keeps the fp32
         log-probabilities for backward, which adds their gradient and the logits' (and, under

@@ -57,19 +57,21 @@ class InstructionTuning(Task):
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
-                      eval_answer_tokens: int | None = None, num_beams: int = 1) -> dict[str, int]:
+                      eval_answer_tokens: int | None = None, num_beams: int = 1,
+                      generation_batch: tuple[int, int] = (1, 1)) -> dict[str, int]:
         """TRL's fused LM head scores the answers' positions in tiles, in training and in the
-        evaluation loss; generation keeps every layer's keys and values for prompt and answer."""
+        evaluation loss; generation, a pass of its own, keeps every layer's keys and values for
+        the prompts and answers of its largest batch."""
         from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
 
         train_scored = batch_size * min(seq_len, answer_tokens or seq_len)
         eval_scored = eval_batch_size * min(eval_seq_len, eval_answer_tokens or eval_seq_len)
+        rows, prompt = generation_batch
         return {"output_layer": fused_lm_head_bytes(config, train_scored, device, backward=True,
                                                     bytes_per_value=bytes_per_value),
-                "evaluation_output": max(fused_lm_head_bytes(config, eval_scored, device,
-                                                             backward=False, bytes_per_value=bytes_per_value),
-                                         kv_cache_bytes(config, eval_batch_size, eval_seq_len + max_new_tokens,
-                                                        bytes_per_value))}
+                "evaluation_output": fused_lm_head_bytes(config, eval_scored, device, backward=False,
+                                                         bytes_per_value=bytes_per_value),
+                "generation_cache": kv_cache_bytes(config, rows, prompt + max_new_tokens, bytes_per_value)}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """Also the answer tokens of the fullest batch, the sum of a batch's worth of the
@@ -133,8 +135,12 @@ class InstructionTuning(Task):
         if len(splits["train"]) == 0:
             raise PeftkitError(f"no training example keeps an answer token within max_length={config.max_length}: "
                                "raise --max-length")
+        generated = [rows_to_generate(rows, config) for name, rows in data.splits().items() if name in ("validation", "test")]
+        batches = [largest_generation_batch(encode_prompts(tokenizer, [row["messages"][:-1] for row in rows]),
+                                            config.eval_batch_size, config.max_new_tokens) for rows in generated]
         info = {**data.info, "truncated_examples": truncated,
-                "dropped_train_examples": before - len(splits["train"])}  # cut before any answer token
+                "dropped_train_examples": before - len(splits["train"]),  # cut before any answer token
+                "generation_batch": max(batches, key=lambda b: b["rows"] * (b["prompt_tokens"] + config.max_new_tokens))}
         return Prepared(splits, data.splits(), info)
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
@@ -310,15 +316,12 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
     prompt length with left padding; decoding stops at the end-of-turn or end-of-text token."""
     import torch
 
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    encoded = encode_prompts(tokenizer, conversations)
     stop = [t for t in {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
             if t is not None]
     answers: dict[int, str] = {}
     model.eval()
-    for first in range(0, len(order), batch_size):
-        chunk = order[first: first + batch_size]
+    for chunk in generation_batches(encoded, batch_size):
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
@@ -328,7 +331,27 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
         for row, index in enumerate(chunk):
             answers[index] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return [answers[i] for i in range(len(prompts))]
+    return [answers[i] for i in range(len(encoded))]
+
+
+def encode_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Each conversation's token ids up to the assistant's turn (the generation prompt)."""
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def generation_batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The indices of each batch `generate` runs: prompts sorted by length, `batch_size` at a time."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    return [order[first: first + batch_size] for first in range(0, len(order), batch_size)]
+
+
+def largest_generation_batch(encoded: list[list[int]], batch_size: int, max_new_tokens: int) -> dict[str, int]:
+    """The batch whose key/value cache is largest (rows x (longest prompt + new tokens)): the
+    peak of generation, which the estimate counts (`generation_batch` in a run's record)."""
+    shapes = [(len(chunk), max(len(encoded[i]) for i in chunk)) for chunk in generation_batches(encoded, batch_size)]
+    rows, prompt = max(shapes, key=lambda shape: shape[0] * (shape[1] + max_new_tokens), default=(0, 0))
+    return {"rows": rows, "prompt_tokens": prompt}
 
 
 def _as_list(value: Any) -> list:
