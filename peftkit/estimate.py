@@ -29,7 +29,9 @@ Terms, each computed from the model as the strategy would train it:
   runs in a fused kernel that never stores the scores (the eager implementation does). No
   key/value cache (classifiers are loaded with `use_cache=False`), except the one prefix
   tuning passes its prefixes in: every layer's keys and values. Training activations are
-  freed before it runs, so only the larger of the two counts towards the total;
+  freed before it runs, so only the larger of the two counts towards the total; the output
+  layer's evaluation loss (`evaluation_output`) runs after the layers, so only the larger of
+  it and this term counts;
 - generation (a decoder-only LM generating its validation answers, `tasks.sft`): a pass of its
   own, after the evaluation loss: the key/value cache of the largest generation batch (prompt
   and new tokens, every layer) and its prompt's forward pass (`generation_forward`, counted
@@ -99,12 +101,14 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        """Every term, except that the phases never coexist: only the largest counts
-        (training: activations and the output layer's loss; evaluation: its forward pass and
-        the output layer's loss, or an encoder-decoder's generation; generation: the prompts'
-        forward pass and the key/value cache)."""
-        phases = [sum(self.terms.get(t, 0) for t in terms) for terms in PHASES]
-        return sum(self.terms.values()) - sum(phases) + max(phases)
+        """Every term, except that the phases never coexist: only the largest counts.
+        Training holds its saved activations and the output layer's loss at once; evaluation
+        runs its layers' forward pass, then the output layer's loss (or an encoder-decoder's
+        generation), so only the larger of the two; generation holds the key/value cache
+        while its prompts' forward pass runs."""
+        training, evaluation, generation = ([self.terms.get(t, 0) for t in terms] for terms in PHASES)
+        phases = [sum(training), max(evaluation), sum(generation)]
+        return sum(self.terms.values()) - sum(training) - sum(evaluation) - sum(generation) + max(phases)
 
     def fits(self, gigabytes: float) -> bool:
         return self.total_bytes <= gigabytes * GB
@@ -203,6 +207,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
         "cached_features": 4 * feature_rows * model_sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
     }
+    if not strategy.trains_anything:  # the untuned model is only evaluated: no training phase
+        terms.update(dict.fromkeys(TRAINING_TERMS, 0))
     if "generation_cache" in terms:
         rows, prompt = generation_batch
         terms["generation_forward"] = evaluation_bytes(meta, config, strategy, rows * num_beams, prompt, values_bytes)

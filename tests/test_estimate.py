@@ -296,9 +296,13 @@ def test_generation_is_a_phase_of_its_own_sized_by_its_largest_batch():
     strategy, task = build_strategy("none"), resolve_task("sft")[0]
     assert small.terms["generation_forward"] == evaluation_bytes(meta_model(config, strategy, task), config, strategy,
                                                                  4, 300, 2)
-    phases = [sum(small.terms[t] for t in terms if t in small.terms) for terms in PHASES]
-    assert small.total_bytes == sum(small.terms.values()) - sum(phases) + max(phases)
-    assert max(phases) == phases[1]  # the loss pass over 16 x 1,024 outweighs generating 4 x 428
+    training, evaluation, generation = ([small.terms.get(t, 0) for t in terms] for terms in PHASES)
+    assert sum(training) == 0  # the untuned model trains nothing, whatever the task's output layer would need
+    # the evaluation loss runs its layers, then its output layer: only the larger of the two at once
+    phases = [sum(training), max(evaluation), sum(generation)]
+    outside = sum(small.terms.values()) - sum(training) - sum(evaluation) - sum(generation)
+    assert small.total_bytes == outside + max(phases)
+    assert max(phases) == max(evaluation)  # the loss pass over 16 x 1,024 outweighs generating 4 x 428
     large = estimate(LLAMA3_8B, "none", eval_batch_size=16, eval_seq_len=1024, task="sft", max_new_tokens=128,
                      generation_batch=(16, 1024))
     assert large.total_bytes - large.terms["weights"] - large.terms["runtime"] == sum(large.terms[t] for t in GENERATION_TERMS)

@@ -153,19 +153,54 @@ def test_packed_training_runs_and_records(tmp_path, data_dir):
 
 
 def test_the_fullest_batch_holds_a_batch_worth_of_the_longest_answers():
+    """Training: a batch's worth of the longest answers bounds any batch drawn at random.
+    Evaluation: the fullest batch the evaluation loop really holds, in the split's order."""
     from peftkit.config import make_config
     from peftkit.tasks import resolve_task
     from peftkit.tasks.base import Prepared
 
+    def split(answers: list[int], lengths: list[int]) -> dict:
+        return {"labels": [[-100] + [7] * a for a in answers], "length": lengths}
+
     train = {"labels": [[-100, 1, 2], [-100, -100, 5], [1, 2, 3, 4], [-100, 7, 7]]}  # answers 2, 1, 4, 2
-    evaluated = {"labels": [[-100, 3], [4, 4, 4]]}  # answers 1, 3
-    config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "batch_size": 2,
-                          "eval_batch_size": 3})
     task, _ = resolve_task("sst2-chat")
-    prepared = Prepared(splits={"train": train, "validation": evaluated}, raw={})
-    assert task.longest_answers(prepared, config) == {
+
+    def longest(evaluated: dict, **options) -> dict:
+        config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "batch_size": 2,
+                              "eval_batch_size": 2, **options})
+        return task.longest_answers(Prepared(splits={"train": train, "validation": evaluated}, raw={}), config)
+
+    # in order: answers 3 + 1 and 1 + 3, not the two longest answers (3 + 3)
+    assert longest(split([3, 1, 1, 3], [10, 9, 3, 2])) == {
         "longest_train_answer": 4, "longest_eval_answer": 3,
-        "fullest_train_batch_answers": 4 + 2, "fullest_eval_batch_answers": 3 + 1}
+        "fullest_train_batch_answers": 4 + 2, "fullest_eval_batch_answers": 4}
+    assert longest(split([3, 1, 3, 2], [10, 2, 9, 3]), packing=True)["fullest_eval_batch_answers"] == 3 + 2
+
+
+def test_the_fullest_evaluation_batch_is_the_one_the_evaluation_loop_draws(tmp_path):
+    """The estimate's evaluation LM-head term reads `fullest_eval_batch_answers`: it must be
+    the fullest batch of SFTTrainer's own evaluation dataloader, whatever the length grouping of training."""
+    from datasets import Dataset
+
+    from peftkit.config import make_config
+    from peftkit.tasks import resolve_task
+    from peftkit.tasks.base import Prepared
+    from peftkit.tasks.sft import _sft_trainer
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(4, 40, (60,), generator=generator).tolist()
+    answers = [int(torch.randint(1, n, (1,), generator=generator)) for n in lengths]
+    rows = Dataset.from_dict({"input_ids": [[5] * n for n in lengths], "length": lengths,
+                              "labels": [[-100] * (n - a) + [5] * a for n, a in zip(lengths, answers)]})
+    config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "eval_batch_size": 8,
+                          "seed": 3, "output_dir": str(tmp_path / "run")})
+    tokenizer = load_tokenizer(resolve_model("tiny-llama"))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama").path, dtype=torch.float32)
+    trainer = _sft_trainer(model, config, tokenizer, str(tmp_path / "scratch"), train=rows, evaluation=rows)
+    drawn = max(int((batch["labels"] != -100).sum()) for batch in trainer.get_eval_dataloader())
+    task, _ = resolve_task("sst2-chat")
+    recorded = task.longest_answers(Prepared(splits={"train": rows, "validation": rows}, raw={}), config)
+    assert recorded["fullest_eval_batch_answers"] == drawn < sum(sorted(answers)[-8:])
 
 
 def test_the_largest_generation_batch_is_the_one_with_the_largest_cache():

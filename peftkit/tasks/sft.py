@@ -74,18 +74,22 @@ class InstructionTuning(Task):
                 "generation_cache": kv_cache_bytes(config, rows, prompt + max_new_tokens, bytes_per_value)}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
-        """Also the answer tokens of the fullest batch, the sum of a batch's worth of the
-        longest answers: the fused LM head scores only labelled positions, and no batch holds
-        more of them, however batches are drawn (one with the longest answer seldom holds the
-        next-longest ones: in 7 Dolly examples, 471 and 134 of a batch of 2, not 2 x 471)."""
+        """Also the answer tokens of the fullest batch: the fused LM head scores only labelled
+        positions. Training batches are drawn at random, so the bound is a batch's worth of the
+        longest answers, which no batch exceeds (one with the longest answer seldom holds the
+        next-longest ones: in 7 Dolly examples, 471 and 134 of a batch of 2, not 2 x 471).
+        Evaluation runs in the split's order (`trainer.Timed`): the fullest batch it really
+        holds, not that bound (the 16 longest answers of Dolly's validation split hold 2,859)."""
         def answers(split: Any) -> list[int]:
-            return sorted((sum(label != -100 for label in labels) for labels in split["labels"]), reverse=True)
+            return [sum(label != -100 for label in labels) for labels in split["labels"]]
 
-        train = answers(prepared.train)
-        evaluated = [answers(split) for name, split in prepared.splits.items() if name != "train"]  # selection, validation, test
-        return {"longest_train_answer": train[0], "longest_eval_answer": max(e[0] for e in evaluated),
-                "fullest_train_batch_answers": sum(train[:config.batch_size]),
-                "fullest_eval_batch_answers": max(sum(e[:config.eval_batch_size]) for e in evaluated)}
+        train = sorted(answers(prepared.train), reverse=True)
+        evaluated = [split for name, split in prepared.splits.items() if name != "train"]  # selection, validation, test
+        size = config.eval_batch_size
+        fullest_eval = max(sum(counts[first: first + size]) for split in evaluated for counts in [answers(split)]
+                           for first in range(0, len(counts), size))
+        return {"longest_train_answer": train[0], "longest_eval_answer": max(max(answers(split)) for split in evaluated),
+                "fullest_train_batch_answers": sum(train[:config.batch_size]), "fullest_eval_batch_answers": fullest_eval}
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
         if config.packing and strategy.name in ("prompt-tuning", "prefix-tuning", "p-tuning"):
