@@ -162,8 +162,9 @@ def _cached_checkpoint(alias: str, write: Callable[[Path], None]) -> Path:
 def _dequantized_checkpoint(alias: str, gguf_file: Path) -> Path:
     """The packaged GGUF, dequantized once into a plain float32 checkpoint, in a process of
     its own. Converting loads the whole model, and memory a process frees stays resident for
-    its allocator to reuse (SmolLM2-135M: 609 MB): a first run would count that memory in its
-    baseline and report a peak ~700 MB too low (sst2-chat untuned, 765 MB vs 1,443 MB)."""
+    its allocator to reuse (SmolLM2-135M: 605 MB): a first run would count that memory in its
+    baseline and report its peak that much too low (smollm2-sst2-chat untuned: 765 MiB, and
+    997 MiB when rerun with the checkpoint already converted)."""
     return _cached_checkpoint(alias, partial(_in_fresh_process, partial(_dequantize, gguf_file)))
 
 

@@ -209,8 +209,9 @@ def test_the_largest_generation_batch_is_the_one_with_the_largest_cache():
     encoded = [[0] * n for n in (5, 30, 9, 7, 100)]  # by length: 5, 7, 9, 30, 100
     assert generation_batches(encoded, 2) == [[0, 3], [2, 1], [4]]
     # batches of 2 x 7, 2 x 30 and 1 x 100 prompt tokens: with 4 new, 2 x 34 < 1 x 104; with 60, 2 x 90 > 1 x 160
-    assert largest_generation_batch(encoded, 2, 4) == {"rows": 1, "prompt_tokens": 100}
-    assert largest_generation_batch(encoded, 2, 60) == {"rows": 2, "prompt_tokens": 30}
+    assert largest_generation_batch([encoded], 2, 4) == {"rows": 1, "prompt_tokens": 100}
+    assert largest_generation_batch([encoded], 2, 60) == {"rows": 2, "prompt_tokens": 30}
+    assert largest_generation_batch([encoded, [[0] * 200]], 2, 60) == {"rows": 1, "prompt_tokens": 200}  # another split
 
 
 def test_a_run_records_the_largest_batch_it_generates_in(tmp_path, data_dir, monkeypatch):

@@ -140,11 +140,10 @@ class InstructionTuning(Task):
             raise PeftkitError(f"no training example keeps an answer token within max_length={config.max_length}: "
                                "raise --max-length")
         generated = [rows_to_generate(rows, config) for name, rows in data.splits().items() if name in ("validation", "test")]
-        batches = [largest_generation_batch(encode_prompts(tokenizer, [row["messages"][:-1] for row in rows]),
-                                            config.eval_batch_size, config.max_new_tokens) for rows in generated]
+        prompts = [encode_prompts(tokenizer, [row["messages"][:-1] for row in rows]) for rows in generated]
         info = {**data.info, "truncated_examples": truncated,
                 "dropped_train_examples": before - len(splits["train"]),  # cut before any answer token
-                "generation_batch": max(batches, key=lambda b: b["rows"] * (b["prompt_tokens"] + config.max_new_tokens))}
+                "generation_batch": largest_generation_batch(prompts, config.eval_batch_size, config.max_new_tokens)}
         return Prepared(splits, data.splits(), info)
 
     def build_trainer(self, model: nn.Module, strategy: Any, config: RunConfig, prepared: Prepared, tokenizer: Any,
@@ -350,10 +349,12 @@ def generation_batches(encoded: list[list[int]], batch_size: int) -> list[list[i
     return [order[first: first + batch_size] for first in range(0, len(order), batch_size)]
 
 
-def largest_generation_batch(encoded: list[list[int]], batch_size: int, max_new_tokens: int) -> dict[str, int]:
-    """The batch whose key/value cache is largest (rows x (longest prompt + new tokens)): the
-    peak of generation, which the estimate counts (`generation_batch` in a run's record)."""
-    shapes = [(len(chunk), max(len(encoded[i]) for i in chunk)) for chunk in generation_batches(encoded, batch_size)]
+def largest_generation_batch(splits: list[list[list[int]]], batch_size: int, max_new_tokens: int) -> dict[str, int]:
+    """Of the batches `generate` runs on each split's prompts (token ids), the one whose
+    key/value cache is largest (rows x (longest prompt + new tokens)): the peak of generation,
+    which the estimate counts (`generation_batch` in a run's record)."""
+    shapes = [(len(chunk), max(len(encoded[i]) for i in chunk))
+              for encoded in splits for chunk in generation_batches(encoded, batch_size)]
     rows, prompt = max(shapes, key=lambda shape: shape[0] * (shape[1] + max_new_tokens), default=(0, 0))
     return {"rows": rows, "prompt_tokens": prompt}
 
