@@ -394,6 +394,8 @@ def estimate(
                                                 "scores answer positions only; default: every position); seq2seq: "
                                                 "the target's length (default: --seq-len, the source's)."),
     num_beams: int = typer.Option(1, min=1, help="seq2seq: beams per example in generation (each keeps its cache)."),
+    gradient_accumulation_steps: int = typer.Option(1, min=1, help="Micro-batches per optimizer step (above 1, "
+                                                    "every gradient is held through each forward pass)."),
 ) -> None:
     """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
     from peftkit.config import apply_overrides
@@ -408,7 +410,8 @@ def estimate(
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
                      eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
                      attn_implementation=attn_implementation, keeps_best=select == "best",
-                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens, num_beams=num_beams)
+                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens, num_beams=num_beams,
+                     accumulates_gradients=gradient_accumulation_steps > 1)
     settings = result.settings
     _print_estimate(result, f"{strategy} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
                             f"weights {settings['dtype']}, compute {settings['precision']}, {optimizer}, "

@@ -92,3 +92,36 @@ def saved_for_backward(model: nn.Module, forward: Callable[[], Any]) -> int:
         forward()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in saved.items() if ptr not in parameters)
+
+
+def peak_tensor_bytes(model: nn.Module, step: Callable[[], Any]) -> int:
+    """The most bytes of CPU tensors that `step()` creates and holds at once (forward, backward,
+    whatever it runs; `model`'s own parameters and buffers, and views of them, left out),
+    storage by storage as every operator returns: what `peftkit.estimate`'s training phase
+    predicts, without the C allocator's slack that a resident-memory peak also holds."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    class Tracker(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            self.live = {ptr: held for ptr, held in self.live.items() if not held[0].expired()}
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() not in owned and storage.data_ptr() not in self.live:
+                        self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+            return out
+
+    with Tracker() as tracker:
+        step()
+    return tracker.peak
