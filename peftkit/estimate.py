@@ -70,6 +70,7 @@ published checks (benchmarks/results/estimate_check.md) run in fp32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -433,6 +434,7 @@ def layer_saved_bytes(config: Any, gated: bool, seq_len: int, projections_train:
     if getattr(config, "rope_parameters", None) or hasattr(config, "rope_theta"):
         values += (heads + kv) * head_dim                    # rotary embeddings keep q and k before rotation
     values += (3 if gated else 1) * intermediate             # the activation's input (gated: gate, up, act(gate))
+    values += (activation_saved_values(config) - 1) * intermediate  # what else the activation keeps (gelu_new: 3)
     inner, inner_masks = _attention_saved(config, heads, seq_len, device)
     inner += (heads + 2 * kv) * head_dim                     # the kernel's q, k, v
     masks = 2 * h if hidden_dropout else 0                   # after the attention and feed-forward outputs
@@ -447,6 +449,38 @@ def layer_saved_bytes(config: Any, gated: bool, seq_len: int, projections_train:
         masks += h if hidden_dropout else 0
     values += _disentangled_attention_values(config, seq_len)
     return int(values * bytes_per_value + masks * mask_bytes + inner * attention_bytes + inner_masks * attention_mask_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_per_value(activation: str) -> int:
+    from transformers.activations import ACT2FN
+
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        return tensor
+
+    # no random draw (an estimate inside a run must leave the seeded generator alone); not a leaf,
+    # so the activation's own input counts
+    inputs = torch.linspace(-3, 3, 64, requires_grad=True) * 1.0
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        ACT2FN[activation](inputs)
+    return round(sum(saved.values()) / inputs.nbytes)
+
+
+def activation_saved_values(config: Any) -> int:
+    """Intermediate-sized tensors the feed-forward activation keeps for backward, per value of
+    its input, found by running it once on a small tensor: 1 for torch's own kernels (GELU,
+    SiLU, ReLU keep their input or output), more for activations written as a composition of
+    torch operations, each of which keeps its own operands (GPT-2's `gelu_new`, the tanh
+    formula: 4; `quick_gelu`: 2)."""
+    name = next((n for n in (getattr(config, a, None) for a in ("hidden_act", "activation_function", "dense_act_fn"))
+                 if isinstance(n, str)), None)
+    try:
+        return _saved_per_value(name) if name else 1
+    except KeyError:  # an activation transformers does not name (a model's own code): torch's kernels' one
+        return 1
 
 
 def attention_value_bytes(model: nn.Module, device: str, precision: str, attn_implementation: str) -> int:

@@ -21,6 +21,17 @@ def cpu(strategy, **kw):
     return estimate("tiny-bert", strategy, batch_size=2, seq_len=10, dtype="fp32", device="cpu", **kw)
 
 
+def test_the_feed_forward_activation_keeps_what_its_operations_save():
+    from types import SimpleNamespace
+
+    from peftkit.estimate import activation_saved_values
+
+    assert activation_saved_values(SimpleNamespace(hidden_act="gelu")) == 1  # torch's kernel keeps its input
+    assert activation_saved_values(SimpleNamespace(activation_function="gelu_new")) == 4  # GPT-2's tanh formula
+    assert activation_saved_values(SimpleNamespace(dense_act_fn="relu")) == 1
+    assert activation_saved_values(SimpleNamespace(hidden_act="no-such-activation")) == 1
+
+
 def test_full_weights_gradients_optimizer_snapshot():
     terms = cpu("full").terms
     assert terms["weights"] == 4 * TOTAL
@@ -246,11 +257,12 @@ def test_evaluation_counts_no_update_when_the_up_projection_is_not_adapted():
                      "peft:lokr", {"name": "adapter", "variant": "houlsby"}, {"name": "adapter", "variant": "pfeiffer"},
                      {"name": "adapter", "variant": "parallel"})
     if (model, strategy) != ("tiny-llama", "bitfit")  # Llama has no biases: bitfit refuses it
-] + [("deberta-v2", "full"), ("deberta-v2", "lora")])
+] + [("deberta-v2", "full"), ("deberta-v2", "lora"), ("gpt2", "full"), ("gpt2", "lora")])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activation_term_matches_what_autograd_saves(model, strategy, precision):
     """The analytic term against the bytes autograd really keeps for one training forward
-    (DeBERTa-v2: its disentangled attention, relative positions in both directions), in fp32
+    (DeBERTa-v2: its disentangled attention, relative positions in both directions; GPT-2: its
+    `gelu_new`, a tanh formula of torch operations that keep four intermediates), in fp32
     and as a run on this CPU computes in bf16: a bf16 base, trained tensors in fp32, bf16
     autocast, attention in fp32 (`peftkit.cpu_attention`)."""
     import contextlib
@@ -267,6 +279,9 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
         model = str(random_checkpoint("test-deberta-v2", dict(
             model_type="deberta-v2", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
             max_position_embeddings=64, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"])))
+    if model == "gpt2":
+        model = str(random_checkpoint("test-gpt2", dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2,
+                                                        n_positions=64, activation_function="gelu_new")))
 
     spec = {"name": strategy} if isinstance(strategy, str) else strategy
     built = build_strategy(spec["name"], {k: v for k, v in spec.items() if k != "name"})
