@@ -29,9 +29,9 @@ smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|none|0|--set dtype=fp32 --set preci
 smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|lora|0|--set max_train_samples=1000 --set dtype=fp32 --set precision=fp32
 smollm2-sst2-chat|9da1dc9|smollm2-135m|sst2-chat|none,lora,ia3,adapter,qlora,full,dora,prompt-tuning|0|--set dtype=fp32 --set precision=fp32
 smollm2-dolly|76f8349|smollm2-135m|dolly|none,lora,qlora,full|0|--set epochs=1 --set select=last --set dtype=fp32 --set precision=fp32
-smollm2-sst2|76f8349|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000 --set dtype=fp32 --set precision=fp32
-minilm-rte|76f8349|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
-minilm-sst2|76f8349|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
+smollm2-sst2|429d97a|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000 --set dtype=fp32 --set precision=fp32
+minilm-rte|429d97a|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
+minilm-sst2|429d97a|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
 "
 
 
