@@ -311,6 +311,7 @@ def compare(
     from rich.table import Table
 
     from peftkit import compare as harness
+    from peftkit.tasks import headline_metric, resolve_task
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -324,7 +325,7 @@ def compare(
     todo = harness.pending(cells, records, retry_failed)
     harness.forget(out, {c.key for c in todo if c.key in records})
 
-    metric = cells[0].config.task_kind.primary if cells else "accuracy"
+    metric = headline_metric(*resolve_task(task))
 
     def table() -> Table:
         view = Table("strategy", "seed", "status", metric, "train s", "peak MB", title=f"peftkit compare -> {out}")

@@ -282,9 +282,9 @@ def code_versions(records: list[dict]) -> list[str]:
 def write_report(runs_dir: Path, metric: str | None = None, title: str | None = None,
                  allow_mixed: bool = False) -> list[Path]:
     """Write every report file next to runs.jsonl; returns their paths. `metric` defaults to
-    the task's headline metric; the task's other metrics get columns of their own. Rows made
-    by different code versions are refused unless `allow_mixed`."""
-    from peftkit.tasks import TASKS
+    the task's headline metric (`tasks.headline_metric`); the task's other metrics get columns
+    of their own. Rows made by different code versions are refused unless `allow_mixed`."""
+    from peftkit.tasks import DATASETS, TASKS, headline_metric
 
     records = [with_current_estimate(r) for r in read_runs(runs_dir).values()]
     versions = code_versions(records)
@@ -295,7 +295,7 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     if first is None:
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
     task = TASKS[first.get("task_kind", "classification")]
-    metric = metric or task.primary
+    metric = metric or headline_metric(task, DATASETS.get(first["config"]["task"]))
     if metric not in task.metrics:
         raise PeftkitError(f"unknown metric '{metric}' for task {task.name}: choose one of {', '.join(task.metrics)}")
     others = tuple(m for m in task.table_metrics if m != metric)

@@ -161,6 +161,18 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     assert "accuracy (mean ± std)" in text
 
 
+def test_an_open_ended_instruction_table_leads_with_rouge_l(tmp_path):
+    for strategy, scores in (("none", (0.0, 0.19, 10.9)), ("lora", (0.01, 0.25, 6.0)), ("full", (0.02, 0.22, 5.5))):
+        record = fake(strategy, 0, 0.0, 100)
+        record.update(task_kind="sft", config={"model": "m", "task": "dolly"},
+                      metrics=dict(zip(("exact_match", "rouge_l", "perplexity"), scores)))
+        append_run(tmp_path, record)
+    write_report(tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "| rouge_l (one seed) | exact_match | perplexity |" in text
+    assert [row["strategy"] for row in json.loads((tmp_path / "results.json").read_text())] == ["lora", "full", "none"]
+
+
 def test_a_one_seed_table_says_so_and_its_legend_sits_below_the_points(tmp_path):
     import matplotlib
 

@@ -12,7 +12,7 @@ from peftkit.config import make_config
 from peftkit.errors import PeftkitError
 from peftkit.models import resolve_model
 from peftkit.strategies import build_strategy
-from peftkit.tasks import DATASETS, TASKS, resolve_task, task_for_model
+from peftkit.tasks import DATASETS, TASKS, headline_metric, resolve_task, task_for_model
 
 
 def test_data_set_names_map_to_task_kinds():
@@ -22,6 +22,15 @@ def test_data_set_names_map_to_task_kinds():
     assert resolve_task("gsm8k")[1].answer_format == "gsm8k"
     with pytest.raises(PeftkitError, match="unknown task 'sst-2' \\(did you mean 'sst2'\\?\\)"):
         resolve_task("sst-2")
+
+
+def test_tables_lead_with_the_metric_that_reads_the_answers():
+    headlines = {name: headline_metric(*resolve_task(name)) for name in DATASETS}
+    assert headlines["dolly"] == headlines["scitldr"] == "rouge_l"  # open-ended: exact match says nothing
+    assert (headlines["sst2-chat"], headlines["gsm8k"], headlines["sst2"]) == ("exact_match", "exact_match", "accuracy")
+    assert headline_metric(*resolve_task("sft")) == "exact_match"  # a user's own files: the kind's
+    for name, metric in headlines.items():
+        assert metric in TASKS[DATASETS[name].kind].metrics, name
 
 
 def test_config_takes_the_tasks_defaults():

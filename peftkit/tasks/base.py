@@ -48,6 +48,7 @@ class BuiltinDataset:
     label_names: tuple[str, ...] = ()            # classification: the names of integer labels
     answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
     hub_test: bool = False                       # the hub's test split is labelled and reported (GLUE's is not)
+    headline: str | None = None                  # the metric its tables lead with, where not the kind's `primary`
 
 
 @dataclass
@@ -263,6 +264,12 @@ def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
         f"unknown task '{name}'{did_you_mean(name, [*DATASETS, *TASKS])}: use a task kind for your own files "
         f"({', '.join(TASKS)}) or a built-in data set ({', '.join(DATASETS)})"
     )
+
+
+def headline_metric(task: Task, dataset: BuiltinDataset | None) -> str:
+    """The metric a comparison leads with: the built-in data set's own where it names one
+    (open-ended answers are read by ROUGE-L, not exact match), else its task kind's."""
+    return dataset.headline if dataset is not None and dataset.headline else task.primary
 
 
 def task_for_model(model: nn.Module) -> Task:

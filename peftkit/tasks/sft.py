@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 SUMMARY_PROMPT = "Summarize this scientific abstract in one sentence.\n\n{prompt}"
 
 DATASETS["sst2-chat"] = BuiltinDataset("sft", {"messages_column": "messages"})
-DATASETS["dolly"] = BuiltinDataset("sft", {"messages_column": "messages"})
+DATASETS["dolly"] = BuiltinDataset("sft", {"messages_column": "messages"}, headline="rouge_l")  # open-ended answers
 DATASETS["gsm8k"] = BuiltinDataset("sft", {"prompt_column": "prompt", "completion_column": "completion"},
                                    hub=("openai/gsm8k", "main"), hub_columns={"question": "prompt", "answer": "completion"},
                                    answer_format="gsm8k")
 DATASETS["scitldr"] = BuiltinDataset("sft", {"prompt_column": "document", "completion_column": "summary",
-                                              "references_column": "references", "prompt_template": SUMMARY_PROMPT})
+                                              "references_column": "references", "prompt_template": SUMMARY_PROMPT},
+                                   headline="rouge_l")
 
 
 @register_task("sft")
