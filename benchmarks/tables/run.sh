@@ -19,16 +19,18 @@ data="${PEFTKIT_DATA_DIR:-$clone/../shared/data}"
 # A table may take two lines when its cells need different options (smollm2-scitldr: lora trains on
 # the first 1,000 abstracts, which a session's time allows at fp32; the untuned row trains nothing).
 # Cells run in the order listed: quicker ones go where a session's last hour can hold them
-# (sst2-chat: ia3 and adapter before qlora, full and dora).
+# (sst2-chat: ia3 and adapter before qlora, full and dora). smollm2-scitldr's untuned cell is
+# rerun after smollm2-dolly (its first record may have counted the GGUF converter's freed
+# memory in its baseline; its lora cell stays recorded).
 # Every table fixes fp32 (dtype, precision): auto would be bf16 on a CPU with AVX512-BF16 and fp32
 # on one without, and a table spans sessions on whichever machine each one gets.
 QUEUE="
 minilm-wnut17|5ac3250|minilm|wnut17|full,lora|0,1,2|--set dtype=fp32 --set precision=fp32
 minilm-squad|c18e3f5|minilm|squad|full,lora,adapter|0|--set dtype=fp32 --set precision=fp32
-smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|none|0|--set dtype=fp32 --set precision=fp32
-smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|lora|0|--set max_train_samples=1000 --set dtype=fp32 --set precision=fp32
 smollm2-sst2-chat|9da1dc9|smollm2-135m|sst2-chat|none,lora,ia3,adapter,qlora,full,dora,prompt-tuning|0|--set dtype=fp32 --set precision=fp32
 smollm2-dolly|76f8349|smollm2-135m|dolly|none,lora,qlora,full|0|--set epochs=1 --set select=last --set dtype=fp32 --set precision=fp32
+smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|none|0|--set dtype=fp32 --set precision=fp32
+smollm2-scitldr|9da1dc9|smollm2-135m|scitldr|lora|0|--set max_train_samples=1000 --set dtype=fp32 --set precision=fp32
 smollm2-sst2|429d97a|smollm2-135m|sst2|full,dora,lora,qlora,ia3,adapter-pfeiffer,prompt-tuning|0|--set max_train_samples=4000 --set dtype=fp32 --set precision=fp32
 minilm-rte|429d97a|minilm|rte|full,partial,lora,adapter,bitfit,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
 minilm-sst2|429d97a|minilm|sst2|partial,full,qlora,peft:loha,adapter-houlsby,dora,lora,adapter-pfeiffer,adapter-parallel,bitfit,ia3,prefix-tuning,linear-probe,prompt-tuning|0,1,2|--set dtype=fp32 --set precision=fp32
