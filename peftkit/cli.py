@@ -364,11 +364,14 @@ def report(
     metric: Optional[str] = typer.Option(None, help="The metric to rank by (default: the task's, e.g. accuracy, exact_match)."),
     title: Optional[str] = typer.Option(None, help="Title of the tables and page."),
     allow_mixed: bool = typer.Option(False, help="Report rows made by different code versions together."),
+    samples: int = typer.Option(3, min=0, help="Generating tasks: prompts shown with every row's answer in "
+                                               "generations.md (0: none)."),
 ) -> None:
-    """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl."""
+    """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl (and, for
+    generating tasks, generations.md: every row's answers to the same prompts)."""
     from peftkit.report import write_report
 
-    for path in write_report(runs_dir, metric, title, allow_mixed):
+    for path in write_report(runs_dir, metric, title, allow_mixed, samples):
         typer.echo(str(path))
 
 

@@ -59,7 +59,7 @@ def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Pa
         values: dict[str, Any] = load_recipe(recipe) if recipe else {"strategy": strategy}
         for seed in seeds:
             cell_values = {"cpu_mmap_threshold_kb": PUBLISHED_MMAP_THRESHOLD_KB, **values, "model": model, "task": task,
-                           "seed": seed, "overwrite": True, "output_dir": str(out / "runs" / f"{strategy}-seed{seed}")}
+                           "seed": seed, "overwrite": True, "output_dir": str(run_directory(out, strategy, seed))}
             if data_dir is not None:
                 cell_values["data_dir"] = str(data_dir)
             config = make_config(apply_overrides(cell_values, overrides))
@@ -68,6 +68,11 @@ def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Pa
                 raise PeftkitError(f"recipe {recipe} trains '{name}', which label '{strategy}' does not name")
             cells.append(Cell(strategy, seed, config, recipe))
     return cells
+
+
+def run_directory(out: Path, strategy: str, seed: int) -> Path:
+    """Where a comparison in `out` keeps one cell's run (weights, run.json, predictions)."""
+    return out / "runs" / f"{strategy}-seed{seed}"
 
 
 def _recipe_for(recipe_dir: Path | None, model: str, task: str, strategy: str) -> Path | None:

@@ -280,10 +280,13 @@ def code_versions(records: list[dict]) -> list[str]:
 
 
 def write_report(runs_dir: Path, metric: str | None = None, title: str | None = None,
-                 allow_mixed: bool = False) -> list[Path]:
+                 allow_mixed: bool = False, samples: int = 3) -> list[Path]:
     """Write every report file next to runs.jsonl; returns their paths. `metric` defaults to
     the task's headline metric (`tasks.headline_metric`); the task's other metrics get columns
-    of their own. Rows made by different code versions are refused unless `allow_mixed`."""
+    of their own. Rows made by different code versions are refused unless `allow_mixed`.
+    Where runs saved generations, generations.md shows `samples` prompts with every row's
+    answer side by side (`peftkit.side_by_side`)."""
+    from peftkit.side_by_side import side_by_side
     from peftkit.tasks import DATASETS, TASKS, headline_metric
 
     records = [with_current_estimate(r) for r in read_runs(runs_dir).values()]
@@ -310,7 +313,14 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     (runs_dir / "results.json").write_text(json.dumps([{**asdict(r), "estimate_ratio": r.estimate_ratio} for r in rows], indent=1) + "\n")
     images = plots(rows, metric, runs_dir, task.greater_is_better(metric))
     (runs_dir / "results.html").write_text(_html(title, rows, metric, images, records))
-    return [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
+    written = [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
+    generations = side_by_side(runs_dir, records, [r.strategy for r in rows], samples)
+    if generations is None:
+        (runs_dir / "generations.md").unlink(missing_ok=True)  # an earlier report's would describe other rows
+    else:
+        (runs_dir / "generations.md").write_text(generations)
+        written.append(runs_dir / "generations.md")
+    return written
 
 
 def _html(title: str, rows: list[Row], metric: str, images: list[Path], records: list[dict]) -> str:

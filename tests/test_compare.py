@@ -164,13 +164,43 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
 def test_an_open_ended_instruction_table_leads_with_rouge_l(tmp_path):
     for strategy, scores in (("none", (0.0, 0.19, 10.9)), ("lora", (0.01, 0.25, 6.0)), ("full", (0.02, 0.22, 5.5))):
         record = fake(strategy, 0, 0.0, 100)
-        record.update(task_kind="sft", config={"model": "m", "task": "dolly"},
+        record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
                       metrics=dict(zip(("exact_match", "rouge_l", "perplexity"), scores)))
         append_run(tmp_path, record)
     write_report(tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "| rouge_l (one seed) | exact_match | perplexity |" in text
     assert [row["strategy"] for row in json.loads((tmp_path / "results.json").read_text())] == ["lora", "full", "none"]
+    assert not (tmp_path / "generations.md").exists()  # no run saved generations
+
+
+def test_the_report_sets_each_rows_generations_for_the_same_prompts_side_by_side(tmp_path):
+    """A run's own predictions.jsonl (under runs/) and a published copy beside runs.jsonl are
+    both read; only prompts every row answered are shown, in the table's order of rows."""
+    def predictions(answers):
+        return "".join(json.dumps({"prompt": p, "reference": f"ref {p}", "generated": g}) + "\n" for p, g in answers)
+
+    for strategy, seed, rouge in (("lora", 1, 0.3), ("lora", 0, 0.3), ("none", 0, 0.1), ("full", 0, 0.2)):
+        record = fake(strategy, seed, 0.0, 100)
+        record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
+                      metrics={"exact_match": 0.0, "rouge_l": rouge, "perplexity": 5.0})
+        append_run(tmp_path, record)
+    (tmp_path / "runs" / "lora-seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "lora-seed0" / "predictions.jsonl").write_text(
+        predictions([("Name a fruit.", "An apple."), ("Only lora saw this.", "x"), ("Why?", "Because\nof it.")]))
+    (tmp_path / "runs" / "lora-seed1").mkdir()
+    (tmp_path / "runs" / "lora-seed1" / "predictions.jsonl").write_text(predictions([("Name a fruit.", "seed 1")]))
+    (tmp_path / "none-predictions.jsonl").write_text(predictions([("Why?", "I do not know."), ("Name a fruit.", "")]))
+    write_report(tmp_path, samples=5)
+    text = (tmp_path / "generations.md").read_text()
+    assert "# What each strategy generated: 2 validation prompts" in text and "full" not in text  # full saved none
+    assert "Only lora saw this" not in text and "seed 1" not in text  # a row's lowest seed speaks for it
+    first, second = text.split("## Prompt 1")[1].split("## Prompt 2")
+    assert "> Name a fruit." in first and "**reference**: ref Name a fruit." in first
+    assert first.index("**lora**: An apple.") < first.index("**none**: (nothing)")  # rows in the table's order
+    assert "**lora**: Because of it." in second and "**none**: I do not know." in second  # one line each
+    write_report(tmp_path, samples=0)
+    assert not (tmp_path / "generations.md").exists()  # none asked for: an earlier one is not left behind
 
 
 def test_a_one_seed_table_says_so_and_its_legend_sits_below_the_points(tmp_path):
