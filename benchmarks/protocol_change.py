@@ -3,44 +3,39 @@
     python benchmarks/protocol_change.py --table minilm-sst2=31d2991 --table minilm-rte=f37ce5e \
         --table smollm2-sst2=f37ce5e --out benchmarks/results/protocol_change
 
-Each `--table NAME=COMMIT` reads the table's records as that commit published them
-(`benchmarks/results/NAME/runs.jsonl` at COMMIT: the old protocol, which restored the epoch
-that scored best on the validation split and reported that same split) and its records in this
-checkout (the current protocol: the checkpoint chosen on a slice held out from the training
-data, or the last weights, and the validation split scored once at the end; one reading of the
-model in every row). Per strategy it shows the old reported score, the old runs' own last-epoch
-score on validation (what those runs reached without choosing on the split they report: the
-selection's share of the change) and the new score, each the mean over seeds. Reading records
-only, it trains nothing.
+Reads records only; trains nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
-HERE = Path(__file__).resolve().parent
-CLONE = HERE.parent
+from peftkit.compare import parse_runs
+from peftkit.report import record_headline
+
+CLONE = Path(__file__).resolve().parents[1]
+EXPLAINED = """Each `--table NAME=COMMIT` sets the table's records as COMMIT published them
+(`benchmarks/results/NAME/runs.jsonl` there: the old protocol, which restored the epoch that
+scored best on the validation split and reported that same split) beside its records in this
+checkout (the current protocol: the checkpoint chosen on a slice held out from the training
+data, or the last weights, the validation split scored once at the end, one reading of the
+model in every row). Per strategy: the old reported score, the old runs' own last-epoch score
+on validation (what they reached without choosing on the split they report: the share of the
+change that selection explains) and the new score, each a mean over seeds (count in brackets)."""
 
 
 def ok_records(text: str) -> list[dict]:
-    """The successful records of a runs.jsonl text, the last record per (strategy, seed) as
-    `peftkit compare` reads them (a partial last line is skipped)."""
-    records: dict[tuple[str, int], dict] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[record["strategy"], record["seed"]] = record
-    return [r for r in records.values() if r.get("status") == "ok"]
+    """The successful records of a runs.jsonl text, as `peftkit compare` reads it."""
+    return [r for r in parse_runs(text).values() if r.get("status") == "ok"]
 
 
 def old_records(table: str, commit: str) -> list[dict]:
+    """The table's records in the commit that published it under the old protocol."""
     path = f"benchmarks/results/{table}/runs.jsonl"
     shown = subprocess.run(["git", "-C", str(CLONE), "show", f"{commit}:{path}"], capture_output=True, text=True)
     if shown.returncode != 0:
@@ -48,15 +43,18 @@ def old_records(table: str, commit: str) -> list[dict]:
     return ok_records(shown.stdout)
 
 
-def headline(records: list[dict]) -> str:
-    """The metric the table leads with (the data set's, else its task kind's)."""
-    from peftkit.tasks import DATASETS, TASKS, headline_metric
+def new_records(table: str) -> list[dict]:
+    """The table's records in this checkout, which must all come from the current protocol."""
+    path = CLONE / "benchmarks" / "results" / table / "runs.jsonl"
+    records = ok_records(path.read_text()) if path.is_file() else []
+    if not records or any("selection" not in r for r in records):
+        sys.exit(f"error: {path} does not hold the regenerated table (no records, or records made before the held-out "
+                 "selection protocol): publish the table from benchmarks/tables/ first")
+    return records
 
-    first = records[0]
-    return headline_metric(TASKS[first.get("task_kind", "classification")], DATASETS.get(first["config"]["task"]))
 
-
-def by_strategy(records: list[dict], score) -> dict[str, list[float]]:
+def by_strategy(records: list[dict], score: Callable[[dict], float | None]) -> dict[str, list[float]]:
+    """Each strategy's scores over its seeds (records without one are left out)."""
     groups: dict[str, list[float]] = {}
     for record in records:
         value = score(record)
@@ -66,6 +64,7 @@ def by_strategy(records: list[dict], score) -> dict[str, list[float]]:
 
 
 def mean_text(values: list[float] | None) -> str:
+    """Mean ± std (seeds), or '-' when the strategy has no score on that side."""
     if not values:
         return "-"
     spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
@@ -73,23 +72,19 @@ def mean_text(values: list[float] | None) -> str:
 
 
 def difference(new: list[float] | None, old: list[float] | None) -> str:
+    """The change of the means, or '-' when a side is missing."""
     return f"{statistics.mean(new) - statistics.mean(old):+.4f}" if new and old else "-"
 
 
 def table_text(table: str, commit: str) -> str:
-    old = old_records(table, commit)
-    new_path = CLONE / "benchmarks" / "results" / table / "runs.jsonl"
-    if not new_path.exists():
-        sys.exit(f"error: {new_path} does not exist: publish the regenerated table first")
-    new = ok_records(new_path.read_text())
-    if not old or not new:
-        sys.exit(f"error: {table}: no successful records {'at ' + commit if not old else 'in ' + str(new_path)}")
-    metric = headline(new)
+    """One table's section: the per-strategy comparison and what the old selection gained."""
+    old, new = old_records(table, commit), new_records(table)
+    metric = record_headline(new[0])
     reported = by_strategy(old, lambda r: r["metrics"].get(metric))
     last_epoch = by_strategy(old, lambda r: (r.get("eval_history") or [{}])[-1].get(metric))
     now = by_strategy(new, lambda r: r["metrics"].get(metric))
-    commits = sorted({(r.get("provenance") or {}).get("commit", "unknown")[:7] for r in new})
-    lines = [f"## {table}: {metric} on the validation split, mean ± std (seeds)", "",
+    commits = sorted({r["provenance"]["commit"][:7] for r in new if r.get("provenance")})
+    lines = [f"## {table}: {metric} on the validation split", "",
              f"Old: `benchmarks/results/{table}/runs.jsonl` at {commit[:7]}; new: made by {', '.join(commits)}.", "",
              "| strategy | old, reported (best epoch on validation) | old, last epoch | new (validation scored once) "
              "| new - old reported | new - old last epoch |", "|---|---|---|---|---|---|"]
@@ -97,15 +92,20 @@ def table_text(table: str, commit: str) -> str:
         lines.append(f"| {strategy} | {mean_text(reported.get(strategy))} | {mean_text(last_epoch.get(strategy))} "
                      f"| {mean_text(now.get(strategy))} | {difference(now.get(strategy), reported.get(strategy))} "
                      f"| {difference(now.get(strategy), last_epoch.get(strategy))} |")
-    peeked = [statistics.mean(reported[s]) - statistics.mean(last_epoch[s]) for s in reported if s in last_epoch]
-    if peeked:
-        lines += ["", f"The old protocol's choice on the reported split: best over last epoch by "
-                      f"{statistics.mean(peeked):+.4f} on average (largest {max(peeked):+.4f}) over {len(peeked)} strategies."]
+    several = [r for r in old if len(r.get("eval_history") or []) > 1 and metric in r["eval_history"][-1]]
+    gains = [r["metrics"][metric] - r["eval_history"][-1][metric] for r in several]
+    lines.append("")
+    if gains:
+        lines.append(f"The old protocol's choice on the split it reported: the best epoch beat the last by "
+                     f"{statistics.mean(gains):+.4f} on average (largest {max(gains):+.4f}) over {len(gains)} runs "
+                     f"of more than one epoch (of {len(old)}).")
+    else:
+        lines.append("No old run was evaluated at more than one epoch: the old protocol had nothing to choose between.")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="How the comparison protocol changed published tables.")
     parser.add_argument("--table", action="append", required=True, metavar="NAME=COMMIT",
                         help="a published table and the commit whose runs.jsonl holds its old-protocol records")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md")
@@ -114,7 +114,7 @@ def main() -> None:
     if any(len(pair) != 2 or not all(pair) for pair in pairs):
         sys.exit("error: --table takes NAME=COMMIT, e.g. --table minilm-sst2=31d2991")
     command = "python benchmarks/protocol_change.py " + " ".join(f"--table {s}" for s in args.table) + f" --out {args.out}"
-    text = "\n".join([f"# The comparison protocol, old against new\n\nCommand: `{command}`\n", __doc__.split("\n\n")[2], "",
+    text = "\n".join([f"# The comparison protocol, old against new\n\nCommand: `{command}`\n", EXPLAINED, "",
                       *(table_text(name, commit) for name, commit in pairs)])
     args.out.with_suffix(".md").write_text(text)
     print(text)

@@ -325,7 +325,7 @@ def compare(
     todo = harness.pending(cells, records, retry_failed)
     harness.forget(out, {c.key for c in todo if c.key in records})
 
-    metric = headline_metric(*resolve_task(task))
+    metric = headline_metric(*resolve_task(cells[0].config.task_name)) if cells else "accuracy"
 
     def table() -> Table:
         view = Table("strategy", "seed", "status", metric, "train s", "peak MB", title=f"peftkit compare -> {out}")
@@ -361,14 +361,15 @@ def compare(
 @user_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="A `peftkit compare --out` directory."),
-    metric: Optional[str] = typer.Option(None, help="The metric to rank by (default: the task's, e.g. accuracy, exact_match)."),
+    metric: Optional[str] = typer.Option(None, help="The metric to rank by (default: the data set's or the task's, "
+                                                    "e.g. accuracy; exact_match for sst2-chat; rouge_l for dolly)."),
     title: Optional[str] = typer.Option(None, help="Title of the tables and page."),
     allow_mixed: bool = typer.Option(False, help="Report rows made by different code versions together."),
-    samples: int = typer.Option(3, min=0, help="Generating tasks: prompts shown with every row's answer in "
-                                               "generations.md (0: none)."),
+    samples: int = typer.Option(3, min=0, help="Tasks that save answers (sft, seq2seq, qa): inputs shown with "
+                                               "every row's answer in generations.md (0: none)."),
 ) -> None:
-    """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl (and, for
-    generating tasks, generations.md: every row's answers to the same prompts)."""
+    """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl (and, where the
+    task saves answers, generations.md: every row's answers to the same inputs)."""
     from peftkit.report import write_report
 
     for path in write_report(runs_dir, metric, title, allow_mixed, samples):

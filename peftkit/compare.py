@@ -86,11 +86,15 @@ def _recipe_for(recipe_dir: Path | None, model: str, task: str, strategy: str) -
 
 def read_runs(out: Path) -> dict[str, dict]:
     """Recorded runs by key; a line cut short by a kill is ignored (it will be re-run)."""
-    records: dict[str, dict] = {}
     path = out / RUNS_FILE
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
+    return parse_runs(path.read_text()) if path.is_file() else {}
+
+
+def parse_runs(text: str) -> dict[str, dict]:
+    """The records of a runs.jsonl text by key, a later line of a (strategy, seed) replacing an
+    earlier one; a line that does not parse (cut short by a kill) is skipped."""
+    records: dict[str, dict] = {}
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

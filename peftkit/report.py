@@ -284,10 +284,10 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     """Write every report file next to runs.jsonl; returns their paths. `metric` defaults to
     the task's headline metric (`tasks.headline_metric`); the task's other metrics get columns
     of their own. Rows made by different code versions are refused unless `allow_mixed`.
-    Where runs saved generations, generations.md shows `samples` prompts with every row's
-    answer side by side (`peftkit.side_by_side`)."""
+    Where runs saved answers, generations.md shows `samples` inputs with every row's answer
+    side by side (`peftkit.side_by_side`)."""
     from peftkit.side_by_side import side_by_side
-    from peftkit.tasks import DATASETS, TASKS, headline_metric
+    from peftkit.tasks import TASKS
 
     records = [with_current_estimate(r) for r in read_runs(runs_dir).values()]
     versions = code_versions(records)
@@ -298,7 +298,7 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     if first is None:
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
     task = TASKS[first.get("task_kind", "classification")]
-    metric = metric or headline_metric(task, DATASETS.get(first["config"]["task"]))
+    metric = metric or record_headline(first)
     if metric not in task.metrics:
         raise PeftkitError(f"unknown metric '{metric}' for task {task.name}: choose one of {', '.join(task.metrics)}")
     others = tuple(m for m in task.table_metrics if m != metric)
@@ -314,13 +314,22 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     images = plots(rows, metric, runs_dir, task.greater_is_better(metric))
     (runs_dir / "results.html").write_text(_html(title, rows, metric, images, records))
     written = [runs_dir / n for n in ("results.md", "results.csv", "results.json", "results.html")] + images
-    generations = side_by_side(runs_dir, records, [r.strategy for r in rows], samples)
+    generations = side_by_side(runs_dir, records, [r.strategy for r in rows], samples, task.prediction_fields)
     if generations is None:
         (runs_dir / "generations.md").unlink(missing_ok=True)  # an earlier report's would describe other rows
     else:
         (runs_dir / "generations.md").write_text(generations)
         written.append(runs_dir / "generations.md")
     return written
+
+
+def record_headline(record: dict) -> str:
+    """The metric a table of such records leads with: its data set's, else its task kind's
+    (`tasks.headline_metric`)."""
+    from peftkit.tasks import DATASETS, TASKS, headline_metric
+
+    task = TASKS[record.get("task_kind", "classification")]
+    return headline_metric(task, DATASETS.get((record.get("config") or {}).get("task")))
 
 
 def _html(title: str, rows: list[Row], metric: str, images: list[Path], records: list[dict]) -> str:

@@ -34,10 +34,10 @@ from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_tra
 from peftkit.pooling import read_with
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
+from peftkit.tasks.base import PREDICTIONS
 from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
 
 RUN_RECORD = "run.json"
-PREDICTIONS = "predictions.jsonl"  # what the model generated for each validation example (sft)
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "seqeval",
             "sacrebleu", "rouge-score")
 

@@ -80,7 +80,7 @@ class Task:
     peft_task_type: ClassVar[str] = ""       # peft.TaskType member name
     metrics: ClassVar[tuple[str, ...]] = ()  # what the run record reports
     selects: ClassVar[str] = ""              # the metric that picks the best checkpoint by default
-    primary: ClassVar[str] = ""              # the metric a comparison table leads with
+    primary: ClassVar[str] = ""              # the metric a comparison table leads with (unless the data set names its `headline`)
     table_metrics: ClassVar[tuple[str, ...]] = ()  # the metrics a comparison table shows
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
@@ -88,6 +88,9 @@ class Task:
     reads_one_vector: ClassVar[bool] = False  # True: the head reads one vector per example (pooling applies)
     default_max_length: ClassVar[int] = 128
     column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields only this kind reads (its columns, ...)
+    # the keys of a predictions.jsonl line: the input, its reference answers (a list), the model's answer;
+    # None: the task saves no per-example answers
+    prediction_fields: ClassVar[tuple[str, str, str] | None] = None
 
     def check_strategy(self, strategy: Strategy) -> None:
         """Refuse a strategy that means nothing for this task, before any weights load."""
@@ -243,6 +246,9 @@ def take_truncation_counts(splits: dict[str, Any]) -> tuple[dict[str, Any], dict
     `max_length` (the run record's `truncated_examples`)."""
     counts = {name: int(sum(split["truncated"])) for name, split in splits.items()}
     return {name: split.remove_columns("truncated") for name, split in splits.items()}, counts
+
+
+PREDICTIONS = "predictions.jsonl"  # a run's per-example answers (`Task.prediction_fields` names their keys)
 
 
 @dataclass

@@ -49,6 +49,7 @@ class ExtractiveQA(Task):
     table_metrics = ("f1", "exact_match")
     default_max_length = 384
     column_options = ("question_column", "context_column", "answers_column", "doc_stride")
+    prediction_fields = ("question", "answers", "prediction")
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
         if config.doc_stride is None:

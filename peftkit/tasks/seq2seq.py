@@ -52,6 +52,7 @@ class SequenceToSequence(Task):
     default_max_length = 512
     column_options = ("source_column", "target_column", "references_column", "source_prefix", "max_target_length",
                       "num_beams")
+    prediction_fields = ("source", "references", "generated")
 
     def owns(self, model: nn.Module) -> bool:
         return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and super().owns(model)

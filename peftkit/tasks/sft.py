@@ -55,6 +55,7 @@ class InstructionTuning(Task):
     generates_text = True
     default_max_length = 1024
     column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template")
+    prediction_fields = ("prompt", "references", "generated")
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
