@@ -70,9 +70,9 @@ def side_by_side(runs_dir: Path, records: list[dict], strategies: list[str], cou
 
 
 def _quoted(text: str) -> str:
-    return "\n".join("> " + html.escape(line) for line in text.splitlines())
+    return "\n".join("> " + html.escape(line, quote=False) for line in text.splitlines())
 
 
 def _one_line(text: str) -> str:
     """The text on one line, with markup shown as text (a model's `<div>` is not rendered)."""
-    return html.escape(" ".join(text.split())) or "(nothing)"
+    return html.escape(" ".join(text.split()), quote=False) or "(nothing)"

@@ -220,7 +220,7 @@ def test_question_answering_rows_are_set_side_by_side_by_their_own_keys(tmp_path
     write_report(tmp_path)
     text = (tmp_path / "generations.md").read_text()
     assert "> Who wrote it?" in text and "**reference**: Ann | A. B." in text  # repeated references once
-    assert text.index("**full**: full&#x27;s span") < text.index("**lora**: lora&#x27;s span")
+    assert text.index("**full**: full's span") < text.index("**lora**: lora's span")
     classification = tmp_path / "classification"
     classification.mkdir()
     append_run(classification, fake("full", 0, 0.9, 100))
