@@ -1,33 +1,39 @@
 """peftkit's defaults against the scripts a user would otherwise write, each in its own process.
 
     python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed
+    python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed_bf16 \
+        --sides tuned tuned-bf16 peftkit
 
 Per case (model, strategy, epochs, learning rate; SST-2, the same examples, batch size and
-LoRA targets on every side), three fresh processes one after another:
+LoRA targets on every side), one fresh process per side, one after another (`--sides`; by
+default plain, tuned and peftkit):
 
 - plain: a Trainer + peft script as the Hugging Face examples write it: tokenize with
   truncation, `DataCollatorWithPadding`, random batches, Trainer's defaults (its fused AdamW
   among them), a frozen encoder recomputed every step for head-only training;
 - tuned: the same script with the flag a careful user adds, batches grouped by length
   (`train_sampling_strategy="group_by_length"`), padded the same way;
+- tuned-bf16 (only when named): the tuned script with `bf16=True` as well (and `use_cpu=True`,
+  which Trainer asks for with it on a CPU): bf16 autocast over fp32 weights;
 - peftkit: `peftkit.train` with its defaults and an empty feature cache (`PEFTKIT_CACHE`), so a
   linear probe's time includes computing its features (the `features` column says so), except
   `select: last`: like the scripts it trains on every example and keeps the final weights (its
   default holds 10% out to choose an epoch on, which is a protocol, not a speed, setting; as in
   `speed_sft.py`). Its
   default precision is the machine's native one: on a CPU with AVX512-BF16 or AMX, bf16 frozen
-  weights and bf16 autocast (trainable weights in fp32), where both scripts keep Trainer's fp32
-  default (a script gets bf16 with `bf16=True`; that is not one of the baselines).
+  weights and bf16 autocast (trainable weights in fp32), where plain and tuned keep Trainer's
+  fp32 default (tuned-bf16 is the script that sets `bf16=True`).
 
 Neither script imports peftkit: each runs with the allocator and thread settings a user's
 process has. Reported: training samples/s and real (non-padding) tokens/s with evaluation
-excluded, dev accuracy, the ratios peftkit/plain and peftkit/tuned, and model-FLOPs
-utilisation against this machine's measured matmul ceiling in the precision each side computes in. The order of the three sides
-alternates from case to case, so drift in the machine's speed does not favour one side.
+excluded, dev accuracy, peftkit's samples/s over each script's, and model-FLOPs utilisation
+against this machine's measured matmul ceiling in the precision each side computes in. The
+order of the sides alternates from case to case, so drift in the machine's speed does not
+favour one side.
 
 Resumable: each finished case is added to OUT.json with the commit it ran at (and the ceilings
 measured before its invocation's first measured case); running the same command again skips the cases already
-measured at this commit and remeasures the rest, so the table can be made in pieces between
+measured at this commit with the same sides and remeasures the rest, so the table can be made in pieces between
 other work. OUT.md is written once every chosen case is in, all from one clean commit.
 
 Model FLOPs per real token: a forward pass costs 2 per weight; backward costs 2 per weight
@@ -59,7 +65,9 @@ CASES = {
 }
 SAMPLES = {"minilm": 8000, "smollm2-135m": 4000}  # as the comparison tables train them
 BATCH = {"minilm": 32, "smollm2-135m": 16}
-SIDES = ("plain", "tuned", "peftkit")
+SIDES = ("plain", "tuned", "tuned-bf16", "peftkit")
+DEFAULT_SIDES = ("plain", "tuned", "peftkit")
+SCRIPT_PRECISION = {"plain": "fp32", "tuned": "fp32", "tuned-bf16": "bf16"}
 
 
 def matmul_ceiling(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -73,8 +81,9 @@ def matmul_ceiling(dtype: torch.dtype, seconds: float = 3.0) -> float:
     return count * 2 * 2048**3 / (time.perf_counter() - start)
 
 
-def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
-    """The user's Trainer + peft script (plain, or tuned with length-grouped batches)."""
+def script(case: dict, data_dir: str, side: str) -> dict:
+    """The user's Trainer + peft script: plain, tuned with length-grouped batches, or tuned-bf16
+    with Trainer's bf16 autocast as well."""
     import datasets
     import numpy as np
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -114,7 +123,9 @@ def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
                                  per_device_train_batch_size=case["batch"], per_device_eval_batch_size=64,
                                  warmup_steps=0.06, weight_decay=0.01, eval_strategy="no", save_strategy="no",
                                  report_to="none", seed=0, disable_tqdm=True,
-                                 train_sampling_strategy="group_by_length" if group_by_length else "random")
+                                 bf16=SCRIPT_PRECISION[side] == "bf16",  # Trainer needs use_cpu for bf16 on a CPU
+                                 use_cpu=SCRIPT_PRECISION[side] == "bf16",
+                                 train_sampling_strategy="random" if side == "plain" else "group_by_length")
         trainer = Trainer(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
         train_time = trainer.train().metrics["train_runtime"]
@@ -122,7 +133,7 @@ def script(case: dict, data_dir: str, group_by_length: bool) -> dict:
     tokens = sum(len(x) for x in encoded["train"]["input_ids"]) * case["epochs"]
     return {"samples_per_s": samples * case["epochs"] / train_time, "tokens_per_s": tokens / train_time,
             "accuracy": accuracy_now, "train_time_s": train_time, "features": "recomputed every step",
-            "precision": "fp32"}
+            "precision": SCRIPT_PRECISION[side]}
 
 
 def with_peftkit(case: dict, data_dir: str) -> dict:
@@ -192,6 +203,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CASES))
     parser.add_argument("--strategies", nargs="+", help="only these strategies (default: all of a model's cases)")
     parser.add_argument("--max-train-samples", type=int, help="fewer examples, for a quick check of the script")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES),
+                        help="the sides to measure; peftkit is always one (default: plain tuned peftkit)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in its own process
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -199,15 +212,17 @@ def main() -> None:
     quiet()
     if args.side:
         case = json.loads(args.case)
-        result = with_peftkit(case, args.data_dir) if args.side == "peftkit" else \
-            script(case, args.data_dir, group_by_length=args.side == "tuned")
+        result = with_peftkit(case, args.data_dir) if args.side == "peftkit" else script(case, args.data_dir, args.side)
         args.result.write_text(json.dumps(result))
         return
     if args.out is None:
         parser.error("--out is required")
+    sides = tuple(s for s in SIDES if s in args.sides)
+    if "peftkit" not in sides or len(sides) < 2:
+        parser.error("--sides must name peftkit and at least one script, e.g. --sides tuned tuned-bf16 peftkit")
     here = stamp()
     cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
-    done = measured_rows(args.out.with_suffix(".json"), here["commit"])
+    done = measured_rows(args.out.with_suffix(".json"), here["commit"], sides)
     ceilings: dict[str, float] = {}  # measured once, before the first case that is not resumed
     rows = []
     for number, (model_name, strategy, epochs, lr) in enumerate(cases):
@@ -219,17 +234,18 @@ def main() -> None:
             rows.append(done.pop(key))
             continue
         ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
-        order = SIDES if number % 2 == 0 else SIDES[::-1]
+        order = sides if number % 2 == 0 else sides[::-1]
         results = {side: run_side(side, case, args.data_dir) for side in order}
-        row = {**{k: case[k] for k in KEY}, "order": list(order), **here, "ceiling_flops": ceilings,
-               **results, **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in SIDES},
-               "vs_plain": results["peftkit"]["samples_per_s"] / results["plain"]["samples_per_s"],
-               "vs_tuned": results["peftkit"]["samples_per_s"] / results["tuned"]["samples_per_s"]}
+        row = {**{k: case[k] for k in KEY}, "sides": list(sides), "order": list(order), **here,
+               "ceiling_flops": ceilings, **results,
+               **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in sides},
+               **{f"vs_{side}": results["peftkit"]["samples_per_s"] / results[side]["samples_per_s"]
+                  for side in sides if side != "peftkit"}}
         rows.append(row)
         print(json.dumps(row), flush=True)
         save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
     save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
-    write(args.out, rows)
+    write(args.out, rows, sides)
 
 
 KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
@@ -239,13 +255,14 @@ def case_key(row: dict) -> tuple:
     return tuple(row[k] for k in KEY)
 
 
-def measured_rows(path: Path, commit: str) -> dict[tuple, dict]:
-    """The cases OUT.json already holds from this commit (a clean tree), by case; rows from other
-    code, or from before rows named their commit, are measured again."""
+def measured_rows(path: Path, commit: str, sides: tuple[str, ...]) -> dict[tuple, dict]:
+    """The cases OUT.json already holds from this commit (a clean tree) with these sides, by case;
+    rows from other code or other sides, or from before rows named their commit, are measured again."""
     if not path.is_file():
         return {}
     rows = json.loads(path.read_text()).get("rows", [])
-    return {case_key(r): r for r in rows if r.get("commit") == commit and r.get("dirty") is False}
+    return {case_key(r): r for r in rows
+            if r.get("commit") == commit and r.get("dirty") is False and tuple(r.get("sides", DEFAULT_SIDES)) == sides}
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
@@ -266,7 +283,7 @@ def quiet() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def write(out: Path, rows: list[dict]) -> None:
+def write(out: Path, rows: list[dict], sides: tuple[str, ...]) -> None:
     from importlib import metadata
 
     commit = one_clean_commit(rows, "run the same command again from a clean checkout")
@@ -277,8 +294,11 @@ def write(out: Path, rows: list[dict]) -> None:
         return f"{low:.1f}" if round(low, 1) == round(high, 1) else f"{low:.1f}-{high:.1f}"
 
     ceilings = {p: spread([r["ceiling_flops"][p] for r in rows]) for p in ("fp32", "bf16")}
+    scripts = [s for s in sides if s != "peftkit"]
+    names = " / ".join(sides)
     lines = [
-        "# Speed: peftkit's defaults vs a plain and a tuned Trainer + peft script (SST-2, each in its own process)", "",
+        f"# Speed: peftkit's defaults vs a {' and a '.join(scripts)} Trainer + peft script "
+        "(SST-2, each in its own process)", "",
         f"Command: `{command_line()}`", "",
         f"Commit {commit[:10]}; dates {', '.join(sorted({r['date'] for r in rows}))}; "
         f"machine: {', '.join(sorted({r['machine'] for r in rows}))}, {torch.get_num_threads()} threads; {versions}; "
@@ -286,20 +306,23 @@ def write(out: Path, rows: list[dict]) -> None:
         "(once per invocation, before its first measured case; a row's MFU uses its own)", "",
         "Samples/s over training only (evaluation excluded); acc: dev accuracy on the 872 validation sentences; "
         "MFU: model FLOPs (see the script's docstring) per second over the ceiling of the precision the side computes "
-        "in (both scripts: Trainer's fp32 default; peftkit: its default, the machine's native precision, bf16 autocast "
-        "on a CPU with AVX512-BF16 or AMX; a script would get it with `bf16=True`, which is not a baseline here). "
-        "Every side trains on the same examples and keeps its final weights: peftkit runs its defaults except "
+        "in (" + "; ".join(f"{s}: {SCRIPT_PRECISION[s]}" for s in scripts) + "; peftkit: its default, the machine's "
+        "native precision, bf16 autocast on a CPU with AVX512-BF16 or AMX"
+        + ("" if "tuned-bf16" in sides else "; a script would get it with `bf16=True`, which is not a baseline here")
+        + "). Every side trains on the same examples and keeps its final weights: peftkit runs its defaults except "
         "`select: last` (its default protocol would hold 10% of them out to choose the epoch on).", "",
-        "| model | strategy | examples x epochs | samples/s plain / tuned / peftkit | peftkit vs plain | peftkit vs tuned "
-        "| acc plain / tuned / peftkit | MFU plain / tuned / peftkit | peftkit precision | peftkit features |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | strategy | examples x epochs | samples/s {names} | "
+        + " | ".join(f"peftkit vs {s}" for s in scripts)
+        + f" | acc {names} | MFU {names} | peftkit precision | peftkit features |",
+        "|---|---|---|---|" + "---|" * len(scripts) + "---|---|---|---|",
     ]
     for r in rows:
-        rate = " / ".join(f"{r[s]['samples_per_s']:.1f}" for s in SIDES)
-        acc = " / ".join(f"{r[s]['accuracy']:.4f}" for s in SIDES)
-        use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in SIDES)
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | **{r['vs_plain']:.2f}x** "
-                     f"| **{r['vs_tuned']:.2f}x** | {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
+        rate = " / ".join(f"{r[s]['samples_per_s']:.1f}" for s in sides)
+        acc = " / ".join(f"{r[s]['accuracy']:.4f}" for s in sides)
+        use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in sides)
+        ratios = " | ".join(f"**{r[f'vs_{s}']:.2f}x**" for s in scripts)
+        lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | {ratios} "
+                     f"| {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
