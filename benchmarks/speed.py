@@ -3,6 +3,8 @@
     python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed
     python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed_bf16 \
         --sides tuned tuned-bf16 peftkit
+    python benchmarks/speed.py --data-dir ../shared/data --profile --max-train-samples 480 \
+        --models smollm2-135m --strategies lora --sides tuned-bf16 peftkit
 
 Per case (model, strategy, epochs, learning rate; SST-2, the same examples, batch size and
 LoRA targets on every side), one fresh process per side, one after another (`--sides`; by
@@ -151,13 +153,13 @@ def with_peftkit(case: dict, data_dir: str) -> dict:
             "precision": record["precision"]["compute"]}
 
 
-def run_side(side: str, case: dict, data_dir: str) -> dict:
+def run_side(side: str, case: dict, data_dir: str, profile: bool = False) -> dict:
     """One side of a case in a fresh process (this script with --side), its result read back."""
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         env = {**os.environ, "PEFTKIT_CACHE": str(Path(scratch) / "cache")}
         command = [sys.executable, __file__, "--side", side, "--case", json.dumps(case), "--data-dir", data_dir,
-                   "--result", str(result)]
+                   "--result", str(result), *(["--profile"] if profile else [])]
         subprocess.run(command, env=env, check=True)
         return json.loads(result.read_text())
 
@@ -189,6 +191,24 @@ def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
             "lora_targets": list(anatomy.layer_linear_suffixes), "trainable": trainable}
 
 
+def profile_training() -> None:
+    """Print torch.profiler's table of CPU operators over each Trainer.train call of this process
+    (both scripts and peftkit train through Trainer): where a side's training time goes. The
+    profiler slows what it watches, so a profiled run's speed is not a measurement."""
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    train = transformers.Trainer.train
+
+    def profiled(self: transformers.Trainer, *args: object, **kwargs: object) -> object:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            output = train(self, *args, **kwargs)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        return output
+
+    transformers.Trainer.train = profiled
+
+
 def mfu(result: dict, case: dict, ceilings: dict[str, float]) -> float:
     flops = case["flops_per_token"]
     if result.get("cached_features"):  # one frozen forward over the data, then a head too small to count
@@ -205,24 +225,29 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, help="fewer examples, for a quick check of the script")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES),
                         help="the sides to measure; peftkit is always one (default: plain tuned peftkit)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of --out: print each side's profile of CPU operators over training, "
+                             "nothing written (with --max-train-samples, e.g. 480: profiled speeds are not measurements)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in its own process
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet()
     if args.side:
+        if args.profile:
+            profile_training()
         case = json.loads(args.case)
         result = with_peftkit(case, args.data_dir) if args.side == "peftkit" else script(case, args.data_dir, args.side)
         args.result.write_text(json.dumps(result))
         return
-    if args.out is None:
-        parser.error("--out is required")
+    if (args.out is None) == (not args.profile):
+        parser.error("give --out (a measurement) or --profile (a look at where the time goes), not both")
     sides = tuple(s for s in SIDES if s in args.sides)
     if "peftkit" not in sides or len(sides) < 2:
         parser.error("--sides must name peftkit and at least one script, e.g. --sides tuned tuned-bf16 peftkit")
     here = stamp()
     cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
-    done = measured_rows(args.out.with_suffix(".json"), here["commit"], sides)
+    done = {} if args.profile else measured_rows(args.out.with_suffix(".json"), here["commit"], sides)
     ceilings: dict[str, float] = {}  # measured once, before the first case that is not resumed
     rows = []
     for number, (model_name, strategy, epochs, lr) in enumerate(cases):
@@ -233,9 +258,12 @@ def main() -> None:
         if key in done:
             rows.append(done.pop(key))
             continue
-        ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+        if not args.profile:
+            ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
         order = sides if number % 2 == 0 else sides[::-1]
-        results = {side: run_side(side, case, args.data_dir) for side in order}
+        results = {side: run_side(side, case, args.data_dir, args.profile) for side in order}
+        if args.profile:
+            continue
         row = {**{k: case[k] for k in KEY}, "sides": list(sides), "order": list(order), **here,
                "ceiling_flops": ceilings, **results,
                **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in sides},
@@ -244,8 +272,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
-    save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
-    write(args.out, rows, sides)
+    if not args.profile:
+        save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
+        write(args.out, rows, sides)
 
 
 KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
