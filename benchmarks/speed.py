@@ -120,13 +120,13 @@ def script(case: dict, data_dir: str, side: str) -> dict:
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
+    bf16 = SCRIPT_PRECISION[side] == "bf16"
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(scratch, num_train_epochs=case["epochs"], learning_rate=case["lr"],
                                  per_device_train_batch_size=case["batch"], per_device_eval_batch_size=64,
                                  warmup_steps=0.06, weight_decay=0.01, eval_strategy="no", save_strategy="no",
                                  report_to="none", seed=0, disable_tqdm=True,
-                                 bf16=SCRIPT_PRECISION[side] == "bf16",  # Trainer needs use_cpu for bf16 on a CPU
-                                 use_cpu=SCRIPT_PRECISION[side] == "bf16",
+                                 bf16=bf16, use_cpu=bf16,  # Trainer refuses bf16 on a CPU without use_cpu
                                  train_sampling_strategy="random" if side == "plain" else "group_by_length")
         trainer = Trainer(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
                           data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
@@ -245,25 +245,26 @@ def main() -> None:
     sides = tuple(s for s in SIDES if s in args.sides)
     if "peftkit" not in sides or len(sides) < 2:
         parser.error("--sides must name peftkit and at least one script, e.g. --sides tuned tuned-bf16 peftkit")
+    cases = [describe(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
+    for case in cases:
+        case["samples"] = args.max_train_samples or case["samples"]
+    if args.profile:  # a look at where the time goes: every side of every case, nothing measured or written
+        for case in cases:
+            for side in sides:
+                run_side(side, case, args.data_dir, profile=True)
+        return
     here = stamp()
-    cases = [(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
-    done = {} if args.profile else measured_rows(args.out.with_suffix(".json"), here["commit"], sides)
+    done = measured_rows(args.out.with_suffix(".json"), here["commit"], sides)
     ceilings: dict[str, float] = {}  # measured once, before the first case that is not resumed
     rows = []
-    for number, (model_name, strategy, epochs, lr) in enumerate(cases):
-        case = describe(model_name, strategy, epochs, lr)
-        if args.max_train_samples:
-            case["samples"] = args.max_train_samples
+    for number, case in enumerate(cases):
         key = case_key(case)
         if key in done:
             rows.append(done.pop(key))
             continue
-        if not args.profile:
-            ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+        ceilings = ceilings or {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
         order = sides if number % 2 == 0 else sides[::-1]
-        results = {side: run_side(side, case, args.data_dir, args.profile) for side in order}
-        if args.profile:
-            continue
+        results = {side: run_side(side, case, args.data_dir) for side in order}
         row = {**{k: case[k] for k in KEY}, "sides": list(sides), "order": list(order), **here,
                "ceiling_flops": ceilings, **results,
                **{f"{side}_mfu": mfu(results[side], case, ceilings) for side in sides},
@@ -272,10 +273,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
-    if not args.profile:
-        save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
-        write(args.out, rows, sides)
-
+    save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
+    write(args.out, rows, sides)
 
 KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
 
