@@ -318,6 +318,7 @@ def compare(
     except ValueError:
         raise PeftkitError(f"--seeds takes comma-separated integers, got '{seeds}'") from None
     names = [s.strip() for s in strategies.split(",") if s.strip()]
+    harness.stop_cells_on_sigterm()
     cells = harness.plan(model, task, names, seed_list, out, recipe_dir, set_, data_dir)
     start = harness.launcher(num_processes, accelerate_config)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -168,8 +169,8 @@ def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str]
     log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a" if resuming else "w") as log:
-        proc = subprocess.run([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
-                              stdout=log, stderr=subprocess.STDOUT)
+        proc = _run_cell_process([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
+                                 log)
     if resuming:  # the cell's config as planned, which trains it whole
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
@@ -179,6 +180,31 @@ def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str]
         return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}
     return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode),
             "estimate": estimate_for(cell.config, None)}
+
+
+def _run_cell_process(command: list[str], log: IO[str]) -> subprocess.CompletedProcess:
+    """Run a cell's process, ended with this one if this process stops waiting for it for any
+    reason (an error, Ctrl-C, the SIGTERM `stop_cells_on_sigterm` turns into an exit), so no
+    run is left training, unrecorded, beside whatever starts next: SIGTERM first (a
+    multi-process `accelerate launch` passes it on to its ranks), SIGKILL after 30 s."""
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return subprocess.CompletedProcess(command, proc.wait())
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def stop_cells_on_sigterm() -> None:
+    """Make SIGTERM (what `kill`, `timeout` and job schedulers send) end this process as
+    Ctrl-C does, by an exception, so the running cell's process is ended with it;
+    Python's default would end this process alone. Exit status 128 + 15, as a shell reports."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _last_error(log_path: Path, returncode: int) -> str:
