@@ -276,6 +276,7 @@ def main() -> None:
     save_rows(args.out.with_suffix(".json"), rows + list(done.values()))
     write(args.out, rows, sides)
 
+
 KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
 
 

@@ -169,27 +169,28 @@ def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str]
     log_path = out / "logs" / f"{cell.strategy}-seed{cell.seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a" if resuming else "w") as log:
-        proc = _run_cell_process([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe", str(config_path)],
-                                 log)
+        returncode = _run_cell_process([*(start or [sys.executable]), "-m", "peftkit.cli", "train", "--recipe",
+                                        str(config_path)], log)
     if resuming:  # the cell's config as planned, which trains it whole
         config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
             "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if proc.returncode == 0:
+    if returncode == 0:
         run = json.loads((Path(cell.config.output_dir) / "run.json").read_text())
         return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}
-    return {**base, "status": "failed", "error": _last_error(log_path, proc.returncode),
+    return {**base, "status": "failed", "error": _last_error(log_path, returncode),
             "estimate": estimate_for(cell.config, None)}
 
 
-def _run_cell_process(command: list[str], log: IO[str]) -> subprocess.CompletedProcess:
-    """Run a cell's process, ended with this one if this process stops waiting for it for any
-    reason (an error, Ctrl-C, the SIGTERM `stop_cells_on_sigterm` turns into an exit), so no
-    run is left training, unrecorded, beside whatever starts next: SIGTERM first (a
-    multi-process `accelerate launch` passes it on to its ranks), SIGKILL after 30 s."""
+def _run_cell_process(command: list[str], log: IO[str]) -> int:
+    """Run a cell's process and return its exit status; if this process stops waiting for any
+    reason (an error, Ctrl-C, the SIGTERM `stop_cells_on_sigterm` turns into an exit), the
+    cell's process ends too, so no run is left training, unrecorded, beside whatever starts
+    next: SIGTERM first (a multi-process `accelerate launch` passes it on to its ranks),
+    SIGKILL after 30 s."""
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        return subprocess.CompletedProcess(command, proc.wait())
+        return proc.wait()
     except BaseException:
         proc.terminate()
         try:

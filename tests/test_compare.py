@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 from peftkit.compare import RUNS_FILE, append_run, plan, read_runs
@@ -49,19 +49,6 @@ def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_
         assert read_runs(out)[key]["train_time_s"] == record["train_time_s"]
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux's /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.slow
 def test_sigterm_ends_the_running_cell_with_the_harness_and_records_nothing(tmp_path, data_dir):
     out = tmp_path / "cmp"
@@ -71,11 +58,11 @@ def test_sigterm_ends_the_running_cell_with_the_harness_and_records_nothing(tmp_
     deadline = time.time() + 120
     while time.time() < deadline and "trainable params" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.1)
-    cell = children(proc.pid)
+    cell = psutil.Process(proc.pid).children()
     assert cell and proc.poll() is None, "the cell had not started training, or had finished"
     proc.send_signal(signal.SIGTERM)  # as `kill` or `pkill -f "peftkit compare"` sends it
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    assert not [pid for pid in cell if Path(f"/proc/{pid}").exists()]  # ended and reaped, not left training
+    assert not [child for child in cell if psutil.pid_exists(child.pid)]  # ended and reaped, not left training
     assert not read_runs(out)
 
 
