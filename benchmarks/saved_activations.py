@@ -4,11 +4,12 @@ precision a run computes in on this CPU.
     python benchmarks/saved_activations.py --out benchmarks/results/saved_activations_bf16
 
 For each (model, strategy): the model as a run builds it (bf16 base, trained tensors in fp32,
-attention switched as `attn_implementation: auto` switches it), one training forward of
-BATCH x LENGTH random tokens under bf16 autocast, and the bytes autograd keeps for backward
-(`peftkit.measure.saved_for_backward`) against `peftkit estimate`'s activation term for the
-same batch. A check of one term, without the allocator, the optimizer or evaluation; the
-whole-run peaks are in estimate_check.md (fp32). `--precision fp32` measures fp32 instead.
+adapters taking their input as autocast gives it, attention switched as `attn_implementation:
+auto` switches it), one training forward of BATCH x LENGTH random tokens under bf16 autocast,
+and the bytes autograd keeps for backward (`peftkit.measure.saved_for_backward`) against
+`peftkit estimate`'s activation term for the same batch. A check of one term, without the
+allocator, the optimizer or evaluation; the whole-run peaks are in estimate_check.md (fp32).
+`--precision fp32` measures fp32 instead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def measure(model: str, strategy: str, precision: str) -> dict:
     from peftkit.cpu_attention import use_fp32_cpu_attention
     from peftkit.estimate import estimate
     from peftkit.measure import saved_for_backward
-    from peftkit.models import keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer, resolve_model
+    from peftkit.models import (keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer, resolve_model,
+                                skip_adapter_input_upcast)
     from peftkit.strategies import build_strategy
 
     half = precision == "bf16"
@@ -44,6 +46,7 @@ def measure(model: str, strategy: str, precision: str) -> dict:
     net = keep_trainable_fp32(built.apply(base)).train()
     if half:
         use_fp32_cpu_attention(net)
+        skip_adapter_input_upcast(net)
     ids = torch.randint(10, 200, (BATCH, LENGTH))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),

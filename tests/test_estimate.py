@@ -264,7 +264,8 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     (DeBERTa-v2: its disentangled attention, relative positions in both directions; GPT-2: its
     `gelu_new`, a tanh formula of torch operations that keep four intermediates), in fp32
     and as a run on this CPU computes in bf16: a bf16 base, trained tensors in fp32, bf16
-    autocast, attention in fp32 (`peftkit.cpu_attention`)."""
+    autocast, attention in fp32 (`peftkit.cpu_attention`), LoRA's input left at autocast's
+    precision (`peftkit.models.skip_adapter_input_upcast`)."""
     import contextlib
 
     import torch
@@ -272,7 +273,7 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     from peftkit.cpu_attention import use_fp32_cpu_attention
     from peftkit.measure import saved_for_backward
     from peftkit.models import (keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer,
-                                random_checkpoint, resolve_model)
+                                random_checkpoint, resolve_model, skip_adapter_input_upcast)
     from peftkit.strategies import build_strategy
 
     if model == "deberta-v2":
@@ -296,6 +297,7 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     net = keep_trainable_fp32(net).train()
     if half:
         use_fp32_cpu_attention(net)
+        skip_adapter_input_upcast(net)
     ids = torch.randint(10, 200, (4, 24))
     with torch.autocast("cpu", dtype=torch.bfloat16) if half else contextlib.nullcontext():
         measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -110,3 +110,56 @@ def test_dequantizing_the_packaged_gguf_leaves_this_process_no_resident_memory(t
     grown = _status_bytes("VmRSS") - before
     assert (Path(source.path) / "config.json").is_file() and any(Path(source.path).glob("*.safetensors"))
     assert grown < 100 * 2**20, f"resolving the packaged model left {grown >> 20} MB resident"
+
+
+@pytest.mark.parametrize("strategy", ["lora", "dora"])
+def test_lora_under_autocast_takes_its_input_as_it_comes(strategy):
+    """`skip_adapter_input_upcast`: under bf16 autocast on a bf16 base, LoRA layers stop casting
+    their input up to their fp32 weights. The outputs are the same bits (autocast casts the fp32
+    copy straight back down for the adapter's product), and in training each dropout mask is
+    kept at the bf16 input's 2 bytes per value, not fp32's 4. DoRA keeps the upcast (its weight
+    norm is computed in the input's dtype): nothing changes."""
+    import torch
+
+    from peftkit.cpu_dropout import use_cpu_dropout
+    from peftkit.measure import saved_for_backward
+    from peftkit.models import (keep_trainable_fp32, load_for_classification, load_tokenizer, resolve_model,
+                                skip_adapter_input_upcast)
+    from peftkit.strategies import build_strategy
+
+    source = resolve_model("tiny-bert")
+    torch.manual_seed(0)
+    net = build_strategy(strategy, {"dropout": 0.1}).apply(
+        load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16))
+    net = keep_trainable_fp32(net)
+    use_cpu_dropout(net)
+    ids = torch.randint(10, 200, (4, 24))
+
+    def forward():
+        torch.manual_seed(1)  # the same dropout masks on both sides
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(4, dtype=torch.long))
+
+    net.eval()
+    with torch.no_grad():
+        upcast = forward().logits
+    net.train()
+    upcast_saved = saved_for_backward(net, forward)
+    adapted = [m for m in net.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert skip_adapter_input_upcast(net) == (len(adapted) if strategy == "lora" else 0) and len(adapted) == 12
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(forward().logits, upcast)
+    if strategy == "dora":
+        return  # what DoRA's weight normalisation saves varies from one forward to the next
+    net.train()
+    # autograd keeps a mask only where the input needs a gradient: not below the lowest layer,
+    # whose query, key and value read the frozen embeddings
+    masked = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: masked.append(
+        m.in_features if args[0].dtype == torch.bfloat16 and args[0].requires_grad else 0)) for m in adapted]
+    saved = saved_for_backward(net, forward)
+    for hook in hooks:
+        hook.remove()
+    assert sum(masked) == 7 * 64 + 2 * 128
+    assert upcast_saved - saved == 2 * 4 * 24 * sum(masked)

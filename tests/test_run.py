@@ -140,11 +140,14 @@ def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["lora", "adapter", "full", "bitfit", "linear-probe"])
-def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, strategy):
+def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, strategy, monkeypatch):
     """dtype bf16: the frozen base loads in bf16, what trains is fp32 (mixed precision), and the
     run trains, evaluates and reloads under bf16 autocast on CPU. A module whose own weights
     mix trainable and frozen ones (bitfit's biases) keeps them all fp32 (CPU layer norm refuses
-    a bf16 weight beside an fp32 bias); linear-probe's features are computed under the run's autocast."""
+    a bf16 weight beside an fp32 bias); linear-probe's features are computed under the run's autocast.
+    LoRA's layers take their input at autocast's precision in training (the reloaded run, which
+    keeps PEFT's upcast, scores the same loss)."""
+    import peftkit.run
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
     from peftkit.run import weight_options
@@ -162,7 +165,11 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     for module in model.modules():
         own = [p for _, p in module.named_parameters(recurse=False)]
         assert not any(p.requires_grad for p in own) or all(p.dtype == torch.float32 for p in own), module
+    skipped = []
+    monkeypatch.setattr(peftkit.run, "skip_adapter_input_upcast",
+                        lambda model: skipped.append(peftkit.models.skip_adapter_input_upcast(model)))
     result = train(tmp_path, data_dir, strategy, dtype="bf16")
+    assert skipped == [12 if strategy == "lora" else 0]  # tiny-bert: 6 projections x 2 layers
     assert result.record["config"]["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1
     assert result.metrics["loss"] == result.metrics["loss"]  # not NaN
     reproduced = evaluate_run(result.output_dir)["metrics"]
