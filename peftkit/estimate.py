@@ -60,7 +60,7 @@ the source); its output layer's vocabulary-size logits are the task's (`tasks.se
 Under bf16/fp16 autocast, counted: the half-precision copy of every fp32 linear weight (trained
 ones, and bitfit's frozen neighbours, which stay fp32 too), kept for backward; LoRA's dropout
 mask at its input's precision (a run stops PEFT casting the input up to its fp32 adapter,
-`peftkit.models.skip_adapter_input_upcast`); fp32 attention tensors on CPU
+`peftkit.models.skip_adapter_input_upcast`), DoRA's in fp32; fp32 attention tensors on CPU
 (`attention_value_bytes`). Against what autograd keeps for one bf16 training forward of 8 x 32
 tokens on CPU, activations estimated / measured are 0.86-1.05 on MiniLM and SmolLM2-135M
 across 15 strategies (benchmarks/results/saved_activations_bf16.md). Known gap there: other fp32 copies some models make are not counted (full fine-tuning's fp32
@@ -573,9 +573,12 @@ def strategy_extra_bytes(model: nn.Module, prefix: str, bytes_per_value: int, ma
         if isinstance(lora_a, nn.ModuleDict) and "default" in lora_a:
             a = lora_a["default"]
             dropped = _lora_drops_out(module)
-            # under autocast the input keeps its precision (`models.skip_adapter_input_upcast`), its mask too
-            extra += (a.in_features + a.out_features) * bytes_per_value + (a.in_features * mask_bytes if dropped else 0)
-            if getattr(module, "lora_magnitude_vector", None):  # DoRA rescales the base and LoRA outputs
+            dora = bool(getattr(module, "lora_magnitude_vector", None))
+            # under autocast LoRA's input keeps its precision, its mask too; DoRA's is cast up to
+            # fp32 (`models.skip_adapter_input_upcast`), a CPU mask with it
+            lora_mask_bytes = 4 if dora and mask_bytes > 1 else mask_bytes
+            extra += (a.in_features + a.out_features) * bytes_per_value + (a.in_features * lora_mask_bytes if dropped else 0)
+            if dora:  # DoRA rescales the base and LoRA outputs
                 extra += 2 * module.lora_B["default"].out_features * bytes_per_value
         ia3 = getattr(module, "ia3_l", None)
         if isinstance(ia3, nn.ParameterDict) and "default" in ia3:
