@@ -21,6 +21,20 @@ def test_mask_drops_at_rate_p_and_scales_the_rest(p):
     assert torch.all((mask == 0) | (mask == torch.tensor(1 / (1 - p), dtype=torch.float32)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_a_half_precision_mask_is_the_fp32_mask_in_that_dtype(p, dtype):
+    """bf16/fp16 masks are built from the scale's bit pattern, not converted from fp32: the same
+    values, drawn from the same words."""
+    torch.manual_seed(0)
+    half = keep_mask((37, 129), p, dtype)
+    torch.manual_seed(0)
+    full = keep_mask((37, 129), p)
+    assert half.dtype == dtype and half.shape == (37, 129)
+    assert torch.equal(half, full.to(dtype))
+    assert torch.equal(half.unique(), torch.tensor([0, 1 / (1 - p)], dtype=dtype))
+
+
 def test_masks_follow_torchs_seed_and_rng_state():
     torch.manual_seed(3)
     first = keep_mask((64, 33), 0.3)
