@@ -8,7 +8,8 @@ resolution: p within 2^-17 of the one asked for) and scaled by 1 / (1 - p) in th
 dtype, the float mask kept for the backward pass as torch's CPU dropout keeps it. Each call
 seeds its generator with a number drawn from torch's own, so `torch.manual_seed`, Trainer's
 seeding and the RNG state a checkpoint restores decide the masks exactly as they decide
-torch's. Off CPU, in evaluation, and at p = 0 or 1 it is torch's dropout."""
+torch's. Off CPU, in evaluation, and for p outside [2^-17, 1 - 2^-17] (0 and 1 among them),
+which 16 bits cannot resolve, it is torch's dropout."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ import torch
 from torch import nn
 
 
+RESOLVED_P = (2**-17, 1 - 2**-17)  # the rates 16-bit draws resolve to within 2^-17
+
+
 class CpuDropout(nn.Dropout):
     """`nn.Dropout` whose training-mode mask on CPU comes from `keep_mask`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
+        if not self.training or not RESOLVED_P[0] <= self.p <= RESOLVED_P[1] or x.device.type != "cpu":
             return super().forward(x)
         noise = keep_mask(x.shape, self.p, x.dtype)
         return x.mul_(noise) if self.inplace else x * noise

@@ -59,14 +59,18 @@ the source); its output layer's vocabulary-size logits are the task's (`tasks.se
 
 Under bf16/fp16 autocast, counted: the half-precision copy of every fp32 linear weight (trained
 ones, and bitfit's frozen neighbours, which stay fp32 too), kept for backward; LoRA's dropout
-mask at its input's precision (a run stops PEFT casting the input up to its fp32 adapter,
-`peftkit.models.skip_adapter_input_upcast`), DoRA's in fp32; fp32 attention tensors on CPU
-(`attention_value_bytes`). Against what autograd keeps for one bf16 training forward of 8 x 32
-tokens on CPU, activations estimated / measured are 0.86-1.05 on MiniLM and SmolLM2-135M
-across 15 strategies (benchmarks/results/saved_activations_bf16.md). Known gap there: other fp32 copies some models make are not counted (full fine-tuning's fp32
-residual stream and norm outputs; T5 keeps its `wo` projections in fp32, so its residual stream
-runs in fp32: a random t5-small-sized LoRA run measured 3.1 GB against 2.0 GB estimated). The
-published checks (benchmarks/results/estimate_check.md) run in fp32.
+mask at its input's precision, taken as the run's (a run stops PEFT casting the input up to
+its fp32 adapter, `peftkit.models.skip_adapter_input_upcast`), DoRA's in fp32; fp32 attention
+tensors on CPU (`attention_value_bytes`). Against what autograd keeps for one bf16 training
+forward of 8 x 32 tokens on CPU, activations estimated / measured are 0.86-1.05 on MiniLM and
+SmolLM2-135M across 15 strategies (benchmarks/results/saved_activations_bf16.md). Known gap
+there: other fp32 copies some models make are not counted (full fine-tuning's fp32 residual
+stream and norm outputs; T5 keeps its `wo` projections in fp32, so its residual stream runs in
+fp32: a random t5-small-sized LoRA run measured 3.1 GB against 2.0 GB estimated; an fp32 base
+under bf16 autocast, `--dtype fp32 --precision bf16`, keeps its residual stream and norm
+outputs in fp32 too, and with them the dropout masks of the projections they feed, LoRA's
+among them, counted at bf16). The published checks (benchmarks/results/estimate_check.md) run
+in fp32.
 """
 
 from __future__ import annotations

@@ -328,16 +328,18 @@ def keep_trainable_fp32(model: nn.Module) -> nn.Module:
 
 
 def skip_adapter_input_upcast(model: nn.Module) -> int:
-    """For a run under bf16/fp16 autocast: PEFT's LoRA layers (plain LoRA, QLoRA's 4-bit ones,
-    AdaLoRA) stop casting their input up to their fp32 weights, as
+    """For a run under bf16/fp16 autocast: PEFT's LoRA layers (plain LoRA and QLoRA's 4-bit
+    ones) stop casting their input up to their fp32 weights, as
     `peft.helpers.disable_input_dtype_casting` does, for the whole run. Autocast casts that
     input straight back down for the adapter's matrix product, so the upcast only cost two
     activation-sized copies forward, two backward, and an fp32 dropout mask kept for backward
-    (in a SmolLM2-135M LoRA run, about 200 MB of a 2.4 GB peak); the outputs are the same bits.
-    The adapter's dropout then runs at its input's precision, as the model's own dropout layers
-    do. DoRA layers keep the upcast: PEFT computes their weight norms in the input's dtype, where
-    bf16 would round the small update off the frozen weight. Only under autocast: a
-    half-precision input would not meet fp32 weights without it. Returns how many layers."""
+    (in a SmolLM2-135M LoRA run, about 200 MB of a 2.4 GB peak). Without dropout the outputs
+    are the same bits; in training the adapter's dropout runs at its input's precision, as the
+    model's own dropout layers do, its scale rounded to bf16 (1.109375 for p = 0.1) as torch's
+    bf16 dropout rounds it. DoRA layers keep the upcast: PEFT computes their weight norms in
+    the input's dtype, where bf16 would round the small update off the frozen weight. Only
+    under autocast: a half-precision input would not meet fp32 weights without it. Returns how
+    many layers."""
     from peft.tuners.lora import LoraLayer
 
     layers = [module for module in model.modules() if isinstance(module, LoraLayer) and not module.lora_variant]

@@ -66,6 +66,23 @@ def test_layer_is_torchs_dropout_in_eval_at_zero_and_one_and_in_bf16():
     assert half.dtype == torch.bfloat16 and 0 < (half == 0).float().mean() < 1
 
 
+@pytest.mark.parametrize("p", [1e-6, 1 - 1e-6])
+def test_rates_16_bits_cannot_resolve_are_torchs_dropout(p, monkeypatch):
+    import peftkit.cpu_dropout
+
+    def refuse(*args):
+        raise AssertionError("keep_mask called")
+
+    monkeypatch.setattr(peftkit.cpu_dropout, "keep_mask", refuse)
+    x = torch.ones(100, 100)
+    torch.manual_seed(0)
+    ours = CpuDropout(p).train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(ours, nn.Dropout(p).train()(x))  # torch's mask for the same seed
+    with pytest.raises(AssertionError, match="keep_mask called"):
+        CpuDropout(0.5).train()(x)
+
+
 def test_inplace_layer_changes_its_input():
     x = torch.ones(100, 100)
     torch.manual_seed(0)

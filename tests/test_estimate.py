@@ -196,6 +196,25 @@ def test_lora_adds_rank_outputs_and_dropped_out_inputs():
     assert cpu("lora").terms["activations"] == TOKENS * (2 * (FROZEN_LAYER + extra) + EMBEDDINGS_OUT)
 
 
+@pytest.mark.parametrize("strategy", ["lora", "dora"])
+def test_under_autocast_lora_keeps_its_mask_at_the_inputs_precision_and_dora_in_fp32(strategy):
+    """Per token of a bf16 run on CPU: each adapted projection keeps its dropped-out input and
+    rank-8 output at 2 bytes, its dropout mask at the input's 2 (LoRA: a run stops PEFT's
+    upcast, `models.skip_adapter_input_upcast`) or PEFT's fp32 (DoRA keeps the upcast); DoRA
+    also rescales the base and LoRA outputs."""
+    from peftkit.estimate import strategy_extra_bytes
+    from peftkit.models import load_for_classification, load_tokenizer, resolve_model
+    from peftkit.strategies import build_strategy
+
+    source = resolve_model("tiny-bert")
+    model = build_strategy(strategy).apply(load_for_classification(source, ["a", "b"], load_tokenizer(source)))
+    mask = 2 if strategy == "lora" else 4
+    widths = [(64, 64)] * 4 + [(64, 128), (128, 64)]  # q, k, v, attention output; FFN up, down (in, out)
+    expected = sum(2 * (n_in + 8) + mask * n_in + (2 * 2 * n_out if strategy == "dora" else 0) for n_in, n_out in widths)
+    assert strategy_extra_bytes(model, "layer.0.", 2, 2) == expected
+    assert strategy_extra_bytes(model, "layer.0.", 2, 1) == expected - (mask - 1) * sum(n for n, _ in widths)  # CUDA: bool
+
+
 def test_evaluation_counts_one_layer_without_gradients_and_not_on_top_of_training():
     per_token = 3 * 64 + 2 * 128  # layer input, residual, normalised input; two FFN intermediates (fused attention)
     result = estimate("tiny-bert", "full", batch_size=2, seq_len=10, dtype="fp32", device="cpu", eval_batch_size=6)
