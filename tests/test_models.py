@@ -115,10 +115,10 @@ def test_dequantizing_the_packaged_gguf_leaves_this_process_no_resident_memory(t
 @pytest.mark.parametrize("strategy", ["lora", "dora"])
 def test_lora_under_autocast_takes_its_input_as_it_comes(strategy):
     """`skip_adapter_input_upcast`: under bf16 autocast on a bf16 base, LoRA layers stop casting
-    their input up to their fp32 weights. The outputs are the same bits (autocast casts the fp32
-    copy straight back down for the adapter's product), and in training each dropout mask is
-    kept at the bf16 input's 2 bytes per value, not fp32's 4. DoRA keeps the upcast (its weight
-    norm is computed in the input's dtype): nothing changes."""
+    their input up to their fp32 weights. Without dropout (evaluation) the outputs are the same
+    bits (autocast casts the fp32 copy straight back down for the adapter's product), and in
+    training each dropout mask is kept at the bf16 input's 2 bytes per value, not fp32's 4.
+    DoRA keeps the upcast (its weight norm is computed in the input's dtype): nothing changes."""
     import torch
 
     from peftkit.cpu_dropout import use_cpu_dropout
