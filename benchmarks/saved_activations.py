@@ -31,8 +31,7 @@ def measure(model: str, strategy: str, precision: str) -> dict:
     from peftkit.cpu_attention import use_fp32_cpu_attention
     from peftkit.estimate import estimate
     from peftkit.measure import saved_for_backward
-    from peftkit.models import (keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer, resolve_model,
-                                skip_adapter_input_upcast)
+    from peftkit.models import load_for_classification, load_model_config, load_tokenizer, ready_for_training, resolve_model
     from peftkit.strategies import build_strategy
 
     half = precision == "bf16"
@@ -43,10 +42,9 @@ def measure(model: str, strategy: str, precision: str) -> dict:
     torch.manual_seed(0)
     base = load_for_classification(source, ["a", "b"], tokenizer, built.quantization_config(torch.bfloat16),
                                    dtype=torch.bfloat16 if half else torch.float32)
-    net = keep_trainable_fp32(built.apply(base)).train()
+    net = ready_for_training(built.apply(base), half).train()
     if half:
         use_fp32_cpu_attention(net)
-        skip_adapter_input_upcast(net)
     ids = torch.randint(10, 200, (BATCH, LENGTH))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -348,6 +348,17 @@ def skip_adapter_input_upcast(model: nn.Module) -> int:
     return len(layers)
 
 
+def ready_for_training(model: nn.Module, half_precision: bool) -> nn.Module:
+    """The strategy-applied model as a run trains it: trained tensors in fp32
+    (`keep_trainable_fp32`) and, when it computes under bf16/fp16 autocast, LoRA inputs left at
+    autocast's precision (`skip_adapter_input_upcast`). One place for what a run, the
+    benchmarks that mimic one and the estimate's tests must all do alike."""
+    model = keep_trainable_fp32(model)
+    if half_precision:
+        skip_adapter_input_upcast(model)
+    return model
+
+
 def keep_4bit_training_layout(model: nn.Module) -> nn.Module:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only
     layout at the first forward pass without gradients (the first evaluation), after which the

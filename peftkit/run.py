@@ -30,7 +30,7 @@ from peftkit.cpu_dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
-                             load_tokenizer, resolve_model, skip_adapter_input_upcast)
+                             load_tokenizer, ready_for_training, resolve_model)
 from peftkit.pooling import read_with
 from peftkit.provenance import code_version, config_hash
 from peftkit.tasks import resolve_task
@@ -91,9 +91,8 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     model = load_base(config, task, source, data.info, tokenizer, base_quantization(config, strategy))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = keep_trainable_fp32(read_with(config.pooling, model, lambda plain: strategy.apply(plain, task)))
-    if config.compute_precision() != "fp32":
-        skip_adapter_input_upcast(model)
+    model = ready_for_training(read_with(config.pooling, model, lambda plain: strategy.apply(plain, task)),
+                               half_precision=config.compute_precision() != "fp32")
     if device == "cpu" and config.fast_cpu_dropout:
         use_cpu_dropout(model)
     print(trainable_line(model), flush=True)

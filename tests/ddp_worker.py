@@ -16,16 +16,16 @@ import peftkit
 import peftkit.run
 
 held = {}
-keep_trainable_fp32 = peftkit.run.keep_trainable_fp32
+ready_for_training = peftkit.run.ready_for_training
 
 
-def holding(model):
+def holding(model, **options):
     """peftkit.run applies this to the model it trains: keep a reference to it."""
-    held["model"] = keep_trainable_fp32(model)
+    held["model"] = ready_for_training(model, **options)
     return held["model"]
 
 
-peftkit.run.keep_trainable_fp32 = holding
+peftkit.run.ready_for_training = holding
 result = peftkit.train(json.loads(sys.argv[1]))
 trained = {n: p.detach().contiguous() for n, p in held["model"].named_parameters() if p.requires_grad}
 save_file(trained, os.path.join(sys.argv[2], f"rank{os.environ.get('RANK', '0')}.safetensors"))

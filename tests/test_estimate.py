@@ -291,8 +291,8 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
 
     from peftkit.cpu_attention import use_fp32_cpu_attention
     from peftkit.measure import saved_for_backward
-    from peftkit.models import (keep_trainable_fp32, load_for_classification, load_model_config, load_tokenizer,
-                                random_checkpoint, resolve_model, skip_adapter_input_upcast)
+    from peftkit.models import (load_for_classification, load_model_config, load_tokenizer, random_checkpoint,
+                                ready_for_training, resolve_model)
     from peftkit.strategies import build_strategy
 
     if model == "deberta-v2":
@@ -313,10 +313,9 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     quantization = built.quantization_config(torch.bfloat16 if half else torch.float32)
     net = built.apply(load_for_classification(source, ["a", "b"], tokenizer, quantization,
                                               dtype=torch.bfloat16 if half else torch.float32))
-    net = keep_trainable_fp32(net).train()
+    net = ready_for_training(net, half).train()
     if half:
         use_fp32_cpu_attention(net)
-        skip_adapter_input_upcast(net)
     ids = torch.randint(10, 200, (4, 24))
     with torch.autocast("cpu", dtype=torch.bfloat16) if half else contextlib.nullcontext():
         measured = saved_for_backward(net, lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -163,3 +163,22 @@ def test_lora_under_autocast_takes_its_input_as_it_comes(strategy):
         hook.remove()
     assert sum(masked) == 7 * 64 + 2 * 128
     assert upcast_saved - saved == 2 * 4 * 24 * sum(masked)
+
+
+@pytest.mark.parametrize("half_precision", [False, True])
+def test_ready_for_training_casts_trained_tensors_to_fp32_and_skips_the_upcast_only_in_half_precision(half_precision):
+    """`ready_for_training`, the one preparation a run and the benchmarks share: on a bf16 base
+    every trained tensor becomes fp32, and LoRA layers keep PEFT's input upcast unless the run
+    computes in half precision."""
+    import torch
+
+    from peftkit.models import load_for_classification, load_tokenizer, ready_for_training, resolve_model
+    from peftkit.strategies import build_strategy
+
+    source = resolve_model("tiny-bert")
+    net = ready_for_training(build_strategy("lora").apply(
+        load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16)), half_precision)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    adapted = [m for m in net.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert adapted and all(m.cast_input_dtype_enabled is not half_precision for m in adapted)

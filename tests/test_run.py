@@ -147,7 +147,7 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     a bf16 weight beside an fp32 bias); linear-probe's features are computed under the run's autocast.
     LoRA's layers take their input at autocast's precision in training (the reloaded run, which
     keeps PEFT's upcast, scores the same loss)."""
-    import peftkit.run
+    import peftkit.models
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
     from peftkit.run import weight_options
@@ -165,9 +165,8 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     for module in model.modules():
         own = [p for _, p in module.named_parameters(recurse=False)]
         assert not any(p.requires_grad for p in own) or all(p.dtype == torch.float32 for p in own), module
-    skipped = []
-    monkeypatch.setattr(peftkit.run, "skip_adapter_input_upcast",
-                        lambda model: skipped.append(peftkit.models.skip_adapter_input_upcast(model)))
+    skipped, skip = [], peftkit.models.skip_adapter_input_upcast
+    monkeypatch.setattr(peftkit.models, "skip_adapter_input_upcast", lambda model: skipped.append(skip(model)))
     result = train(tmp_path, data_dir, strategy, dtype="bf16")
     assert skipped == [12 if strategy == "lora" else 0]  # tiny-bert: 6 projections x 2 layers
     assert result.record["config"]["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1

@@ -106,7 +106,7 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
     from peftkit.config import make_config
     from peftkit.estimate import estimate_run
     from peftkit.measure import PeakMemory
-    from peftkit.models import keep_trainable_fp32, load_causal_lm, load_tokenizer, resolve_model, skip_adapter_input_upcast
+    from peftkit.models import load_causal_lm, load_tokenizer, ready_for_training, resolve_model
     from peftkit.run import base_quantization, weight_options
     from peftkit.tasks.sft import _sft_trainer
     from peftkit.trainer import build_optimizer
@@ -132,9 +132,7 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
                            **weight_options(config))
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = keep_trainable_fp32(strategy.apply(model, task))
-    if config.compute_precision(device) != "fp32":
-        skip_adapter_input_upcast(model)
+    model = ready_for_training(strategy.apply(model, task), half_precision=config.compute_precision(device) != "fp32")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 30000, ((steps + 2) * batch, length), generator=generator).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
