@@ -5,10 +5,12 @@
         --sides tuned tuned-bf16 peftkit
     python benchmarks/speed.py --data-dir ../shared/data --profile --max-train-samples 480 \
         --models smollm2-135m --strategies lora --sides tuned-bf16 peftkit
+    python benchmarks/speed.py --data-dir ../shared/data --out benchmarks/results/speed_seeds \
+        --models minilm --strategies full --seeds 0 1 2
 
-Per case (model, strategy, epochs, learning rate; SST-2, the same examples, batch size and
-LoRA targets on every side), one fresh process per side, one after another (`--sides`; by
-default plain, tuned and peftkit):
+Per case (model, strategy, epochs, learning rate, seed; SST-2, the same examples, batch size,
+LoRA targets and seed on every side), one fresh process per side, one after another (`--sides`;
+by default plain, tuned and peftkit):
 
 - plain: a Trainer + peft script as the Hugging Face examples write it: tokenize with
   truncation, `DataCollatorWithPadding`, random batches, Trainer's defaults (its fused AdamW
@@ -31,7 +33,10 @@ process has. Reported: training samples/s and real (non-padding) tokens/s with e
 excluded, dev accuracy, peftkit's samples/s over each script's, and model-FLOPs utilisation
 against this machine's measured matmul ceiling in the precision each side computes in. The
 order of the sides alternates from case to case, so drift in the machine's speed does not
-favour one side.
+favour one side. One run's dev accuracy moves by several sentences with the seed (the head's
+initialisation, the batch order, dropout): `--seeds` measures every case under each seed given
+(default 0) and, where a case has more than one, the table ends with each side's mean accuracy
+and the range of peftkit's ratios over them.
 
 Resumable: each finished case is added to OUT.json with the commit it ran at (and the ceilings
 measured before its invocation's first measured case); running the same command again skips the cases already
@@ -105,7 +110,7 @@ def script(case: dict, data_dir: str, side: str) -> dict:
     if strategy == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)
-    torch.manual_seed(0)
+    torch.manual_seed(case["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(case["path"], num_labels=2, quantization_config=quant,
                                                                pad_token_id=tokenizer.pad_token_id)
     if strategy in ("lora", "qlora"):
@@ -125,7 +130,7 @@ def script(case: dict, data_dir: str, side: str) -> dict:
         args = TrainingArguments(scratch, num_train_epochs=case["epochs"], learning_rate=case["lr"],
                                  per_device_train_batch_size=case["batch"], per_device_eval_batch_size=64,
                                  warmup_steps=0.06, weight_decay=0.01, eval_strategy="no", save_strategy="no",
-                                 report_to="none", seed=0, disable_tqdm=True,
+                                 report_to="none", seed=case["seed"], disable_tqdm=True,
                                  bf16=bf16, use_cpu=bf16,  # Trainer refuses bf16 on a CPU without use_cpu
                                  train_sampling_strategy="random" if side == "plain" else "group_by_length")
         trainer = Trainer(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
@@ -145,7 +150,8 @@ def with_peftkit(case: dict, data_dir: str) -> dict:
         record = peftkit.train({
             "model": case["model"], "task": "sst2", "strategy": case["strategy"], "data_dir": data_dir,
             "max_train_samples": case["samples"], "epochs": case["epochs"], "learning_rate": case["lr"],
-            "batch_size": case["batch"], "select": "last", "output_dir": f"{out}/run",
+            "batch_size": case["batch"], "seed": case["seed"], "select": "last",
+            "output_dir": f"{out}/run",
         }).record
     return {"samples_per_s": record["samples_per_s"], "tokens_per_s": record["tokens_per_s"],
             "accuracy": record["metrics"]["accuracy"], "train_time_s": record["train_time_s"],
@@ -223,6 +229,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CASES))
     parser.add_argument("--strategies", nargs="+", help="only these strategies (default: all of a model's cases)")
     parser.add_argument("--max-train-samples", type=int, help="fewer examples, for a quick check of the script")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="measure every case under each of these seeds, the same on every side (default: 0)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES),
                         help="the sides to measure; peftkit is always one (default: plain tuned peftkit)")
     parser.add_argument("--profile", action="store_true",
@@ -245,7 +253,8 @@ def main() -> None:
     sides = tuple(s for s in SIDES if s in args.sides)
     if "peftkit" not in sides or len(sides) < 2:
         parser.error("--sides must name peftkit and at least one script, e.g. --sides tuned tuned-bf16 peftkit")
-    cases = [describe(m, *c) for m in args.models for c in CASES[m] if not args.strategies or c[0] in args.strategies]
+    cases = [{**describe(m, *c), "seed": seed} for m in args.models for c in CASES[m]
+             if not args.strategies or c[0] in args.strategies for seed in args.seeds]
     for case in cases:
         case["samples"] = args.max_train_samples or case["samples"]
     if args.profile:  # a look at where the time goes: every side of every case, nothing measured or written
@@ -277,7 +286,7 @@ def main() -> None:
     write(args.out, rows, sides)
 
 
-KEY = ("model", "strategy", "epochs", "lr", "samples", "batch")
+KEY = ("model", "strategy", "epochs", "lr", "samples", "batch", "seed")
 
 
 def case_key(row: dict) -> tuple:
@@ -340,20 +349,41 @@ def write(out: Path, rows: list[dict], sides: tuple[str, ...]) -> None:
         + ("" if "tuned-bf16" in sides else "; a script would get it with `bf16=True`, which is not a baseline here")
         + "). Every side trains on the same examples and keeps its final weights: peftkit runs its defaults except "
         "`select: last` (its default protocol would hold 10% of them out to choose the epoch on).", "",
-        f"| model | strategy | examples x epochs | samples/s {names} | "
+        f"| model | strategy | seed | examples x epochs | samples/s {names} | "
         + " | ".join(f"peftkit vs {s}" for s in scripts)
         + f" | acc {names} | MFU {names} | peftkit precision | peftkit features |",
-        "|---|---|---|---|" + "---|" * len(scripts) + "---|---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(scripts) + "---|---|---|---|",
     ]
     for r in rows:
         rate = " / ".join(f"{r[s]['samples_per_s']:.1f}" for s in sides)
         acc = " / ".join(f"{r[s]['accuracy']:.4f}" for s in sides)
         use = " / ".join(f"{100 * r[f'{s}_mfu']:.1f}%" for s in sides)
         ratios = " | ".join(f"**{r[f'vs_{s}']:.2f}x**" for s in scripts)
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['samples']} x {r['epochs']} | {rate} | {ratios} "
+        lines.append(f"| {r['model']} | {r['strategy']} | {r['seed']} | {r['samples']} x {r['epochs']} | {rate} | {ratios} "
                      f"| {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
+    lines += seed_summary(rows, sides)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def seed_summary(rows: list[dict], sides: tuple[str, ...]) -> list[str]:
+    """One line per case measured under several seeds: each side's mean dev accuracy over them and
+    the range of peftkit's speed ratios, the comparison one seed's accuracy is too noisy for."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(case_key(r)[:-1], []).append(r)
+    lines = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first = group[0]
+        mean = " / ".join(f"{sum(r[s]['accuracy'] for r in group) / len(group):.4f}" for s in sides)
+        ratios = "; ".join(f"{min(r[f'vs_{s}'] for r in group):.2f}-{max(r[f'vs_{s}'] for r in group):.2f}x the {s} script"
+                           for s in sides if s != "peftkit")
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        lines.append(f"\n{first['model']} {first['strategy']} over seeds {seeds}: mean dev accuracy "
+                     f"{' / '.join(sides)} {mean}; peftkit {ratios}.")
+    return lines
 
 
 if __name__ == "__main__":
