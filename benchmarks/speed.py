@@ -371,7 +371,7 @@ def seed_summary(rows: list[dict], sides: tuple[str, ...]) -> list[str]:
     the range of peftkit's speed ratios, the comparison one seed's accuracy is too noisy for."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(case_key(r)[:-1], []).append(r)
+        groups.setdefault(tuple(r[k] for k in KEY if k != "seed"), []).append(r)
     lines = []
     for group in groups.values():
         if len(group) < 2:
