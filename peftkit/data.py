@@ -8,6 +8,7 @@ in one line before any model loads.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def _read_file(path: Path, split: str) -> Any:
     if path.stat().st_size == 0:
         raise PeftkitError(f"{split} file {path} is empty (0 bytes): it needs a header or one example per line")
     if fmt != "parquet":
-        lines = _check_text(path, split)
+        lines = _check_text(path, split, json_lines=path.suffix.lower() == ".jsonl")
         if lines <= (1 if fmt == "csv" else 0):
             raise PeftkitError(f"{split} file {path} has no examples (only a header?): add at least one row")
     try:
@@ -93,20 +94,46 @@ def _read_file(path: Path, split: str) -> Any:
     return data
 
 
-def _check_text(path: Path, split: str) -> int:
-    """Text data must be UTF-8: say which byte is not, rather than the parser's vague failure.
-    Returns the number of non-blank lines."""
+def _check_text(path: Path, split: str, json_lines: bool = False) -> int:
+    """Text data must be UTF-8: say which byte is not, rather than the parser's vague failure;
+    and with `json_lines`, each non-blank line one JSON object, named by its line (the
+    library's parser names only a byte offset, in its log). Returns the number of non-blank lines."""
     filled = 0
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
-            filled += bool(line.strip())
+            if not line.strip():  # blank lines hold only ASCII whitespace: nothing to decode
+                continue
+            filled += 1
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise PeftkitError(f"{split} file {path} is not UTF-8 (line {number}, byte {err.start + 1}: "
                                    f"{line[err.start:err.start + 1]!r}): re-save it as UTF-8, e.g. "
                                    f"iconv -f latin1 -t utf-8") from None
+            if json_lines:
+                _check_json_line(text.removeprefix("\ufeff") if number == 1 else text, path, split, number)
     return filled
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+              type(None): "null"}
+
+
+def _check_json_line(text: str, path: Path, split: str, number: int) -> None:
+    """One line of a JSON Lines file is one JSON object, or one line naming where it is not."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PeftkitError(f"{split} file {path} line {number} is not JSON ({err.msg}): {_excerpt(text)}") from None
+    if not isinstance(value, dict):
+        raise PeftkitError(f"{split} file {path} line {number} is not a JSON object ({JSON_TYPES[type(value)]}): "
+                           f"{_excerpt(text)}; each line must be one {{...}} example")
+
+
+def _excerpt(text: str, width: int = 40) -> str:
+    """The start of a line, quoted, to find it by in an editor."""
+    text = text.strip()
+    return repr(text[:width]) + ("..." if len(text) > width else "")
 
 
 def require_columns(splits: dict[str, Any], columns: list[str], fix: str) -> None:

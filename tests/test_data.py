@@ -72,9 +72,9 @@ def test_missing_task_files(tmp_path):
 
 
 def test_unreadable_file(tmp_path):
-    bad = tmp_path / "t.jsonl"
+    bad = tmp_path / "t.json"  # a .jsonl file is checked line by line first (tests/test_data_errors.py)
     bad.write_text("{not json\n")
-    with pytest.raises(PeftkitError, match="cannot read train file"):
+    with pytest.raises(PeftkitError, match="cannot read train file .*t.json as json"):
         load_data(make_config({"train_file": bad, "validation_file": bad}))
 
 

@@ -1,12 +1,17 @@
 """Instruction tuning (supervised fine-tuning) of a causal LM, trained with TRL's SFTTrainer.
 
-Data: chat `messages` (a list of {role, content}; built-in `sst2-chat`, `dolly`) or a
-`prompt` and a `completion` column (built-in `gsm8k`), rendered with the model's own chat
-template or the one given in the config. The loss falls on the assistant's tokens only,
-the end-of-turn token included, so the model learns to stop. Packing (`packing: true`)
-puts several examples in one row with position ids restarting at each, and no attention
-mask: transformers then builds a block-diagonal causal mask, so no example attends to
-another. Evaluation: validation loss and perplexity over the answers' tokens, then greedy
+Data, in any of four formats, detected from the columns (or named by the column options) and
+said in one line as it loads (`data_format` in the run record): OpenAI chat `messages` (a
+list of {role, content}, roles system/user/assistant; built-in `sst2-chat`, `dolly`);
+ShareGPT `conversations` (a list of {from, value}; human/gpt/system, or user/assistant);
+Alpaca `instruction`, optional `input` and `output` (the input joined after the instruction
+by a blank line, or placed by `prompt_template`'s `{instruction}` and `{input}`); or a
+`prompt` and a `completion` column (built-in `gsm8k`). A role outside these is refused with
+its row. Each is rendered with the model's own chat template or the one given in the config.
+The loss falls on the assistant's tokens only, the end-of-turn token included, so the model
+learns to stop. Packing (`packing: true`) puts several examples in one row with position ids
+restarting at each, and no attention mask: transformers then builds a block-diagonal causal
+mask, so no example attends to another. Evaluation: validation loss and perplexity over the answers' tokens, then greedy
 generation on the validation prompts (batched, left-padded), scored by exact match after
 SQuAD-style normalization and by ROUGE-L (rouge-score); for `gsm8k` the number after `####`.
 The generations are saved as predictions.jsonl.
@@ -99,22 +104,24 @@ class InstructionTuning(Task):
                                "one set of virtual tokens: drop packing for prompt learning")
 
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
-        """Checked splits with one `messages` column, whatever the source's layout."""
+        """Checked splits with one `messages` column, whatever the source's format; the format
+        found is printed, so that a column read differently from the user's intent shows."""
         splits = read_splits(config, dataset)
         defaults = dataset.columns if dataset and config.train_file is None else {}
-        columns = _columns(config, defaults, splits["train"].column_names)
+        data_format, columns = _columns(config, defaults, splits["train"])
         require_columns(splits, list(columns.values()), "name them with --set messages_column=... or "
                         "--set prompt_column=... --set completion_column=...")
         splits = cap_samples(splits, config)
         template = config.prompt_template or defaults.get("prompt_template")
-        if template is not None and "messages" in columns:
-            raise PeftkitError("prompt_template formats a prompt column, and this data has chat messages: drop it")
+        _check_template(template, data_format, columns)
+        print(f"data: {data_format} ({_describe(data_format, columns, template, config)})", flush=True)
         references = config.references_column or defaults.get("references_column")
         for split, data in splits.items():
-            splits[split] = data.map(lambda row, i: _example(row, columns, template, references, split, i),
+            splits[split] = data.map(lambda row, i: _example(row, data_format, columns, template, references, split, i),
                                      with_indices=True, remove_columns=data.column_names)
         return TaskData(splits["train"], splits["validation"],
-                        {"columns": columns, "answer_format": dataset.answer_format if dataset else "text",
+                        {"columns": columns, "data_format": data_format,
+                         "answer_format": dataset.answer_format if dataset else "text",
                          "prompt_template": template, "references_column": references},
                         test=splits.get("test"))
 
@@ -224,52 +231,163 @@ def score_answer_positions_only() -> None:
     fused_head._use_triton = lambda device: device.type in ("cpu", "cuda") or _use_triton(device)
 
 
-def _columns(config: RunConfig, defaults: dict[str, str], available: list[str]) -> dict[str, str]:
-    """{"messages": col} or {"prompt": col, "completion": col}: the config's names, else the
-    data set's, else whichever layout the training file has."""
+CHAT_ROLES = ("system", "user", "assistant")  # OpenAI messages; "tool" turns are refused (their format varies by template)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+JSON_NAMES = {type(None): "null", int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object"}
+PLACEHOLDER = re.compile(r"\{(prompt|instruction|input)\}")
+
+
+def _columns(config: RunConfig, defaults: dict[str, str], train: Any) -> tuple[str, dict[str, str]]:
+    """The data format (messages, sharegpt, alpaca, prompt-completion) and its columns: the
+    config's names, else the data set's, else whichever layout the training file has. A prompt
+    column named `instruction` beside an `input` column is Alpaca, so the input is joined, not
+    dropped."""
+    available = train.column_names
+
     def pick(role: str) -> str | None:
         return getattr(config, f"{role}_column") or defaults.get(f"{role}_column")
 
     if pick("messages"):
-        return {"messages": pick("messages")}
+        return _chat_format(train, pick("messages"))
     if pick("prompt") or pick("completion"):
-        return {"prompt": pick("prompt") or "prompt", "completion": pick("completion") or "completion"}
+        prompt, completion = pick("prompt") or "prompt", pick("completion") or "completion"
+        if prompt == "instruction" and "input" in available:
+            return "alpaca", {"instruction": prompt, "input": "input", "output": completion}
+        return "prompt-completion", {"prompt": prompt, "completion": completion}
     if "messages" in available:
-        return {"messages": "messages"}
+        return _chat_format(train, "messages")
     if "prompt" in available and "completion" in available:
-        return {"prompt": "prompt", "completion": "completion"}
-    raise PeftkitError(f"cannot tell the chat layout (columns: {', '.join(available)}): sft needs a 'messages' column "
-                       "or 'prompt' and 'completion' columns; name yours with --set messages_column=... or "
+        return "prompt-completion", {"prompt": "prompt", "completion": "completion"}
+    if "conversations" in available:
+        return _chat_format(train, "conversations")
+    if "instruction" in available and "output" in available:
+        return "alpaca", {"instruction": "instruction", **({"input": "input"} if "input" in available else {}),
+                          "output": "output"}
+    raise PeftkitError(f"cannot tell the chat layout (columns: {', '.join(available)}): sft reads 'messages' "
+                       "({role, content}), 'conversations' ({from, value}), 'instruction' and 'output' (Alpaca) or "
+                       "'prompt' and 'completion' columns; name yours with --set messages_column=... or "
                        "--set prompt_column=... --set completion_column=...")
 
 
-def _example(row: dict[str, Any], columns: dict[str, str], template: str | None, references_column: str | None,
-             split: str, index: int) -> dict[str, Any]:
+def _chat_format(train: Any, column: str) -> tuple[str, dict[str, str]]:
+    """A column of turns is ShareGPT where its first turn has `from`, else OpenAI messages."""
+    first = train[0].get(column) if column in train.column_names and len(train) else None
+    turn = first[0] if isinstance(first, list) and first else None
+    if isinstance(turn, dict) and turn.get("from") is not None:
+        return "sharegpt", {"conversations": column}
+    return "messages", {"messages": column}
+
+
+def _check_template(template: str | None, data_format: str, columns: dict[str, str]) -> None:
+    """A prompt_template must say where each part of the prompt goes, so none is lost."""
+    if template is None:
+        return
+    used = set(PLACEHOLDER.findall(template))
+    if data_format in ("messages", "sharegpt"):
+        raise PeftkitError("prompt_template formats a prompt column, and this data has chat messages: drop it")
+    if data_format == "prompt-completion" and used != {"prompt"}:
+        raise PeftkitError(f"prompt_template must mark the prompt with {{prompt}} (it has "
+                           f"{', '.join('{' + p + '}' for p in sorted(used)) or 'no placeholder'}); {{instruction}} "
+                           "and {input} are for Alpaca data (instruction, input, output)")
+    if data_format == "alpaca" and not ({"prompt"} <= used or {"instruction", "input"} <= used
+                                        or (used == {"instruction"} and "input" not in columns)):
+        raise PeftkitError("prompt_template must place the instruction and the input ({instruction} and {input}), "
+                           "or the two joined ({prompt}), so that no part of an Alpaca example is dropped")
+
+
+def _describe(data_format: str, columns: dict[str, str], template: str | None, config: RunConfig) -> str:
+    """The detected format in words, for the line printed as data loads."""
+    if data_format == "messages":
+        return f"column '{columns['messages']}' of {{role, content}}; roles {', '.join(CHAT_ROLES)}"
+    if data_format == "sharegpt":
+        return f"column '{columns['conversations']}' of {{from, value}}; human -> user, gpt -> assistant, system -> system"
+    through = "; the prompt through prompt_template" if template else ""
+    if data_format == "prompt-completion":
+        return f"'{columns['prompt']}' -> user, '{columns['completion']}' -> assistant{through}"
+    parts = " + ".join(columns.values())
+    if "input" not in columns:
+        return f"{parts}; no input column{through}"
+    how = ("prompt_template places the instruction and input" if template and "{prompt}" not in template
+           else "input joined after the instruction" + through)
+    if config.prompt_column == "instruction":
+        how += "; prompt_column=instruction, and the data's 'input' column is joined too, not dropped"
+    return f"{parts}; {how}"
+
+
+def _example(row: dict[str, Any], data_format: str, columns: dict[str, str], template: str | None,
+             references_column: str | None, split: str, index: int) -> dict[str, Any]:
     """One example: its chat `messages` and the `references` its generation is scored against
     (the assistant's answer, or the list in `references_column` where the data has one)."""
-    messages = _conversation(row, columns, template, split, index)
+    messages = _conversation(row, data_format, columns, template, split, index)
     return {"messages": messages, "references": references_of(row, references_column, messages[-1]["content"], split, index)}
 
 
-def _conversation(row: dict[str, Any], columns: dict[str, str], template: str | None, split: str,
+def _conversation(row: dict[str, Any], data_format: str, columns: dict[str, str], template: str | None, split: str,
                   index: int) -> list[dict[str, str]]:
-    """One example as chat messages, checked: roles and text present, the last turn the
-    assistant's. A prompt column is put into `template` ("{prompt}" marks where) when given."""
-    if "messages" not in columns:
+    """One example as chat messages, checked: roles known and text present, the last turn the
+    assistant's. A prompt is put into `template` ({prompt}, or Alpaca's {instruction} and
+    {input}) when given."""
+    if data_format == "prompt-completion":
         prompt, completion = row[columns["prompt"]], row[columns["completion"]]
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise PeftkitError(f"{split} row {index}: prompt and completion must be text")
-        if template is not None:
-            prompt = template.replace("{prompt}", prompt)
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    messages = row[columns["messages"]]
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-        raise PeftkitError(f"{split} row {index}: messages must be a non-empty list of {{role, content}} with text values")
+        messages = [{"role": "user", "content": _fill(template, {"prompt": prompt})},
+                    {"role": "assistant", "content": completion}]
+    elif data_format == "alpaca":
+        messages = _alpaca(row, columns, template, split, index)
+    elif data_format == "sharegpt":
+        messages = _turns(row[columns["conversations"]], ("from", "value"), SHAREGPT_ROLES, split, index)
+    else:
+        messages = _turns(row[columns["messages"]], ("role", "content"), {r: r for r in CHAT_ROLES}, split, index)
     if messages[-1]["role"] != "assistant":
         raise PeftkitError(f"{split} row {index}: the last message must be the assistant's answer "
                            f"(got role '{messages[-1]['role']}'): every example needs an assistant turn to learn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
+
+
+def _fill(template: str | None, values: dict[str, str]) -> str:
+    """`template` with each {name} replaced in one pass (text that holds "{input}" stays as it is);
+    without a template, the prompt itself."""
+    if template is None:
+        return values["prompt"]
+    return PLACEHOLDER.sub(lambda match: values[match[1]], template)
+
+
+def _alpaca(row: dict[str, Any], columns: dict[str, str], template: str | None, split: str,
+            index: int) -> list[dict[str, str]]:
+    """An Alpaca example as a user turn and an assistant turn: the instruction, then a blank
+    line and the input where there is one (Alpaca's own layout), unless `template` places them."""
+    for part, column in columns.items():
+        value = row.get(column)
+        if not isinstance(value, str) and not (part == "input" and value is None):
+            got = JSON_NAMES.get(type(value), type(value).__name__)
+            raise PeftkitError(f"{split} row {index}: Alpaca's {part} ('{column}') must be text"
+                               f"{' or empty' if part == 'input' else ''}, not {got}")
+    instruction, output = row[columns["instruction"]], row[columns["output"]]
+    given = (row[columns["input"]] or "") if "input" in columns else ""
+    joined = f"{instruction}\n\n{given}" if given.strip() else instruction
+    prompt = _fill(template, {"prompt": joined, "instruction": instruction, "input": given})
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+ROLE_HINTS = {("role", "human"): " (ShareGPT's human/gpt are read from {from, value} turns: a 'conversations' column)",
+              ("role", "gpt"): " (ShareGPT's human/gpt are read from {from, value} turns: a 'conversations' column)",
+              ("role", "tool"): " (tool turns are not trained on: their layout depends on the chat template)"}
+
+
+def _turns(turns: Any, keys: tuple[str, str], roles: dict[str, str], split: str, index: int) -> list[dict[str, str]]:
+    """Chat turns of `keys` (role and text: OpenAI's role/content, ShareGPT's from/value) as
+    messages, each role mapped by `roles`; an unknown one is refused with its row."""
+    who, said = keys
+    if not isinstance(turns, list) or not turns or not all(
+            isinstance(t, dict) and isinstance(t.get(who), str) and isinstance(t.get(said), str) for t in turns):
+        column = "messages" if who == "role" else "conversations"
+        raise PeftkitError(f"{split} row {index}: {column} must be a non-empty list of {{{who}, {said}}} with text values")
+    for number, turn in enumerate(turns):
+        if turn[who] not in roles:
+            raise PeftkitError(f"{split} row {index}: message {number} has {who} '{turn[who]}', which is not one of "
+                               f"{', '.join(roles)}{ROLE_HINTS.get((who, turn[who]), '')}")
+    return [{"role": roles[t[who]], "content": t[said]} for t in turns]
 
 
 def set_chat_template(tokenizer: Any, template: str | None) -> None:
