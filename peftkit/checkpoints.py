@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from peftkit.errors import PeftkitError
+from peftkit.outputs import check_replaceable
+from peftkit.record import RUN_RECORD
 
 if TYPE_CHECKING:
     from peftkit.config import RunConfig
 
 PREFIX = "checkpoint-"
+STAGING = ".partial"                       # where a checkpoint is written before it is renamed into place
 TRAINABLE = "trainable.safetensors"        # the trainable tensors at the checkpoint
 SELECTION_STATE = "peftkit-selection.pt"  # KeepBestTrainable's state at the checkpoint
 PROGRESS = "peftkit-progress.json"         # training time and peak memory up to the checkpoint
@@ -63,13 +66,25 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
                                f"({', '.join(differing[:5])}{', ...' if len(differing) > 5 else ''}): resume with the "
                                "same options, or start over with --overwrite")
         return checkpoints[-1]
+    _check_only_checkpoints(root)
     if complete_checkpoints(root) and not config.overwrite:
         raise PeftkitError(f"an interrupted run left checkpoints in {root}: pass --resume to continue it, "
                            "or --overwrite to start over")
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
-        raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output-dir or pass --overwrite")
+    check_replaceable(output_dir, RUN_RECORD, config.overwrite, "run", "--output-dir")
     shutil.rmtree(root, ignore_errors=True)  # --overwrite: the old checkpoints go now, a finished run when replaced
     return None
+
+
+def _check_only_checkpoints(root: Path) -> None:
+    """A checkpoint folder peftkit may delete holds nothing but what runs put there."""
+    if not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.name not in (RUN_OPTIONS, STAGING) and not (p.name.startswith(PREFIX) and p.is_dir()))
+    if foreign:
+        raise PeftkitError(f"{root} holds files that are not peftkit checkpoints ({', '.join(foreign[:3])}): peftkit "
+                           "keeps a run's checkpoints there and never deletes other files; move them or choose "
+                           "another --output-dir")
 
 
 def record_options(config: RunConfig, output_dir: Path, commit: str) -> None:
@@ -93,7 +108,7 @@ def save_atomically(trainer: Any, save: Callable[[], None], selection: Any = Non
     import torch
 
     root = Path(trainer.args.output_dir)
-    staging = root / ".partial"
+    staging = root / STAGING
     name = f"{PREFIX}{trainer.state.global_step}"
     main = trainer.args.should_save
     if main:

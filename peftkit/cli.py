@@ -101,7 +101,7 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier peftkit run in --output-dir (never other files)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint (same options)."),
     force: bool = typer.Option(False, help="Train even when the memory estimate exceeds the free memory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and its memory estimate; load nothing, train nothing."),
@@ -126,16 +126,39 @@ def train(
         force=force or None,
     )
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
-    config = make_config(apply_overrides(values, set_))
+    values = apply_overrides(values, set_)
+    config = make_config(values)  # a typo'd option answers first
+    if "model" not in values or "task" not in values and "train_file" not in values:
+        raise PeftkitError("peftkit train needs a --model and a --task (or your own --train-file/--validation-file), "
+                           "given as flags or in a --recipe; e.g. peftkit train --model minilm --task sst2 "
+                           "--strategy lora --data-dir DIR")
     if dry_run:
         _dry_run(config, device)
         return
     _quiet_libraries()
     from peftkit.run import train as run_training
 
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except KeyboardInterrupt:
+        _say_how_to_resume(Path(config.output_dir))
+        raise typer.Exit(130) from None
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     typer.echo(f"saved {result.output_dir} | {metrics}")
+
+
+def _say_how_to_resume(output_dir: Path) -> None:
+    """After Ctrl-C: the command that continues the run from its last checkpoint, if it has one."""
+    from peftkit.checkpoints import checkpoint_root, complete_checkpoints
+
+    root = checkpoint_root(output_dir)
+    typer.echo("", err=True)  # off the progress bar's line
+    if not complete_checkpoints(root):
+        typer.echo(f"interrupted before the first checkpoint: nothing to resume in {root}", err=True)
+        return
+    arguments = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    typer.echo(f"interrupted: the last checkpoint in {root} is kept; continue with: "
+               f"{shlex.join(['peftkit', *arguments, '--resume'])}", err=True)
 
 
 def _dry_run(config: Any, device: str) -> None:
@@ -145,8 +168,15 @@ def _dry_run(config: Any, device: str) -> None:
 
     from peftkit.estimate import FIT_SIZES_GB, estimate_run
 
+    from peftkit.estimate import load_config
+    from peftkit.models import resolve_model
+    from peftkit.preflight import check_against_model, check_device
+
     if device not in ("cuda", "cpu"):
         raise PeftkitError(f"--device must be cuda or cpu, got '{device}'")
+    check_device(config, device)
+    if Path(config.model).suffix == ".json" or resolve_model(config.model).kind == "local":  # no hub fetch here
+        check_against_model(config, load_config(config.model))
     typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
     result = estimate_run(config, device=device)
     settings = result.settings
@@ -168,9 +198,11 @@ def eval_(
     data_dir: Optional[Path] = typer.Option(None, help="Read the task from here instead of the recorded place."),
 ) -> None:
     """Reload a run and recompute its validation metrics."""
-    _quiet_libraries()
     from peftkit.inference import evaluate_run
+    from peftkit.record import read_record
 
+    read_record(run)  # a wrong --run answers before any library loads
+    _quiet_libraries()
     result = evaluate_run(run, data_dir)
     for name, value in result["metrics"].items():
         recorded = result["recorded"].get(name)
@@ -190,11 +222,9 @@ def predict(
     import json
 
     from peftkit.inference import predict as predict_labels
-    from peftkit.inference import read_inputs
+    from peftkit.inference import predict_inputs
 
-    if bool(texts) == bool(file):
-        raise PeftkitError("give one input as arguments or many with --file FILE.jsonl, not both and not neither")
-    inputs = read_inputs(run, file) if file else [texts]
+    inputs = predict_inputs(run, texts, file)
     _quiet_libraries()
     lines = predict_labels(run, inputs)
     for example, line in zip(inputs, lines):
@@ -210,17 +240,23 @@ def generate(
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens to generate at most (default: the run's)."),
 ) -> None:
     """Answer prompts with an instruction-tuned run: greedy decoding, batched."""
-    _quiet_libraries()
     import json
 
-    from peftkit.inference import generate_answers, read_conversations
+    from peftkit.inference import check_generates, generate_answers, read_conversations
 
     if bool(prompts) == bool(file):
         raise PeftkitError("give prompts as arguments or --file FILE.jsonl, not both and not neither")
+    check_generates(run)
     conversations = read_conversations(file) if file else [[{"role": "user", "content": p}] for p in prompts]
-    answers = generate_answers(run, conversations, max_new_tokens)
-    for conversation, answer in zip(conversations, answers):
-        typer.echo(json.dumps({"prompt": conversation[-1]["content"], "generated": answer}, ensure_ascii=False) if file else answer)
+    _quiet_libraries()
+    replies, limit = generate_answers(run, conversations, max_new_tokens)
+    for conversation, reply in zip(conversations, replies):
+        typer.echo(json.dumps({"prompt": conversation[-1]["content"], "generated": reply.text,
+                               "finished": reply.finished}, ensure_ascii=False) if file else reply.text)
+    cut = sum(not reply.finished for reply in replies)
+    if cut:
+        typer.echo(f"note: {cut} of {len(replies)} answers stopped at --max-new-tokens {limit} before they ended: "
+                   "pass a larger --max-new-tokens for whole answers", err=True)
 
 
 @app.command()
@@ -228,14 +264,18 @@ def generate(
 def merge(
     run: Path = typer.Option(..., help="A run directory written by `peftkit train` (lora, dora, qlora, ia3, peft:<method>)."),
     output: Path = typer.Option(..., help="Where to write the merged transformers checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace --output if it is not empty."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier merged checkpoint in --output (never other files)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights of the merged checkpoint: fp32, bf16 or fp16 "
+                                                   "(default: the dtype the run's weights had)."),
 ) -> None:
     """Fold a run's adapter into the base weights and save a plain transformers checkpoint."""
-    _quiet_libraries()
-    from peftkit.merge import merge_run
+    from peftkit.merge import check_merge, merge_run
 
-    note = merge_run(run, output, overwrite)
-    typer.echo(f"merged {note['strategy']['name']} into {note['merged_into']}: {output}")
+    check_merge(run, output, overwrite, dtype)
+    _quiet_libraries()
+    note = merge_run(run, output, overwrite, dtype)
+    chosen = "as --dtype asked" if dtype else "the run's weights dtype; --dtype fp32 for full precision"
+    typer.echo(f"merged {note['strategy']['name']} into the unquantized base, saved in {note['dtype']} ({chosen}): {output}")
 
 
 @app.command()
@@ -383,8 +423,9 @@ def estimate(
     model: str = typer.Option(..., help="Alias, checkpoint directory, hub id, or a config.json file."),
     strategy: str = typer.Option(..., help="Strategy name."),
     set_: list[str] = typer.Option([], "--set", help="Strategy option key=value, e.g. --set r=16."),
-    batch_size: int = typer.Option(4, min=1),
-    seq_len: int = typer.Option(512, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Examples per micro-step (default: train's, 32)."),
+    seq_len: Optional[int] = typer.Option(None, min=1, help="Tokens per example (default: train's max_length for "
+                                                           "the task: 128 classification, 384 qa, 1024 sft, ...)."),
     dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda and on a CPU with bf16 instructions, else fp32), fp32, bf16 or fp16."),
     precision: Optional[str] = typer.Option(None, help="Activations: fp32, bf16 or fp16 (default: --dtype)."),
     attn_implementation: str = typer.Option("auto", help="auto (sdpa; in fp32 on a CPU under bf16/fp16), sdpa, eager or flash_attention_2."),
@@ -392,9 +433,10 @@ def estimate(
     optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
     quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
-    eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: --batch-size)."),
+    eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: train's, 256)."),
     task: str = typer.Option("classification", help="Task kind or built-in data set (sft and seq2seq count the LM head and generation)."),
-    max_new_tokens: int = typer.Option(0, min=0, help="sft, seq2seq: tokens generated per evaluation prompt (the key/value cache)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=0, help="sft, seq2seq: tokens generated per evaluation "
+                                                 "prompt, the key/value cache (default: train's, 64; 0 for none)."),
     select: str = typer.Option("best", help="best: a copy of the best weights is kept (as train's select); last: none."),
     answer_tokens: Optional[int] = typer.Option(None, min=1, help="sft: the longest answer in tokens (the LM head "
                                                 "scores answer positions only; default: every position); seq2seq: "
@@ -403,16 +445,27 @@ def estimate(
     gradient_accumulation_steps: int = typer.Option(1, min=1, help="Micro-batches per optimizer step (above 1, "
                                                     "every gradient is held through each forward pass)."),
 ) -> None:
-    """Analytic peak training memory from the model's config alone, and which GPUs it fits."""
-    from peftkit.config import apply_overrides
-    from peftkit.estimate import FIT_SIZES_GB
-    from peftkit.estimate import estimate as compute
+    """Analytic peak training memory from the model's config alone, and which GPUs it fits.
+    Options left out take `peftkit train`'s defaults for the task."""
+    from peftkit.config import RunConfig, apply_overrides
     from peftkit.strategies import build_strategy
+    from peftkit.tasks import resolve_task
 
     if select not in ("best", "last"):
         raise PeftkitError(f"--select must be best or last, got '{select}'")
     options = apply_overrides({"strategy": strategy}, set_)["strategy"]
-    result = compute(model, build_strategy(options.pop("name"), options), batch_size, seq_len, dtype,
+    built = build_strategy(options.pop("name"), options)  # a wrong name or option answers before torch loads
+    kind = resolve_task(task)[0]
+    defaults = RunConfig.model_fields
+    batch_size = batch_size or defaults["batch_size"].default
+    seq_len = seq_len or kind.default_max_length
+    eval_batch_size = eval_batch_size or defaults["eval_batch_size"].default
+    if max_new_tokens is None:
+        max_new_tokens = defaults["max_new_tokens"].default if kind.generates_text else 0
+    from peftkit.estimate import FIT_SIZES_GB
+    from peftkit.estimate import estimate as compute
+
+    result = compute(model, built, batch_size, seq_len, dtype,
                      gradient_checkpointing, optimizer, device=device, quantization=quantization,
                      eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
                      attn_implementation=attn_implementation, keeps_best=select == "best",

@@ -273,15 +273,22 @@ def cpu_has_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
+GENERATION_OPTIONS = ("max_new_tokens", "max_generate_samples")  # read only by tasks that generate text
+
+
 def _check_column_options(config: RunConfig, task: Any) -> None:
-    """A column option of another task kind (`tokens_column` on sst2) is a mistake: say whose it is."""
+    """A column option of another task kind (`tokens_column` on sst2), or a generation
+    setting on a task that generates nothing, is a mistake: say whose it is."""
     from peftkit.tasks import TASKS
 
     for other in TASKS.values():
         for name in other.column_options:
-            if name not in task.column_options and getattr(config, name) is not None:
+            if name not in task.column_options and getattr(config, name) != RunConfig.model_fields[name].default:
                 raise ValueError(f"{name} is an option of task '{other.name}', and this run's task is "
                                  f"'{task.name}': drop it or pick a {other.name} task")
+    for name in GENERATION_OPTIONS:
+        if getattr(config, name) != RunConfig.model_fields[name].default and not task.generates_text:
+            raise ValueError(f"{name} sets how answers are generated, and task '{task.name}' generates no text: drop it")
 
 
 def config_values(record: dict[str, Any]) -> dict[str, Any]:
@@ -326,10 +333,22 @@ def load_recipe(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise PeftkitError(f"cannot read recipe {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise PeftkitError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise PeftkitError(f"recipe {path} is not valid YAML{_where(err)}: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise PeftkitError(f"recipe {path} must be a mapping of option: value")
     return data
+
+
+def _where(err: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error (1-based, as editors count), where it has a place."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, in its own words, without its multi-line excerpt."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(err).splitlines()[0]
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -17,15 +17,18 @@ from typing import Any
 
 from peftkit.config import config_values, make_config
 from peftkit.errors import PeftkitError
-from peftkit.run import load_run, package_versions, read_record, write_directory
+from peftkit.outputs import check_replaceable, check_writable, write_directory
+from peftkit.record import read_record
 from peftkit.strategies.peft_base import first_line
 
 MERGE_NOTE = "merge.json"
+DTYPES = ("fp32", "bf16", "fp16")
 
 
-def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Merge the run's adapter into its base and write the checkpoint to `output_dir`
-    (staged, then renamed into place). Returns the note saved there as merge.json."""
+def check_merge(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: str | None = None) -> dict[str, Any]:
+    """Everything that can be wrong with a merge, from the run's record alone (no library
+    loads): a strategy or head plain transformers cannot hold, an output that is the run itself
+    or holds other files, an unknown dtype. Returns the run's record."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     record = read_record(run_dir)
     run_config = make_config(config_values(record))
@@ -36,29 +39,47 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
         raise PeftkitError("this run's head reads the mean of the last hidden states (pooling mean), which a plain "
                            "transformers classifier cannot do: use the run through peftkit (predict, eval), "
                            "or train it with --pooling model to merge it")
+    if dtype is not None and dtype not in DTYPES:
+        raise PeftkitError(f"--dtype must be one of {', '.join(DTYPES)} (or left out: the run's weights dtype), got '{dtype}'")
     if output_dir.resolve() == run_dir.resolve():
         raise PeftkitError(f"--output {output_dir} is the run itself: write the merged checkpoint somewhere else")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise PeftkitError(f"output directory {output_dir} is not empty: choose another --output or pass --overwrite")
+    check_writable(output_dir, "--output")
+    check_replaceable(output_dir, MERGE_NOTE, overwrite, "merged checkpoint", "--output")
+    return record
 
-    config, model, tokenizer, _ = load_run(run_dir, quantized=False)
+
+def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: str | None = None) -> dict[str, Any]:
+    """Merge the run's adapter into its base, in `dtype` (default: the dtype the run's
+    weights had), and write the checkpoint to `output_dir` (staged, then renamed into place).
+    Returns the note saved there as merge.json."""
+    from peftkit.run import load_run, package_versions
+
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    record = check_merge(run_dir, output_dir, overwrite, dtype)
+    config, model, tokenizer, _ = load_run(run_dir, quantized=False,
+                                           **({"dtype": dtype, "precision": dtype} if dtype else {}))
+    strategy = config.strategy.build()
     quantized = strategy.quantization_config(None) is not None or config.quantization != "none"
     try:
         merged = model.merge_and_unload()
     except (NotImplementedError, ValueError) as err:  # PEFT: a method or layer without a merge
         raise PeftkitError(f"strategy {strategy.name} cannot be merged: {first_line(err)}") from None
+    saved_dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
 
     note = {
         "run": str(run_dir.resolve()),
         "model": config.model,
         "strategy": record["config"]["strategy"],
-        "merged_into": f"unquantized {next(merged.parameters()).dtype} base".replace("torch.", ""),
+        "merged_into": f"unquantized {saved_dtype} base",
+        "dtype": saved_dtype,
+        "dtype_chosen_by": "--dtype" if dtype else "the run's weights dtype",
         # the run's metrics describe these weights only when the run's base was not 4-bit: a
         # qlora adapter folded into the unquantized base computes something else
         "run_metrics": None if quantized else record["metrics"],
         "metrics_note": ("the run trained on a 4-bit base; these merged weights were never evaluated "
                          "(peftkit's metrics are the run's): evaluate them before relying on them")
-                        if quantized else "the run's validation metrics, which these merged weights reproduce",
+                        if quantized else "the run's validation metrics, which these merged weights reproduce"
+                        + (" up to the rounding of --dtype" if dtype else ""),
         "versions": package_versions(),
     }
 
@@ -67,5 +88,5 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict[
         tokenizer.save_pretrained(staging)
         (staging / MERGE_NOTE).write_text(json.dumps(note, indent=2) + "\n")
 
-    write_directory(output_dir, write)
+    write_directory(output_dir, write, MERGE_NOTE)
     return note

@@ -13,18 +13,17 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
 from peftkit.checkpoints import checkpoint_root, load_progress, load_selection, record_options, resume_point
-from peftkit.config import RunConfig, config_values, make_config
+from peftkit.config import RunConfig, make_config
 from peftkit.cpu_attention import use_fp32_cpu_attention
 from peftkit.cpu_dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
@@ -32,12 +31,14 @@ from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainabl
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
                              load_tokenizer, ready_for_training, resolve_model)
 from peftkit.pooling import read_with
+from peftkit.preflight import check_against_model, check_device
+from peftkit.outputs import check_writable, write_directory
 from peftkit.provenance import code_version, config_hash
+from peftkit.record import RUN_RECORD, read_record, run_config
 from peftkit.tasks import resolve_task
 from peftkit.tasks.base import PREDICTIONS
 from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
 
-RUN_RECORD = "run.json"
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "seqeval",
             "sacrebleu", "rouge-score")
 
@@ -62,12 +63,13 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     task, dataset = resolve_task(config.task_name)
     code = code_version()  # now, before the checkout can move on while this run trains
     output_dir = Path(config.output_dir)
-    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise PeftkitError(f"--output-dir {output_dir}: {blocking} is a file, not a directory: choose another --output-dir")
+    check_writable(output_dir, "--output-dir")
     resume_from = resume_point(config, output_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(config, device)
     source = resolve_model(config.model)
     model_config = load_model_config(source)
+    check_against_model(config, model_config)
     strategy.check(model_config, task)
     data = task.load_data(config, dataset)
     check_structure(model_config, strategy, task, len(data.info.get("label_names", [])), config.pooling)
@@ -77,7 +79,6 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     from transformers import set_seed
 
     set_seed(config.seed)  # a new head's initial weights depend on it
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         set_mmap_threshold(config.cpu_mmap_threshold_kb)
     memory = PeakMemory(device).start()
@@ -137,6 +138,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
         },
         "metrics": final.metrics,  # the validation split, scored once at the end
         "test_metrics": test.metrics if test else None,
+        "generation": final.generation,  # how many answers were cut at max_new_tokens (tasks that generate)
         "selection": {"select": config.select, "metric": config.metric_for_best_model if config.select == "best" else None,
                       "on": "held-out slice of the training data" if config.select == "best" else "final weights"},
         **trained,
@@ -287,22 +289,7 @@ def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, s
         record["size_on_disk_bytes"] = size_on_disk(staging)
         (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
-    write_directory(output_dir, write)
-
-
-def write_directory(output_dir: Path, write: Callable[[Path], None]) -> None:
-    """`write` fills a fresh staging folder beside `output_dir`, which then replaces it:
-    a failure leaves nothing half-written."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    staging.chmod(0o755)
-    try:
-        write(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_directory(output_dir, write, RUN_RECORD)
 
 
 def weight_options(config: RunConfig) -> dict[str, Any]:
@@ -345,19 +332,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _trained_precision(record: dict[str, Any]) -> dict[str, str]:
-    """The dtype and precision a run trained in, so that it reloads in them wherever it reloads.
-    Records from before they were kept resolved auto to fp32 on CPU (and their own device's
-    choice on a GPU, which auto still makes)."""
-    if "precision" in record:
-        return {"dtype": record["precision"]["weights"], "precision": record["precision"]["compute"]}
-    if not str(record.get("device", "")).startswith("cpu"):
-        return {}
-    dtype, precision = record["config"].get("dtype", "auto"), record["config"].get("precision", "auto")
-    return {**({"dtype": "fp32"} if dtype == "auto" else {}),
-            **({"precision": "fp32"} if precision == "auto" and dtype in ("auto", "fp32") else {})}
-
-
 def _device_name(device: str) -> str:
     """The GPU's name, or the CPU's model, the vector instructions torch uses on it and the
     threads: times from different machines must not pass for one machine's (report lists them)."""
@@ -375,22 +349,11 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    """The run.json of a finished run, or a clear error."""
-    path = Path(run_dir) / RUN_RECORD
-    try:
-        return json.loads(path.read_text())
-    except OSError:
-        raise PeftkitError(f"{run_dir} is not a peftkit run: no readable {RUN_RECORD}") from None
-    except json.JSONDecodeError as err:
-        raise PeftkitError(f"{path} is not valid JSON ({err.msg}); the run is damaged, train it again") from None
-
-
 def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, dict[str, Any]]:
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    config = make_config({**config_values(record), **_trained_precision(record), **{k: v for k, v in overrides.items() if v is not None}})
+    config = run_config(record, **overrides)
     strategy = config.strategy.build()
     task = config.task_kind
     source = resolve_model(config.model)

@@ -5,6 +5,7 @@ complete or absent, rotated, and never resumed with other options or replaced un
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -135,3 +136,27 @@ def test_progress_counts_the_work_before_training_once():
     resumed = Timed.progress(trainer({"train_time_s": 100.0, "memory": {"peak_memory_bytes": 7}, "processes": 1}, 3))
     assert 100.0 <= resumed["train_time_s"] < 101.0 and resumed["memory"] == {"peak_memory_bytes": 7}
     assert resumed["processes"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_command_that_resumes_and_it_does(tmp_path, data_dir):
+    """SIGINT after the first checkpoint: exit 130, no traceback, and one line whose command
+    (the same flags, --resume added) finishes the run."""
+    out = tmp_path / "run"
+    flags = ["--model", "tiny-bert", "--task", "sst2", "--strategy", "full", "--data-dir", str(data_dir),
+             "--max-train-samples", "240", "--max-eval-samples", "8", "--batch-size", "16", "--epochs", "3",
+             "--output-dir", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "peftkit", "train", *flags], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not complete_checkpoints(checkpoint_root(out)):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    hint = next(line for line in stderr.splitlines() if line.startswith("interrupted:"))  # on a line of its own
+    command = hint.split("continue with: ", 1)[1]
+    assert command.startswith("peftkit train ") and command.endswith(" --resume")
+    arguments = shlex.split(command)[1:]
+    resumed = subprocess.run([sys.executable, "-m", "peftkit", *arguments], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] > 0

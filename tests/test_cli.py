@@ -32,13 +32,13 @@ def assert_clean_failure(result, expected, output_dir):
 
 def test_unknown_strategy(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lroa", "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lroa", "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "unknown strategy 'lroa' (did you mean 'lora'?)", out)
 
 
 def test_unknown_strategy_option(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--set", "rank=4", "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lora", "--set", "rank=4", "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "strategy 'lora' has no option 'rank'", out)
 
 
@@ -52,7 +52,7 @@ def test_typo_in_recipe(tmp_path, data_dir):
 
 def test_typo_of_a_run_option_in_set_is_not_called_a_strategy_option(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--set", "lerning_rate=0.1",
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lora", "--set", "lerning_rate=0.1",
                     "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "unknown option 'lerning_rate' (did you mean 'learning_rate'?)", out)
 
@@ -60,7 +60,7 @@ def test_typo_of_a_run_option_in_set_is_not_called_a_strategy_option(tmp_path, d
 def test_output_dir_naming_a_file(tmp_path, data_dir):
     taken = tmp_path / "taken.txt"
     taken.write_text("keep me")
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--data-dir", data_dir, "--output-dir", taken)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lora", "--data-dir", data_dir, "--output-dir", taken)
     assert_clean_failure(result, f"{taken} is a file, not a directory", tmp_path / "nothing")
     assert taken.read_text() == "keep me"
 
@@ -83,7 +83,7 @@ def test_label_outside_label_set(tmp_path, jsonl):
 
 def test_model_path_that_does_not_exist(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", tmp_path / "nope", "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", tmp_path / "nope", "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "does not exist", out)
 
 
@@ -91,7 +91,7 @@ def test_non_empty_output_dir_is_kept(tmp_path, data_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = invoke("train", "--model", "tiny-bert", "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--data-dir", data_dir, "--output-dir", out)
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -124,7 +124,7 @@ def test_strategies_lists_the_registry(monkeypatch):
 
 def test_train_eval_predict_through_the_cli(tmp_path, data_dir):
     out = tmp_path / "run"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "bitfit", "--data-dir", data_dir,
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "bitfit", "--data-dir", data_dir,
                     "--max-train-samples", 32, "--max-eval-samples", 32, "--epochs", 1, "--output-dir", out)
     assert result.exit_code == 0, result.output
     assert "trainable params:" in result.stdout
@@ -174,7 +174,7 @@ def test_large_llm_recipes_validate_with_dry_run(recipe, tmp_path):
 
 
 def test_dry_run_on_cpu_prints_the_estimate_without_training(tmp_path):
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "cpu",
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "cpu",
                     "--output-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "weights fp32" in result.output and "total" in result.output and "smallest GPU" not in result.output
@@ -215,5 +215,5 @@ def test_the_option_schemas_import_neither_torch_nor_peft():
 
 def test_dry_run_device_must_be_cuda_or_cpu(tmp_path):
     out = tmp_path / "run"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "tpu", "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "lora", "--dry-run", "--device", "tpu", "--output-dir", out)
     assert_clean_failure(result, "--device must be cuda or cpu, got 'tpu'", out)

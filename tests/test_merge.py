@@ -12,7 +12,7 @@ import peftkit
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_run
 from peftkit.run import load_run
-from test_cli import invoke
+from test_cli import assert_clean_failure, invoke
 
 TEXTS = ["a gripping , funny film", "dull and far too long", "the cast is good but the script is a mess",
          "one of the best films of the year , full stop", "meh"]
@@ -114,7 +114,28 @@ def test_merge_does_not_overwrite_by_accident(tmp_path, data_dir):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    with pytest.raises(PeftkitError, match="is not empty: choose another --output or pass --overwrite"):
-        merge_run(run, taken)
-    merge_run(run, taken, overwrite=True)
-    assert not (taken / "keep.txt").exists() and (taken / "merge.json").is_file()
+    for overwrite in (False, True):  # a folder of the user's own files is never emptied, flag or not
+        with pytest.raises(PeftkitError, match="holds no peftkit merged checkpoint .keep.txt.: peftkit never deletes"):
+            merge_run(run, taken, overwrite=overwrite)
+    assert (taken / "keep.txt").read_text() == "mine"
+    merged = tmp_path / "merged"
+    merge_run(run, merged)
+    with pytest.raises(PeftkitError, match="holds a finished peftkit merged checkpoint: pass --overwrite"):
+        merge_run(run, merged)
+    merge_run(run, merged, overwrite=True)  # an earlier merge is replaced
+    assert sorted(p.name for p in merged.iterdir()) == json.loads((merged / "merge.json").read_text())["files"]
+
+
+def test_merge_says_and_chooses_the_dtype_it_saves(tmp_path, data_dir):
+    """A bf16 run merges into bf16 weights by default, and says so; --dtype fp32 saves fp32."""
+    run = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "max_train_samples": 32,
+                         "max_eval_samples": 16, "epochs": 1, "select": "last", "strategy": "lora", "dtype": "bf16",
+                         "precision": "bf16", "output_dir": tmp_path / "run"}).output_dir
+    said = invoke("merge", "--run", run, "--output", tmp_path / "default")
+    assert said.exit_code == 0, said.output
+    assert "saved in bfloat16 (the run's weights dtype; --dtype fp32 for full precision)" in said.stdout
+    assert json.loads((tmp_path / "default" / "merge.json").read_text())["dtype"] == "bfloat16"
+    assert invoke("merge", "--run", run, "--output", tmp_path / "fp32", "--dtype", "fp32").exit_code == 0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32").dtype == torch.float32
+    assert_clean_failure(invoke("merge", "--run", run, "--output", tmp_path / "x", "--dtype", "int8"),
+                         "--dtype must be one of fp32, bf16, fp16", tmp_path / "x")

@@ -193,7 +193,7 @@ def test_a_diverging_run_stops_at_the_step_with_one_line_and_saves_nothing(tmp_p
     from test_cli import invoke
 
     out = tmp_path / "run"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "full", "--data-dir", data_dir,
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "full", "--data-dir", data_dir,
                     "--max-train-samples", 64, "--max-eval-samples", 16, "--optimizer", "sgd", "--lr", "1e30",
                     "--set", "max_grad_norm=0", "--set", "select=last", "--output-dir", out)
     # after the progress bar, one error line naming the step and learning rate; no traceback, nothing written
@@ -286,6 +286,6 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
 def test_a_run_reloads_in_the_precision_it_trained_in(record, resolved):
     """Records keep what auto resolved to; older CPU records resolved auto to fp32 (before auto
     meant bf16 on CPUs with bf16 instructions), and reload so."""
-    from peftkit.run import _trained_precision
+    from peftkit.record import trained_precision
 
-    assert _trained_precision(record) == resolved
+    assert trained_precision(record) == resolved

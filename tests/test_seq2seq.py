@@ -54,9 +54,10 @@ def test_an_encoder_decoder_learns_scores_saves_and_reloads(jsonl, tmp_path):
     assert result.metrics["exact_match"] == 1.0 and result.metrics["rouge_l"] == 1.0  # the first word, learned
     saved = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     assert result.metrics["bleu"] == pytest.approx(bleu_score([r["generated"] for r in saved], [r["references"] for r in saved]))
-    assert saved[0] == {"source": "one two three", "references": ["one", "zero"], "generated": "one"}
+    assert saved[0] == {"source": "one two three", "references": ["one", "zero"], "generated": "one", "finished": True}
     assert predict(result.output_dir, [["seven eight nine"]]) == ["seven"]
-    assert generate_answers(result.output_dir, [[{"role": "user", "content": "ten eleven twelve"}]]) == ["ten"]
+    replies, _ = generate_answers(result.output_dir, [[{"role": "user", "content": "ten eleven twelve"}]])
+    assert [reply.text for reply in replies] == ["ten"]
     again = evaluate_run(result.output_dir)
     assert again["metrics"] == pytest.approx(again["recorded"], rel=1e-4)
 

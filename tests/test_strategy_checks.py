@@ -28,13 +28,13 @@ def test_prefix_tuning_is_rejected_where_the_model_takes_no_key_value_cache(tmp_
     model_dir = tmp_path / "distilbert"  # an encoder with no cache argument at all
     DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=2).save_pretrained(model_dir)
     out = tmp_path / "out"
-    result = invoke("train", "--model", model_dir, "--strategy", "prefix-tuning", "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", model_dir, "--strategy", "prefix-tuning", "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "prefix-tuning cannot train DistilBertForSequenceClassification: PEFT", out)
 
 
 def test_prefix_like_peft_method_is_rejected_too(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "peft:cartridge", "--set", "num_virtual_tokens=4",
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "peft:cartridge", "--set", "num_virtual_tokens=4",
                     "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "peft:cartridge cannot train BertForSequenceClassification", out)
 
@@ -44,7 +44,7 @@ def test_prompt_learning_is_rejected_on_an_encoder_decoder(tmp_path, data_dir, s
     model_dir = tmp_path / "t5"
     T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4).save_pretrained(model_dir)
     out = tmp_path / "out"
-    result = invoke("train", "--model", model_dir, "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", model_dir, "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, f"{strategy} cannot train a t5 classifier: encoder-decoder", out)
 
 
@@ -55,19 +55,19 @@ def test_prompt_learning_is_rejected_on_an_encoder_decoder(tmp_path, data_dir, s
 ])
 def test_peft_methods_that_cannot_classify(tmp_path, data_dir, strategy, message):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", strategy, "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, message, out)
 
 
 def test_prompt_tuning_text_init_needs_its_text(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "prompt-tuning", "--set", "init=text",
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "prompt-tuning", "--set", "init=text",
                     "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "prompt-tuning takes init_text together with init=text", out)
 
 
 def test_quantized_base_with_full_fine_tuning_is_one_line(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = invoke("train", "--model", "tiny-bert", "--strategy", "full", "--quantization", "nf4",
+    result = invoke("train", "--task", "sst2", "--model", "tiny-bert", "--strategy", "full", "--quantization", "nf4",
                     "--data-dir", data_dir, "--output-dir", out)
     assert_clean_failure(result, "strategy 'full' trains the base weights, which a 4-bit base cannot update", out)

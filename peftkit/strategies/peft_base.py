@@ -80,11 +80,30 @@ class PeftStrategy(Strategy):
             if config.get("base_model_name_or_path"):
                 config["base_model_name_or_path"] = portable_name(config["base_model_name_or_path"])
                 config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _portable_model_card(Path(directory) / "README.md", portable_name)
+
 
     def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
         from peft import PeftModel
 
         return self.wrapped(PeftModel.from_pretrained(base, directory))
+
+
+def _portable_model_card(path: Path, portable_name: Any) -> None:
+    """The model card PEFT writes names the base as the adapter config does: a packaged
+    model by its hub id, in `base_model` and in the `base_model:adapter:` tag."""
+    if not path.is_file():
+        return
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    base = card.data.base_model
+    if not isinstance(base, str) or portable_name(base) == base:
+        return
+    card.data.base_model = portable_name(base)
+    card.data.tags = [f"base_model:adapter:{card.data.base_model}" if tag == f"base_model:adapter:{base}" else tag
+                      for tag in card.data.tags or []]
+    card.save(str(path))
 
 
 def peft_task_type(model: nn.Module, task: Task | None) -> str:

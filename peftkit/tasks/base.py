@@ -85,6 +85,7 @@ class Task:
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     pretrained_head: ClassVar[bool] = False  # True: the output layer is the model's own (nothing new trains beside)
     generates_text: ClassVar[bool] = False   # True: `answer` generates replies (`peftkit generate`)
+    predicts: ClassVar[bool] = True          # False: `peftkit predict` refuses its runs (they answer through `generate`)
     reads_one_vector: ClassVar[bool] = False  # True: the head reads one vector per example (pooling applies)
     default_max_length: ClassVar[int] = 128
     column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields only this kind reads (its columns, ...)
@@ -253,10 +254,31 @@ PREDICTIONS = "predictions.jsonl"  # a run's per-example answers (`Task.predicti
 
 @dataclass
 class Evaluation:
-    """Final metrics, and per-example outputs to save beside the model (None when the task has none)."""
+    """Final metrics, per-example outputs to save beside the model (None when the task has
+    none), and for tasks that generate, how the generations ended (`generation_summary`)."""
 
     metrics: dict[str, float]
     predictions: list[dict[str, Any]] | None = None
+    generation: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One generated answer, and whether it ended by itself (an end-of-turn or end-of-text
+    token) or was cut at `max_new_tokens`."""
+
+    text: str
+    finished: bool
+
+
+def generation_summary(replies: list[Reply], max_new_tokens: int, split: str) -> dict[str, int]:
+    """How many replies were cut at `max_new_tokens` (a run record's `generation`), said in
+    one line when any were: a cut answer scores as wrong, and the fix is a larger limit."""
+    cut = sum(not reply.finished for reply in replies)
+    if cut:
+        print(f"note: {cut} of {len(replies)} {split} generations stopped at max_new_tokens={max_new_tokens} before "
+              f"they ended (raise it with --set max_new_tokens=N)", flush=True)
+    return {"generated": len(replies), "cut_at_max_new_tokens": cut, "max_new_tokens": max_new_tokens}
 
 
 def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:

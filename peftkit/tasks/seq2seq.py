@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from peftkit.anatomy import unwrap_peft
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, cut_by_truncation,
-                                language_model_loss, references_of, register_task, rows_to_generate,
-                                take_truncation_counts)
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Reply, Task, TaskData,
+                                cut_by_truncation, generation_summary, language_model_loss, references_of,
+                                register_task, rows_to_generate, take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -161,37 +161,40 @@ class SequenceToSequence(Task):
         chosen = rows_to_generate(prepared.raw[split], config)
         if len(chosen) == 0:
             return Evaluation(metrics)
-        generated = generate(model, tokenizer, chosen["source"], config.max_new_tokens, config.eval_batch_size,
-                             config.num_beams, config.max_length)
-        metrics |= score_generations(generated, chosen["references"])
-        predictions = [{"source": s, "references": r, "generated": g}
-                       for s, r, g in zip(chosen["source"], chosen["references"], generated)]
-        return Evaluation(metrics, predictions)
+        replies = generate(model, tokenizer, chosen["source"], config.max_new_tokens, config.eval_batch_size,
+                           config.num_beams, config.max_length)
+        metrics |= score_generations([reply.text for reply in replies], chosen["references"])
+        predictions = [{"source": s, "references": r, "generated": g.text, "finished": g.finished}
+                       for s, r, g in zip(chosen["source"], chosen["references"], replies)]
+        return Evaluation(metrics, predictions, generation_summary(replies, config.max_new_tokens, split))
 
     def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """The generated target for each source (the run's `source_prefix` put before it)."""
         prefix = record["data"].get("source_prefix") or ""
-        return generate(model, tokenizer, [prefix + "\n\n".join(texts) for texts in examples], config.max_new_tokens,
-                        config.eval_batch_size, config.num_beams, config.max_length)
+        return [reply.text for reply in generate(model, tokenizer, [prefix + "\n\n".join(texts) for texts in examples],
+                                                 config.max_new_tokens, config.eval_batch_size, config.num_beams,
+                                                 config.max_length)]
 
     def input_fields(self, record: dict[str, Any]) -> list[str]:
         return ["source"]
 
     def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-               batch_size: int) -> list[str]:
+               batch_size: int) -> list[Reply]:
         """`peftkit generate`: each conversation's last user message is a source."""
         return generate(model, tokenizer, [c[-1]["content"] for c in conversations], max_new_tokens, batch_size)
 
 
 def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_tokens: int, batch_size: int,
-             num_beams: int = 1, max_length: int | None = None) -> list[str]:
+             num_beams: int = 1, max_length: int | None = None) -> list[Reply]:
     """Decoded targets for sources (greedy with one beam, else beam search), batched by
-    source length, sources cut at `max_length` tokens when given."""
+    source length, sources cut at `max_length` tokens when given; a target that reached
+    `max_new_tokens` without its end-of-sequence token did not finish."""
     import torch
 
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    outputs: dict[int, str] = {}
+    outputs: dict[int, Reply] = {}
+    end = unwrap_peft(model).config.eos_token_id
     was_training = model.training
     model.eval()
     for first in range(0, len(order), batch_size):
@@ -202,7 +205,9 @@ def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_token
             out = model.generate(**{k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")},
                                  do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True)
         for index, ids in zip(chunk, out):
-            outputs[index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            tokens = ids[1:].tolist()  # after the decoder's start token
+            outputs[index] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                                   finished=len(tokens) < max_new_tokens or end in tokens)
     model.train(was_training)
     return [outputs[i] for i in range(len(sources))]
 

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
 from peftkit.text_metrics import normalize_answer
-from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, language_model_loss,
-                                references_of, register_task, rows_to_generate, take_truncation_counts)
+from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Reply, Task, TaskData,
+                                generation_summary, language_model_loss, references_of, register_task,
+                                rows_to_generate, take_truncation_counts)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,7 +60,9 @@ class InstructionTuning(Task):
     pretrained_head = True
     generates_text = True
     default_max_length = 1024
-    column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template")
+    column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template",
+                      "packing")
+    predicts = False  # its runs answer chat prompts: `peftkit generate`
     prediction_fields = ("prompt", "references", "generated")
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,
@@ -178,23 +181,15 @@ class InstructionTuning(Task):
             return Evaluation(metrics)
         conversations = [row["messages"][:-1] for row in chosen]
         references = [row["references"] for row in chosen]  # the answer, or every reference the data gives
-        generated = generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
+        replies = generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
+        generated = [reply.text for reply in replies]
         metrics |= score_generations(generated, references, prepared.info.get("answer_format", "text"))
-        predictions = [{"prompt": c[-1]["content"], "reference": r[0], "references": r, "generated": g}
-                       for c, r, g in zip(conversations, references, generated)]
-        return Evaluation(metrics, predictions)
-
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
-                config: RunConfig) -> list[str]:
-        """The model's answer to each user message (an input's texts joined by blank lines)."""
-        conversations = [[{"role": "user", "content": "\n\n".join(texts)}] for texts in examples]
-        return generate(model, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
-
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
-        return ["prompt"]
+        predictions = [{"prompt": c[-1]["content"], "reference": r[0], "references": r, "generated": g.text,
+                        "finished": g.finished} for c, r, g in zip(conversations, references, replies)]
+        return Evaluation(metrics, predictions, generation_summary(replies, config.max_new_tokens, split))
 
     def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-               batch_size: int) -> list[str]:
+               batch_size: int) -> list[Reply]:
         return generate(model, tokenizer, conversations, max_new_tokens, batch_size)
 
 
@@ -434,15 +429,16 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_le
 
 
 def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int) -> list[str]:
+             batch_size: int) -> list[Reply]:
     """Greedy answers to conversations (each ends before the assistant's turn), batched by
-    prompt length with left padding; decoding stops at the end-of-turn or end-of-text token."""
+    prompt length with left padding; decoding stops at the end-of-turn or end-of-text token,
+    else at `max_new_tokens` (the reply then says it did not finish)."""
     import torch
 
     encoded = encode_prompts(tokenizer, conversations)
     stop = [t for t in {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
             if t is not None]
-    answers: dict[int, str] = {}
+    answers: dict[int, Reply] = {}
     model.eval()
     for chunk in generation_batches(encoded, batch_size):
         width = max(len(encoded[i]) for i in chunk)
@@ -453,7 +449,9 @@ def generate(model: nn.Module, tokenizer: Any, conversations: list[list[dict[str
                                  max_new_tokens=max_new_tokens, eos_token_id=stop or None,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
         for row, index in enumerate(chunk):
-            answers[index] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            tokens = out[row, width:].tolist()
+            answers[index] = Reply(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                   finished=len(tokens) < max_new_tokens or any(t in stop for t in tokens))
     return [answers[i] for i in range(len(encoded))]
 
 
