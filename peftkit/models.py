@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -252,41 +253,194 @@ def load_for_classification(
         label2id={name: i for i, name in enumerate(label_names)},
         pad_token_id=tokenizer.pad_token_id,
     )
-    from peftkit.library_noise import new_head_expected
-
     head = head_modules(source, labels, auto_class)
     per_token = auto_class == "AutoModelForTokenClassification"
-    with new_head_expected(head, unused=("pooler",) if per_token else ()):  # a token classifier has no pooler
-        return load_pretrained(auto_class, source, quantization, dtype,
-                               head if quantization is not None else None, attn_implementation, **labels)
+    return load_pretrained(auto_class, source, quantization, dtype, head if quantization is not None else None,
+                           attn_implementation, new_head=head,
+                           unused=("pooler",) if per_token else (),  # a token classifier has no pooler
+                           **labels)
 
 
 def load_causal_lm(source: ModelSource, tokenizer: Any, quantization: Any = None,
                    dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> nn.Module:
     """AutoModelForCausalLM with its own (pretrained) output layer; a 4-bit load keeps that
-    layer unquantized (transformers' default), so a tied embedding stays one tensor."""
+    layer unquantized (transformers' default), so a tied embedding stays one tensor. A
+    checkpoint without a language-model head (an encoder saved bare) is refused: nothing new
+    trains beside the strategy, so a random output layer would stay random."""
     return load_pretrained("AutoModelForCausalLM", source, quantization, dtype, None, attn_implementation,
                            pad_token_id=tokenizer.pad_token_id)
 
 
 def load_pretrained(auto_class: str, source: ModelSource, quantization: Any, dtype: torch.dtype,
-                    skip_modules: list[str] | None, attn_implementation: str | None = None,
+                    skip_modules: list[str] | None, attn_implementation: str | None = None, *,
+                    new_head: Sequence[str] = (), unused: tuple[str, ...] = (),
                     **config_overrides: Any) -> nn.Module:
     """A model of a transformers Auto class (by name) from a source, its weights in `dtype`,
     optionally 4-bit with the `skip_modules` left unquantized, with the given attention kernel
-    (None: transformers' choice), training-ready: no key/value cache, own weights."""
+    (None: transformers' choice), training-ready: no key/value cache, own weights.
+
+    Every weight outside `new_head` (the task's new modules, initialised here) comes from the
+    checkpoint, or the load refuses in one line (`check_load`): a model trained from random
+    weights would otherwise finish with plausible-looking metrics. A checkpoint whose base
+    sits under another name than the class's (LlamaForCausalLM's `model.*` under
+    LlamaForQuestionAnswering's `transformer`) is renamed on the way in (`base_prefix_mapping`).
+    Checkpoint modules the task model lacks by design may stay unused: the checkpoint's own
+    head outside the base, and inside it those named in `unused` (BERT's pooler under a
+    per-token head)."""
     import transformers
 
-    kwargs: dict[str, Any] = dict(config_overrides, dtype=dtype)
+    from peftkit.library_noise import load_report_checked
+
+    empty = empty_model(auto_class, source, **config_overrides)
+    # a reshaped new head is fine, and check_load judges any other reshaped weight
+    kwargs: dict[str, Any] = dict(config_overrides, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+    mapping = base_prefix_mapping(empty, checkpoint_keys(source))
+    if mapping:
+        kwargs["key_mapping"] = mapping
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         if skip_modules is not None:
             quantization.llm_int8_skip_modules = skip_modules
         kwargs.update(quantization_config=quantization, device_map=_quantized_device())
-    model = _from_pretrained(getattr(transformers, auto_class), source, **kwargs)
+    with load_report_checked():
+        model, loading_info = _from_pretrained(getattr(transformers, auto_class), source, **kwargs)
+    check_load(model, loading_info, source, tuple(new_head), unused)
     _without_kv_cache(model)
     return model if quantization is None else _own_unquantized_weights(model)
+
+
+# bitsandbytes' companions of a 4-bit weight (its block scales and code book): stored beside the
+# weight, never a weight of their own, so never "missing" or "unexpected" in their own right
+QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[\w.]+|SCB|weight_format)$")
+
+
+def empty_model(auto_class: str, source: ModelSource, **config_overrides: Any) -> nn.Module:
+    """The task model on the meta device (no memory, no weights): its parameter names, base
+    and head, for checks before loading. An architecture without this Auto class (a BERT for
+    sequence-to-sequence) is refused in one line instead of transformers' list of every class."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, source, **config_overrides)
+    auto = getattr(transformers, auto_class)
+    if type(config) not in auto._model_mapping:
+        raise PeftkitError(f"cannot load {source.name} for this task: it is a '{config.model_type}' model and "
+                           f"transformers has no {auto_class} for that architecture; pick a model of another kind")
+    with init_empty_weights():
+        return auto.from_config(config)
+
+
+def checkpoint_keys(source: ModelSource) -> set[str] | None:
+    """The tensor names a source's safetensors checkpoint holds, read from the file headers
+    (or the shard index) without loading a tensor; None where there is no safetensors file
+    to read (a `.bin` checkpoint, or a hub id that cannot be reached)."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    try:
+        index = cached_file(source.path, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            return set(json.loads(Path(index).read_text())["weight_map"])
+        single = cached_file(source.path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+        if single is None:
+            return None
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def base_prefix_mapping(model: nn.Module, keys: set[str] | None) -> dict[str, str] | None:
+    """A transformers `key_mapping` that moves the checkpoint's base model onto this class's,
+    where the checkpoint holds every base weight of the model, name for name, under one other
+    prefix (`model.*` saved by LlamaForCausalLM, read as LlamaForQuestionAnswering's
+    `transformer.*`). None where no renaming is needed (transformers itself adds or strips the
+    class's own prefix) or none is this safe; `check_load` judges what then loads."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, None) if prefix else None
+    if keys is None or not isinstance(base, nn.Module):
+        return None
+    wanted = {name for name in base.state_dict() if name not in _tied_names(base)}
+    if not wanted or any(key.startswith(prefix + ".") for key in keys) or wanted & keys:
+        return None  # the base is already where transformers looks (prefixed, or a base model saved bare)
+    for other in sorted({key.split(".", 1)[0] for key in keys if "." in key}):
+        stripped = {key[len(other) + 1:] for key in keys if key.startswith(other + ".")}
+        if other not in dict(model.named_children()) and wanted <= stripped:
+            return {rf"^{re.escape(other)}\.": f"{prefix}."}
+    return None
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names transformers ties to another after loading (a decoder's output layer
+    to its embeddings): never read from a checkpoint."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def check_load(model: nn.Module, loading_info: dict[str, Any], source: ModelSource,
+               new_head: tuple[str, ...], unused: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line, a load whose report (transformers' `output_loading_info`) lists
+    anything the task does not explain: every weight must come from the checkpoint but the
+    new head's (`new_head`, missing or reshaped by design) and those transformers ties after
+    loading (already off the report). Checkpoint weights the model does not take are fine
+    outside its base (the checkpoint's own head, replaced by the task's) and, inside it, in
+    modules named in `unused`. The line counts the weights, names the first few and the
+    likely cause."""
+    from peftkit.anatomy import is_under
+
+    def in_base(key: str) -> bool:  # a checkpoint key: prefixed, or from a base model saved bare
+        first = key.split(".", 1)[0]
+        return first == prefix or first in base_children
+
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, None) if prefix else None
+    base_children = set(dict((base if isinstance(base, nn.Module) else model).named_children()))
+    missing = sorted(k for k in loading_info["missing_keys"] if not is_under(k, new_head) and not QUANT_STATE.search(k))
+    reshaped = sorted((k, tuple(c), tuple(m)) for k, c, m in loading_info["mismatched_keys"]
+                      if not is_under(k, new_head))
+    unexpected_all = {k for k in loading_info["unexpected_keys"] if not QUANT_STATE.search(k)}
+    unexpected = sorted(k for k in unexpected_all if in_base(k) and not set(k.split(".")) & set(unused))
+    if not (missing or reshaped or unexpected):
+        return
+    problems = []
+    if missing:
+        total = sum(1 for k in model.state_dict() if not is_under(k, new_head) and not QUANT_STATE.search(k))
+        problems.append(f"{len(missing)} of its {total} weights are not in the checkpoint and would train from "
+                        f"random values ({_first(missing)})")
+    if reshaped:
+        k, ckpt, want = reshaped[0]
+        problems.append(f"{len(reshaped)} of its weights have another shape in the checkpoint ({k}: {list(ckpt)} "
+                        f"there, {list(want)} here{', ...' if len(reshaped) > 1 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights of the checkpoint's base have no place in it "
+                        f"({_first(unexpected)})")
+    cause = _likely_cause(model, missing, sorted(unexpected_all), reshaped)
+    raise PeftkitError(f"cannot load {source.name} as {type(model).__name__}: {'; '.join(problems)}; "
+                       f"likely cause: {cause}")
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _likely_cause(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[tuple]) -> str:
+    """The likeliest reason a load's report lists what it does, in a few words."""
+    name, prefix = type(model).__name__, model.base_model_prefix
+    saved = ", ".join(getattr(model.config, "architectures", None) or []) or "another class"
+    inside = {k[len(prefix) + 1:] for k in missing if prefix and k.startswith(prefix + ".")}
+    for other in sorted({k.split(".", 1)[0] for k in unexpected}):
+        if inside and inside <= {k[len(other) + 1:] for k in unexpected if k.startswith(other + ".")}:
+            return f"its base is named '{other}' and {name} names it '{prefix}'"
+    if missing and isinstance(getattr(model, prefix, None) if prefix else None, nn.Module) and not inside:
+        what = "language-model head" if name.endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration",
+                                                        "ForMaskedLM")) else "head for this task"
+        modules = ", ".join(sorted({k.split(".", 1)[0] for k in missing}))
+        return f"the checkpoint (saved by {saved}) has no {what} ('{modules}'): use a model saved with one"
+    if reshaped:
+        return "the checkpoint's sizes differ from its config's (a config.json edited or taken from another model)"
+    return (f"the checkpoint (saved by {saved}) names its weights otherwise than this {name} does "
+            "(another library, transformers version or config)")
 
 
 def _without_kv_cache(model: nn.Module) -> None:
@@ -380,16 +534,9 @@ def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dt
 
 def head_modules(source: ModelSource, labels: dict[str, Any], auto_class: str = "AutoModelForSequenceClassification") -> list[str]:
     """Names of the task head's modules, found on an empty (meta) model: never quantized."""
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
     from peftkit.anatomy import inspect_model
 
-    config = _from_pretrained(AutoConfig, source, **labels)
-    with init_empty_weights():
-        empty = getattr(transformers, auto_class).from_config(config)
-    return list(inspect_model(empty).head_modules)
+    return list(inspect_model(empty_model(auto_class, source, **labels)).head_modules)
 
 
 def _quantized_device() -> str | dict:

@@ -88,14 +88,13 @@ class ExtractiveQA(Task):
 
     def load_model(self, source: Any, info: dict[str, Any], tokenizer: Any, quantization: Any = None,
                    **weights: Any) -> nn.Module:
-        from peftkit.library_noise import new_head_expected
         from peftkit.models import head_modules, load_pretrained
 
         head = head_modules(source, {}, self.model_class)
-        with new_head_expected(head, unused=("pooler",)):  # the span head reads tokens, not the pooled vector
-            return load_pretrained(self.model_class, source, quantization, weights.get("dtype"),
-                                   head if quantization is not None else None, weights.get("attn_implementation"),
-                                   pad_token_id=tokenizer.pad_token_id)
+        return load_pretrained(self.model_class, source, quantization, weights.get("dtype"),
+                               head if quantization is not None else None, weights.get("attn_implementation"),
+                               new_head=head, unused=("pooler",),  # the span head reads tokens, not the pooled vector
+                               pad_token_id=tokenizer.pad_token_id)
 
     def prepare(self, data: TaskData, tokenizer: Any, config: RunConfig) -> Prepared:
         """Windows of every split, each with its answer's token positions, its example's index
