@@ -135,6 +135,10 @@ def train(
     if dry_run:
         _dry_run(config, device)
         return
+    from peftkit.data import split_files
+    from peftkit.tasks import resolve_task
+
+    split_files(config, resolve_task(config.task_name)[1])  # a wrong data path answers before torch loads
     _quiet_libraries()
     from peftkit.run import train as run_training
 

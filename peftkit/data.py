@@ -31,16 +31,16 @@ def load_data(config: RunConfig) -> TaskData:
     return task.load_data(config, dataset)
 
 
-def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Any]:
-    """The train and validation splits (and a test split, where there is one) as
-    `datasets.Dataset`s, from wherever the config says."""
+def split_files(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Path] | None:
+    """The file each split is read from, each checked to exist and be of a format peftkit
+    reads (no library loads: `train` answers a wrong path at once); None: the hub's copy."""
     if config.train_file is not None:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        return {split: _read_file(Path(path), split) for split, path in files.items() if path is not None}
-    if dataset is None:
+        files = {split: Path(path) for split, path in (("train", config.train_file),
+                 ("validation", config.validation_file), ("test", config.test_file)) if path is not None}
+    elif dataset is None:
         raise PeftkitError(f"task '{config.task}' is a task kind, not a data set: give your own data with "
                            "--train-file/--validation-file, or name a built-in data set")
-    if config.data_dir is not None:
+    elif config.data_dir is not None:
         directory = Path(config.data_dir) / str(config.task)
         files = {split: directory / f"{split}.jsonl" for split in SPLITS}
         for split, path in files.items():
@@ -49,8 +49,23 @@ def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, 
                     f"no {split} file at {path}: --data-dir must hold {config.task}/train.jsonl and {config.task}/validation.jsonl"
                 )
         files |= {split: directory / f"{split}.jsonl" for split in OPTIONAL_SPLITS if (directory / f"{split}.jsonl").is_file()}
-        return {split: _read_file(path, split) for split, path in files.items()}
-    return _from_hub(str(config.task), dataset)
+    else:
+        return None
+    for split, path in files.items():
+        if path.suffix.lower() not in FILE_FORMATS:
+            raise PeftkitError(f"{split} file {path}: unsupported format; use .jsonl, .json, .csv or .parquet")
+        if not path.is_file():
+            raise PeftkitError(f"{split} file {path} does not exist")
+    return files
+
+
+def read_splits(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Any]:
+    """The train and validation splits (and a test split, where there is one) as
+    `datasets.Dataset`s, from wherever the config says."""
+    files = split_files(config, dataset)
+    if files is None:
+        return _from_hub(str(config.task), dataset)
+    return {split: _read_file(path, split) for split, path in files.items()}
 
 
 def _from_hub(name: str, dataset: BuiltinDataset) -> dict[str, Any]:
@@ -74,11 +89,7 @@ def _from_hub(name: str, dataset: BuiltinDataset) -> dict[str, Any]:
 def _read_file(path: Path, split: str) -> Any:
     import datasets
 
-    fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise PeftkitError(f"{split} file {path}: unsupported format; use .jsonl, .json, .csv or .parquet")
-    if not path.is_file():
-        raise PeftkitError(f"{split} file {path} does not exist")
+    fmt = FILE_FORMATS[path.suffix.lower()]  # split_files checked the format and that the file exists
     if path.stat().st_size == 0:
         raise PeftkitError(f"{split} file {path} is empty (0 bytes): it needs a header or one example per line")
     if fmt != "parquet":

@@ -53,14 +53,16 @@ TINY = {
     "tiny-bert": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=128, max_position_embeddings=512),
     "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512),
+                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048),
     "tiny-t5": dict(model_type="t5", d_model=64, d_kv=32, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2,
                     relative_attention_num_buckets=8),
 }
 
 
 ENCODER_TYPES = frozenset({"bert", "roberta", "electra", "deberta-v2", "distilbert"})  # saved without a head
-TINY_FORMAT = "v2"  # v2: decoders saved with their LM head (a new format needs a new cache entry)
+# v2: decoders saved with their LM head; v3: tiny-llama takes 2,048 positions, so instruction tuning's
+# default max_length (1024) fits it as it fits real LLMs (a new format needs a new cache entry)
+TINY_FORMAT = "v3"
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 

@@ -23,6 +23,8 @@ def fake_run(directory, task, task_kind, **config):
 
 CASES = {
     "train": (lambda tmp: ["train", "--strategy", "nope"], "unknown strategy 'nope'"),
+    "train (data)": (lambda tmp: ["train", "--model", "tiny-bert", "--task", "sst2", "--data-dir", tmp],
+                     "no train file at"),
     "eval": (lambda tmp: ["eval", "--run", tmp], "is not a peftkit run: no readable run.json"),
     "predict": (lambda tmp: ["predict", "--run", fake_run(tmp / "qa", "squad", "qa"), "Who wrote it?"],
                 "this qa run reads 2 text(s) per input (question, context), got 1"),

@@ -18,7 +18,7 @@ def test_minilm_alias_points_into_its_package():
 
 def test_tiny_models_are_cached_checkpoints():
     source = resolve_model("tiny-llama")
-    assert source.kind == "local" and source.path.endswith("models/tiny-llama-v2")
+    assert source.kind == "local" and source.path.endswith("models/tiny-llama-v3")
     assert (Path(source.path) / "config.json").is_file()
 
 

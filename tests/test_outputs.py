@@ -93,3 +93,21 @@ def test_a_record_from_before_the_file_list_owns_only_what_runs_wrote(tmp_path):
     assert owned_entries(tmp_path, "run.json") == {"run.json", "adapter_model.safetensors", "tokenizer.json", "README.md"}
     with pytest.raises(PeftkitError, match=r"files it did not write \(notes.md\)"):
         check_replaceable(tmp_path, "run.json", True, "run", "--output-dir")
+
+
+@pytest.mark.real
+def test_a_lora_run_of_a_packaged_model_is_portable_and_readable(tmp_path, data_dir):
+    """The saved adapter names MiniLM by its hub id, in adapter_config.json and in PEFT's model
+    card, never this machine's folder; every file is readable like the rest (0644 here)."""
+    previous = os.umask(0o022)
+    try:
+        result = peftkit.train(small(tmp_path, data_dir, model="minilm", max_train_samples=16, max_eval_samples=8))
+    finally:
+        os.umask(previous)
+    out = result.output_dir
+    card = (out / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "base_model:adapter:sentence-transformers/all-MiniLM-L6-v2" in card and "site-packages" not in card
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "sentence-transformers/all-MiniLM-L6-v2"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

@@ -32,8 +32,8 @@ def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path, data_di
 
 
 def test_a_generation_longer_than_the_models_positions_is_refused(tmp_path, data_dir):
-    with pytest.raises(PeftkitError, match="max_new_tokens 600 leaves no room for a prompt in tiny-llama's 512 positions"):
-        peftkit.train(options(tmp_path, data_dir, model="tiny-llama", task="sst2-chat", max_new_tokens=600))
+    with pytest.raises(PeftkitError, match="max_new_tokens 2048 leaves no room for a prompt in tiny-llama's 2048 positions"):
+        peftkit.train(options(tmp_path, data_dir, model="tiny-llama", task="sst2-chat", max_new_tokens=2048))
 
 
 @pytest.mark.parametrize("option", ["max_new_tokens", "max_generate_samples"])
@@ -56,3 +56,23 @@ def test_merge_output_that_cannot_be_written_is_refused(tmp_path):
     run = fake_run(tmp_path / "run", "sst2", "classification")
     result = invoke("merge", "--run", run, "--output", "/proc/peftkit-merged")
     assert result.exit_code == 2 and "--output /proc/peftkit-merged: cannot write in /proc" in result.stderr
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only filesystem (a tmpfs mounted ro: needs root, as CI runs)."""
+    import subprocess
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(target)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (not root)")
+    yield target
+    subprocess.run(["umount", str(target)], check=True)
+
+
+def test_an_output_dir_on_a_read_only_filesystem_is_refused_before_loading(read_only_dir, data_dir):
+    result = invoke("train", "--model", "tiny-bert", "--task", "sst2", "--data-dir", data_dir,
+                    "--output-dir", read_only_dir / "run")
+    assert_clean_failure(result, f"--output-dir {read_only_dir / 'run'}: cannot write in {read_only_dir} "
+                                 "(Read-only file system): choose another --output-dir", read_only_dir / "run")

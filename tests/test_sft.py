@@ -244,7 +244,7 @@ def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "references", "generated"}
+    assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "references", "generated", "finished"}
     assert rows[0]["reference"] in ("positive", "negative") and rows[0]["references"] == [rows[0]["reference"]]
     assert (result.output_dir / "adapter_config.json").is_file()
     assert (result.output_dir / "chat_template.jinja").read_text() == CHATML  # generate renders prompts the same way
@@ -415,3 +415,17 @@ def test_truncated_and_dropped_examples_are_recorded(tmp_path, data_dir):
     assert record["train_examples"] + record["selection_examples"] + record["dropped_train_examples"] == 48
     assert tiny_run(tmp_path / "long", data_dir, max_length=512).record["data"]["truncated_examples"] == {
         "train": 0, "selection": 0, "validation": 0}
+
+
+def test_generations_cut_at_max_new_tokens_are_counted_and_said(tmp_path, data_dir, capsys):
+    """A random model asked for one token never ends its answer: every generation is counted as
+    cut (run.json's `generation`, `finished` per answer) and the run and `generate` say so."""
+    from test_cli import invoke
+
+    result = tiny_run(tmp_path, data_dir, max_train_samples=16, max_eval_samples=6, max_new_tokens=1)
+    assert result.record["generation"] == {"generated": 6, "cut_at_max_new_tokens": 6, "max_new_tokens": 1}
+    rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [row["finished"] for row in rows] == [False] * 6
+    assert "note: 6 of 6 validation generations stopped at max_new_tokens=1" in capsys.readouterr().out
+    said = invoke("generate", "--run", result.output_dir, "--max-new-tokens", "1", "is this good?", "or bad?")
+    assert said.exit_code == 0 and "note: 2 of 2 answers stopped at --max-new-tokens 1" in said.stderr
