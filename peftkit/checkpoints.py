@@ -65,26 +65,52 @@ def resume_point(config: RunConfig, output_dir: Path) -> Path | None:
             raise PeftkitError(f"--resume: the checkpoints in {root} were made with other options "
                                f"({', '.join(differing[:5])}{', ...' if len(differing) > 5 else ''}): resume with the "
                                "same options, or start over with --overwrite")
+        _check_only_checkpoints(root)
+        check_replaceable(output_dir, RUN_RECORD, True, "run", "--output-dir")  # an earlier run, never your files
         return checkpoints[-1]
     _check_only_checkpoints(root)
     if complete_checkpoints(root) and not config.overwrite:
         raise PeftkitError(f"an interrupted run left checkpoints in {root}: pass --resume to continue it, "
                            "or --overwrite to start over")
     check_replaceable(output_dir, RUN_RECORD, config.overwrite, "run", "--output-dir")
-    shutil.rmtree(root, ignore_errors=True)  # --overwrite: the old checkpoints go now, a finished run when replaced
+    remove_checkpoints(output_dir)  # --overwrite: the old checkpoints go now, a finished run when replaced
     return None
 
 
 def _check_only_checkpoints(root: Path) -> None:
     """A checkpoint folder peftkit may delete holds nothing but what runs put there."""
+    if root.exists() and not root.is_dir():
+        raise PeftkitError(f"{root} is a file, and a run keeps its checkpoints there: move it or choose another "
+                           "--output-dir")
     if not root.is_dir():
         return
-    foreign = sorted(p.name for p in root.iterdir()
-                     if p.name not in (RUN_OPTIONS, STAGING) and not (p.name.startswith(PREFIX) and p.is_dir()))
+    foreign = sorted(p.name for p in root.iterdir() if not _ours(p))
     if foreign:
         raise PeftkitError(f"{root} holds files that are not peftkit checkpoints ({', '.join(foreign[:3])}): peftkit "
                            "keeps a run's checkpoints there and never deletes other files; move them or choose "
                            "another --output-dir")
+
+
+def _ours(entry: Path) -> bool:
+    """Whether an entry of a checkpoint folder is one a run writes there."""
+    if entry.name in (RUN_OPTIONS, STAGING):
+        return True
+    return entry.is_dir() and entry.name.startswith(PREFIX) and entry.name[len(PREFIX):].isdigit()
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """A finished run's checkpoints go: what runs wrote in its checkpoint folder, then the
+    folder if that left it empty (anything else put there stays)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if _ours(entry) and entry.is_dir():
+            shutil.rmtree(entry)
+        elif _ours(entry):
+            entry.unlink()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def record_options(config: RunConfig, output_dir: Path, commit: str) -> None:

@@ -145,14 +145,15 @@ def train(
     try:
         result = run_training(config)
     except KeyboardInterrupt:
-        _say_how_to_resume(Path(config.output_dir))
+        _say_how_to_resume(Path(config.output_dir), config.overwrite)
         raise typer.Exit(130) from None
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     typer.echo(f"saved {result.output_dir} | {metrics}")
 
 
-def _say_how_to_resume(output_dir: Path) -> None:
-    """After Ctrl-C: the command that continues the run from its last checkpoint, if it has one."""
+def _say_how_to_resume(output_dir: Path, overwrite: bool) -> None:
+    """After Ctrl-C: the command that continues the run from its last checkpoint, if it has
+    one (a recipe's `overwrite: true` turned off: resume and overwrite exclude each other)."""
     from peftkit.checkpoints import checkpoint_root, complete_checkpoints
 
     root = checkpoint_root(output_dir)
@@ -161,6 +162,8 @@ def _say_how_to_resume(output_dir: Path) -> None:
         typer.echo(f"interrupted before the first checkpoint: nothing to resume in {root}", err=True)
         return
     arguments = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    if overwrite and "--overwrite" not in sys.argv:
+        arguments += ["--set", "overwrite=false"]
     typer.echo(f"interrupted: the last checkpoint in {root} is kept; continue with: "
                f"{shlex.join(['peftkit', *arguments, '--resume'])}", err=True)
 

@@ -36,7 +36,7 @@ def predict_inputs(run_dir: Path, texts: list[str] | None, path: Path | None) ->
     if bool(texts) == bool(path):
         raise PeftkitError("give one input as arguments or many with --file FILE.jsonl, not both and not neither")
     record = read_record(run_dir)
-    kind = task_kind(record)
+    kind = known_task_kind(record, run_dir)
     if not TASKS[kind].predicts:
         raise PeftkitError(f"{run_dir} is a run of task {kind}, which answers chat prompts with generated text: use "
                            f"`peftkit generate --run {run_dir} \"PROMPT\"`")
@@ -64,7 +64,7 @@ def read_inputs(run_dir: Path, path: Path) -> list[list[str]]:
     """A JSON Lines file of inputs for `predict`: each line an object with the run's input
     fields (its text columns; `prompt` for instruction tuning), checked before weights load."""
     record = read_record(run_dir)
-    fields = TASKS[task_kind(record)].input_fields(record)
+    fields = TASKS[known_task_kind(record, run_dir)].input_fields(record)
     inputs = []
     for number, row in _json_lines(path):
         if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
@@ -78,8 +78,8 @@ def read_inputs(run_dir: Path, path: Path) -> list[list[str]]:
 def check_generates(run_dir: Path) -> dict[str, Any]:
     """The record of a run whose task generates text, or one line saying what to use instead."""
     record = read_record(run_dir)
-    kind = task_kind(record)
-    if not getattr(TASKS.get(kind), "generates_text", False):
+    kind = known_task_kind(record, run_dir)
+    if not TASKS[kind].generates_text:
         raise PeftkitError(f"{run_dir} is a {kind} run, which does not generate text: use `peftkit predict`")
     return record
 
@@ -111,6 +111,15 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     if not conversations:
         raise PeftkitError(f"--file {path} has no prompts")
     return conversations
+
+
+def known_task_kind(record: dict[str, Any], run_dir: Path) -> str:
+    """The run's task kind, one this peftkit knows, or one line saying it does not."""
+    kind = task_kind(record)
+    if kind not in TASKS:
+        raise PeftkitError(f"{run_dir} was trained for task kind '{kind}', which this peftkit does not have "
+                           f"({', '.join(TASKS)}): use the peftkit version that trained it")
+    return kind
 
 
 def _json_lines(path: Path) -> list[tuple[int, Any]]:

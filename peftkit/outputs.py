@@ -20,25 +20,32 @@ from typing import Callable
 from peftkit.errors import PeftkitError
 
 FILES_KEY = "files"  # the record's list of the entries its directory holds
-# what a record from before FILES_KEY existed could have written beside it: model and adapter
-# weights, configs, the tokenizer, the PEFT model card, a whole-model save's folder, predictions
-LEGACY_ENTRIES = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.jsonl", "*.jinja", "*.txt", "*.model",
-                  "README.md", "model")
+# what says a record file is peftkit's: run.json holds the run's config, merge.json what it merged into
+RECORD_MARKERS = {"run.json": "config", "merge.json": "merged_into"}
+# what a record from before FILES_KEY existed could have written beside it: weights and adapter
+# files, configs, the tokenizer's files, the PEFT model card, a whole-model save's folder, answers
+LEGACY_ENTRIES = ("adapter_model.safetensors", "adapter_config.json", "trained_weights.safetensors", "model",
+                  "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
+                  "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                  "spiece.model", "tokenizer.model", "chat_template.jinja", "predictions.jsonl")
 
 
 def owned_entries(directory: Path, record_name: str) -> set[str] | None:
     """The entries of `directory` that its peftkit record says it wrote (the record
-    included), or None where the directory holds no readable peftkit record."""
+    included, and only entries that are really there, by plain name), or None where the
+    directory holds no readable peftkit record."""
     try:
         record = json.loads((directory / record_name).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or RECORD_MARKERS.get(record_name, FILES_KEY) not in record:
         return None
+    present = {p.name for p in directory.iterdir()}
     listed = record.get(FILES_KEY)
     if isinstance(listed, list):
-        return {str(name) for name in listed} | {record_name}
-    return {p.name for p in directory.iterdir() if any(fnmatch(p.name, pattern) for pattern in LEGACY_ENTRIES)}
+        return {name for name in map(str, listed) if name in present} | {record_name}
+    return {name for name in present if any(fnmatch(name, pattern) for pattern in LEGACY_ENTRIES)} | {record_name}
 
 
 def check_replaceable(directory: Path, record_name: str, overwrite: bool, what: str, option: str) -> None:
@@ -69,13 +76,14 @@ def check_writable(directory: Path, option: str) -> None:
     blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise PeftkitError(f"{option} {directory}: {blocking} is a file, not a directory: choose another {option}")
-    existing = next(p for p in (directory, *directory.parents) if p.exists())
-    try:
-        probe = tempfile.mkdtemp(prefix=".peftkit-write-check-", dir=existing)
-    except OSError as err:
-        raise PeftkitError(f"{option} {directory}: cannot write in {existing} ({err.strerror}): "
-                           f"choose another {option}") from None
-    os.rmdir(probe)
+    beside = next(p for p in directory.absolute().parents if p.exists())  # where staging and checkpoints go
+    for existing in ([directory] if directory.exists() else []) + [beside]:
+        try:
+            probe = tempfile.mkdtemp(prefix=".peftkit-write-check-", dir=existing)
+        except OSError as err:
+            raise PeftkitError(f"{option} {directory}: cannot write in {existing} ({err.strerror}): "
+                               f"choose another {option}") from None
+        os.rmdir(probe)
 
 
 def write_directory(output_dir: Path, write: Callable[[Path], None], record_name: str) -> None:
@@ -115,8 +123,17 @@ def _readable_as_umask_allows(staging: Path) -> None:
 def _replace(output_dir: Path, staging: Path, record_name: str) -> None:
     """Put the staged entries at `output_dir`: remove only what an earlier record there
     listed; where anything else remains (a file put there meanwhile), move the new entries in
-    beside it instead of replacing the folder."""
+    beside it, or, where one would take the name of a file peftkit did not write, keep the
+    new output under a name of its own and say so."""
     if output_dir.is_dir():
+        owned = owned_entries(output_dir, record_name) or set()
+        taken = sorted(p.name for p in staging.iterdir() if (output_dir / p.name).exists() and p.name not in owned)
+        if taken:
+            kept = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.new-", dir=output_dir.parent))
+            kept.rmdir()
+            staging.rename(kept)
+            raise PeftkitError(f"{output_dir} now holds files peftkit did not write ({', '.join(taken[:3])}): "
+                               f"they are kept, and this output is in {kept} instead")
         for name in owned_entries(output_dir, record_name) or ():
             old = output_dir / name
             if old.is_dir() and not old.is_symlink():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 
 from peftkit.allocator import set_mmap_threshold
-from peftkit.checkpoints import checkpoint_root, load_progress, load_selection, record_options, resume_point
+from peftkit.checkpoints import (checkpoint_root, load_progress, load_selection, record_options, remove_checkpoints,
+                                 resume_point)
 from peftkit.config import RunConfig, make_config
 from peftkit.cpu_attention import use_fp32_cpu_attention
 from peftkit.cpu_dropout import use_cpu_dropout
@@ -153,7 +153,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     if not is_main_process():  # a distributed launch: every rank holds the same weights, rank 0 writes them
         return RunResult(output_dir, record)
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
-    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)  # the run is complete: nothing to resume
+    remove_checkpoints(output_dir)  # the run is complete: nothing to resume
     return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
 
 

@@ -61,7 +61,7 @@ def test_replacing_keeps_a_file_put_in_the_folder_while_the_run_trained(tmp_path
     def run(name):
         def write(staging):
             (staging / name).write_text(name)
-            (staging / "run.json").write_text("{}")
+            (staging / "run.json").write_text('{"config": {}}')
         return write
 
     write_directory(out, run("a.safetensors"), "run.json")
@@ -89,7 +89,7 @@ def test_every_written_file_is_readable_as_the_umask_allows(tmp_path):
 
 def test_a_record_from_before_the_file_list_owns_only_what_runs_wrote(tmp_path):
     for name in ("run.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "notes.md"):
-        (tmp_path / name).write_text("{}")
+        (tmp_path / name).write_text('{"config": {}}')
     assert owned_entries(tmp_path, "run.json") == {"run.json", "adapter_model.safetensors", "tokenizer.json", "README.md"}
     with pytest.raises(PeftkitError, match=r"files it did not write \(notes.md\)"):
         check_replaceable(tmp_path, "run.json", True, "run", "--output-dir")
@@ -111,3 +111,62 @@ def test_a_lora_run_of_a_packaged_model_is_portable_and_readable(tmp_path, data_
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "sentence-transformers/all-MiniLM-L6-v2"
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_a_record_names_only_plain_entries_that_are_there(tmp_path):
+    """A run.json listing '..' (or a path) owns nothing outside its folder: nothing there goes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "userfile").write_text("mine")
+    (out / "run.json").write_text(json.dumps({"config": {}, "files": ["..", "../userfile", "run.json"]}))
+    assert owned_entries(out, "run.json") == {"run.json"}
+    write_directory(out, lambda staging: (staging / "run.json").write_text('{"config": {}}'), "run.json")
+    assert (tmp_path / "userfile").read_text() == "mine"
+
+
+def test_a_json_file_that_is_no_run_record_owns_nothing(tmp_path):
+    (tmp_path / "run.json").write_text('{"accuracy": 0.9}')
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PeftkitError, match="holds no peftkit run"):
+        check_replaceable(tmp_path, "run.json", True, "run", "--output-dir")
+
+
+def test_a_new_output_never_takes_the_name_of_a_file_peftkit_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")  # arrived while the run trained, named like PEFT's model card
+
+    def write(staging):
+        (staging / "README.md").write_text("card")
+        (staging / "run.json").write_text('{"config": {}}')
+
+    with pytest.raises(PeftkitError, match="now holds files peftkit did not write .README.md.: they are kept"):
+        write_directory(out, write, "run.json")
+    assert (out / "README.md").read_text() == "mine"
+    (kept,) = tmp_path.glob("out.new-*")
+    assert (kept / "README.md").read_text() == "card"
+
+
+def test_checkpoint_folders_of_other_names_and_a_file_in_their_place_are_refused(tmp_path, data_dir):
+    root = checkpoint_root(tmp_path / "run")
+    (root / "checkpoint-notes").mkdir(parents=True)
+    (root / "checkpoint-notes" / "thesis.tex").write_text("mine")
+    with pytest.raises(PeftkitError, match="not peftkit checkpoints .checkpoint-notes."):
+        peftkit.train(small(tmp_path, data_dir, overwrite=True))
+    assert (root / "checkpoint-notes" / "thesis.tex").read_text() == "mine"
+    other = checkpoint_root(tmp_path / "other")
+    other.write_text("mine")
+    with pytest.raises(PeftkitError, match="is a file, and a run keeps its checkpoints there"):
+        peftkit.train(small(tmp_path, data_dir, output_dir=str(tmp_path / "other")))
+
+
+def test_resume_refuses_an_output_dir_of_the_users_files(tmp_path, data_dir):
+    from peftkit.checkpoints import record_options
+    from peftkit.config import make_config
+
+    record_options(make_config(small(tmp_path, data_dir)), tmp_path / "run", "abc")
+    (checkpoint_root(tmp_path / "run") / "checkpoint-4").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "README.md").write_text("mine")
+    with pytest.raises(PeftkitError, match="holds no peftkit run .README.md."):
+        peftkit.train(small(tmp_path, data_dir, resume=True))

@@ -194,7 +194,8 @@ def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_token
 
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: dict[int, Reply] = {}
-    end = unwrap_peft(model).config.eos_token_id
+    declared = unwrap_peft(model).generation_config.eos_token_id
+    ends = set(declared if isinstance(declared, list) else [declared]) - {None}
     was_training = model.training
     model.eval()
     for first in range(0, len(order), batch_size):
@@ -207,7 +208,7 @@ def generate(model: nn.Module, tokenizer: Any, sources: list[str], max_new_token
         for index, ids in zip(chunk, out):
             tokens = ids[1:].tolist()  # after the decoder's start token
             outputs[index] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                   finished=len(tokens) < max_new_tokens or end in tokens)
+                                   finished=len(tokens) < max_new_tokens or bool(ends & set(tokens)))
     model.train(was_training)
     return [outputs[i] for i in range(len(sources))]
 
