@@ -145,6 +145,9 @@ def train(
     try:
         result = run_training(config)
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the hint short
         _say_how_to_resume(Path(config.output_dir), config.overwrite)
         raise typer.Exit(130) from None
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())

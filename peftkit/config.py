@@ -176,8 +176,8 @@ class RunConfig(BaseModel):
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package (a CUDA GPU): "
                              "pip install flash-attn, or use sdpa")
-        half = self.weights_dtype()
-        if half != "fp32" and self.compute_precision() != half:
+        half = self.dtype  # auto resolves to a dtype that never contradicts precision: no device to ask here
+        if half in ("bf16", "fp16") and self.precision not in ("auto", half):
             raise ValueError(f"dtype {half} needs precision {half} (or auto): trainable fp32 weights meet the "
                              f"{half} base under autocast")
         strategy = self.strategy.build()
@@ -192,8 +192,7 @@ class RunConfig(BaseModel):
                              f"'{task.name}': choose one of {', '.join(task.metrics)}")
         if self.max_length is None:
             self.max_length = task.default_max_length
-        from peftkit.models import declared_pooling
-        from peftkit.pooling import check_pooling
+        from peftkit.sources import declared_pooling
 
         check_pooling(self.pooling, task)
         if self.pooling == "auto":
@@ -271,6 +270,13 @@ def cpu_has_bf16() -> bool:
                            "it to let peftkit detect the CPU's bf16 support")
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def check_pooling(pooling: str, task: Any) -> None:
+    """Refuse mean pooling for a task whose head reads every token (before anything loads)."""
+    if pooling == "mean" and not task.reads_one_vector:
+        raise PeftkitError(f"pooling=mean makes one vector per example, and task '{task.name}' reads every token: "
+                           "use pooling=model (or auto)")
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "max_generate_samples")  # read only by tasks that generate text

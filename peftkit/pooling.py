@@ -20,14 +20,8 @@ import torch
 from torch import nn
 
 from peftkit.anatomy import head_is_one_linear, inspect_model, unwrap_peft
+from peftkit.config import check_pooling  # noqa: F401  (validated with the options; re-exported)
 from peftkit.errors import PeftkitError
-
-def check_pooling(pooling: str, task: Any) -> None:
-    """Refuse mean pooling for a task whose head reads every token (before anything loads)."""
-    if pooling == "mean" and not task.reads_one_vector:
-        raise PeftkitError(f"pooling=mean makes one vector per example, and task '{task.name}' reads every token: "
-                           "use pooling=model (or auto)")
-
 
 def read_with(pooling: str, plain: nn.Module, adapt: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """`adapt(plain)` (the strategy applied to a freshly loaded model, or a saved run loaded

@@ -85,3 +85,13 @@ def test_estimate_takes_trains_defaults(task, shape):
     result = invoke("estimate", "--model", "tiny-llama", "--strategy", "lora", "--task", task, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert shape in result.stdout
+
+
+def test_validating_a_whole_config_imports_no_torch():
+    """`pooling: auto` reads the checkpoint's declaration and `dtype` is checked against
+    `precision` from the options alone: a valid config costs no library, so every later
+    argument check still answers before torch loads."""
+    code = ("import sys; from peftkit.config import make_config; make_config({'model': 'minilm', 'task': 'sst2', "
+            "'dtype': 'bf16'}); print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
