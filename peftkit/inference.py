@@ -17,9 +17,9 @@ from peftkit.tasks import TASKS, resolve_task
 def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """Reload a run and recompute its validation metrics with the run's own data settings
     (the data is read and checked before the weights load)."""
-    record = read_record(run_dir)
-    task, dataset = resolve_task(run_config(record, data_dir=data_dir).task_name)
-    data = task.load_data(run_config(record, data_dir=data_dir), dataset)
+    config = run_config(read_record(run_dir), data_dir=data_dir)
+    task, dataset = resolve_task(config.task_name)
+    data = task.load_data(config, dataset)
     from peftkit.run import load_run
     from peftkit.trainer import autocast_for
 
@@ -42,7 +42,7 @@ def predict_inputs(run_dir: Path, texts: list[str] | None, path: Path | None) ->
                            f"`peftkit generate --run {run_dir} \"PROMPT\"`")
     fields = TASKS[kind].input_fields(record)
     if path is not None:
-        return read_inputs(run_dir, path)
+        return read_inputs(path, fields)
     if len(texts) != len(fields):
         wanted = " ".join(f'"{field.upper()}"' for field in fields)
         raise PeftkitError(f"this {kind} run reads {len(fields)} text(s) per input ({', '.join(fields)}), got "
@@ -60,11 +60,9 @@ def predict(run_dir: Path, examples: list[list[str]]) -> list[str]:
         return config.task_kind.predict(model, tokenizer, record, examples, config)
 
 
-def read_inputs(run_dir: Path, path: Path) -> list[list[str]]:
+def read_inputs(path: Path, fields: list[str]) -> list[list[str]]:
     """A JSON Lines file of inputs for `predict`: each line an object with the run's input
-    fields (its text columns; `prompt` for instruction tuning), checked before weights load."""
-    record = read_record(run_dir)
-    fields = TASKS[known_task_kind(record, run_dir)].input_fields(record)
+    `fields` (its text columns, ...), checked before weights load."""
     inputs = []
     for number, row in _json_lines(path):
         if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
