@@ -23,14 +23,13 @@ import argparse
 import hashlib
 import json
 import platform
-import shlex
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
 import yaml
-from measured_at import one_clean_commit, stamp
+from harness import command_line, one_clean_commit, stamp, write_result
 
 MB = 2**20
 STEPS = 4
@@ -172,7 +171,7 @@ def write(out: Path, rows: list[dict]) -> None:
     commit = one_clean_commit(rows, "delete the work directory's records.jsonl and run again from a clean checkout")
     inside = sum(LOW <= r["ratio"] <= HIGH for r in rows)
     ratios = [r["ratio"] for r in rows]
-    command = "python benchmarks/estimate_check.py " + shlex.join(sys.argv[1:])
+    command = command_line(__file__)
     lines = [
         "# The memory estimate, out of sample: `peftkit estimate` vs measured peak", "",
         f"Command: `{command}`", "",
@@ -194,9 +193,7 @@ def write(out: Path, rows: list[dict]) -> None:
                      f"{' + grad. ckpt.' if r['gradient_checkpointing'] else ''} | {r['batch_size']} | "
                      f"{r['longest_train_example']} / {r['longest_validation_example']} | {r['total_params'] / 1e6:.1f}M | "
                      f"{r['estimate_mb']:.0f} | {r['measured_mb']:.0f} | {r['ratio']:.2f}{flag} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    write_result(out, command, lines, {"rows": rows})
 
 
 if __name__ == "__main__":

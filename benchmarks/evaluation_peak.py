@@ -18,15 +18,12 @@ over that forward; estimate = `peftkit estimate`'s evaluation term for the same 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import shlex
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
-from measured_at import one_clean_commit, stamp
+from harness import FreshProcessError, command_line, in_fresh_process, one_clean_commit, stamp, write_result
 
 MB = 2**20
 # (model, batch, length): MiniLM at the comparison's evaluation batch, SmolLM2 at half of it
@@ -37,7 +34,8 @@ NO_BIASES = {"smollm2-135m": {"bitfit"}}  # Llama has no biases: bitfit refuses 
 
 
 def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
-    """In this process: the no-gradient forward's high-water growth and the estimate's term."""
+    """In this process (a fresh one: `in_fresh_process`): the no-gradient forward's high-water
+    growth and the estimate's term."""
     import gc
 
     import torch
@@ -97,32 +95,24 @@ def write(out: Path, rows: list[dict], command: str) -> None:
         lines.append(f"| {r['model']} | {r['strategy']} | {r['batch']} x {r['length']} | {r['measured_bytes'] / MB:.0f} | "
                      f"{r['estimate_bytes'] / MB:.0f} | {r['measured_bytes'] / per:.0f} | {r['estimate_bytes'] / per:.0f} | "
                      f"{r['ratio']:.2f} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(out, command, lines, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/evaluation_peak"))
-    parser.add_argument("--one", nargs=4, metavar=("MODEL", "STRATEGY", "BATCH", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        model, strategy, batch, length = args.one
-        print(json.dumps(measure_one(model, strategy, int(batch), int(length))))
-        return
     rows = []
     for model, batch, length in MODELS:
         for strategy in STRATEGIES:
             if strategy in NO_BIASES.get(model, ()):
                 continue
-            done = subprocess.run([sys.executable, __file__, "--one", model, strategy, str(batch), str(length)],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"error: {model} {strategy} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            try:
+                rows.append(in_fresh_process(measure_one, model, strategy, batch, length))
+            except FreshProcessError as error:
+                sys.exit(f"error: {model} {strategy} failed: {error.last_line}")
             print(f"{model} {strategy}: {rows[-1]['ratio']:.3f}", flush=True)
-    write(args.out, rows, "python benchmarks/evaluation_peak.py " + shlex.join(sys.argv[1:]))
+    write(args.out, rows, command_line(__file__))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ import datetime as dt
 import json
 import platform
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import FreshProcessError, command_line, in_fresh_process, write_result
 
 MB = 2**20
 THRESHOLDS_KB = (1024, 4096, 16384, 0)
@@ -60,7 +60,8 @@ def batches(data_dir: Path, tokenizer, shape: str, steps: int, seed: int = 0) ->
 
 
 def child(strategy_name: str, threshold_kb: int, shape: str, steps: int, warmup: int, data_dir: Path) -> dict:
-    """One training process: load, adapt, train; peak memory after warm-up and at the end."""
+    """One training process (a fresh one: `in_fresh_process`): load, adapt, train; peak memory
+    after warm-up and at the end."""
     import torch
 
     from peftkit.allocator import set_mmap_threshold
@@ -99,28 +100,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in alternating order (medians)")
-    parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "THRESHOLD_KB", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 < args.warmup < args.steps:
         parser.error(f"--warmup must lie between 0 and --steps ({args.steps}), got {args.warmup}")
-    if args.child:
-        strategy, threshold, shape = args.child
-        print(json.dumps(child(strategy, int(threshold), shape, args.steps, args.warmup, args.data_dir)))
-        return
     configs = [(strategy, shape, threshold) for strategy in args.strategies.split(",") for shape in SHAPES
                for threshold in THRESHOLDS_KB]
     runs: dict[tuple, list[dict]] = {config: [] for config in configs}
     for round_index in range(args.rounds):  # alternate the order, so a slow spell of the machine hits every setting
         for strategy, shape, threshold in configs if round_index % 2 == 0 else configs[::-1]:
-            command = [sys.executable, __file__, "--data-dir", str(args.data_dir), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--child", strategy, str(threshold), shape]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode:
-                last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
-                sys.exit(f"error: {strategy}, {threshold} KB, {shape} batches failed: {last}")
-            runs[(strategy, shape, threshold)].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            try:
+                found = in_fresh_process(child, strategy, threshold, shape, args.steps, args.warmup, args.data_dir)
+            except FreshProcessError as error:
+                sys.exit(f"error: {strategy}, {threshold} KB, {shape} batches failed: {error.last_line}")
+            runs[(strategy, shape, threshold)].append(found)
             print(runs[(strategy, shape, threshold)][-1], flush=True)
     rows = [{**found[0], "peak_after_warmup_mb": statistics.median(r["peak_after_warmup_mb"] for r in found),
              "peak_at_end_mb": statistics.median(r["peak_at_end_mb"] for r in found),
@@ -133,7 +127,7 @@ def write(out: Path, rows: list[dict], steps: int, warmup: int) -> None:
     import torch
     import transformers
 
-    command = "python benchmarks/heap_growth.py " + shlex.join(sys.argv[1:])
+    command = command_line(__file__)
     lines = [
         "# Heap growth: CPU peak memory vs the C allocator's mmap threshold (MiniLM, SST-2 batches of 32)", "",
         f"Command: `{command}`", "",
@@ -150,9 +144,7 @@ def write(out: Path, rows: list[dict], steps: int, warmup: int) -> None:
         lines.append(f"| {r['strategy']} | {r['shape']} | {threshold} | {r['peak_after_warmup_mb']:.0f} | "
                      f"{r['peak_at_end_mb']:.0f} | {r['peak_at_end_mb'] - r['peak_after_warmup_mb']:+.0f} | "
                      f"{r['seconds_per_step']:.3f} | {', '.join(f'{x:.3f}' for x in r['seconds_per_step_each'])} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    write_result(out, command, lines, {"rows": rows})
 
 
 if __name__ == "__main__":

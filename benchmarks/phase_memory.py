@@ -19,17 +19,13 @@ miss a shorter spike, which the record's VmHWM peak does not.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from measured_at import one_clean_commit, stamp
+from harness import FreshProcessError, command_line, in_fresh_process, one_clean_commit, stamp, write_result
 
 MB = 2**20
 PHASES = ("before training", "feature pass", "training", "after training")
@@ -86,6 +82,12 @@ def measure_one(recipe: Path, data_dir: str, overrides: list[str], scratch: str)
             "growth_bytes": {p: max(peaks[p] - baseline[0], 0) for p in PHASES}, **stamp()}
 
 
+def measure_in_scratch(recipe: Path, data_dir: str, overrides: list[str]) -> dict:
+    """`measure_one` with a scratch directory of its own for the run: the body of a fresh process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return measure_one(recipe, data_dir, overrides, scratch)
+
+
 def write(out: Path, rows: list[dict], command: str) -> None:
     commit = one_clean_commit(rows, "commit first, then run again")
     lines = [
@@ -102,9 +104,7 @@ def write(out: Path, rows: list[dict], command: str) -> None:
     for r in rows:
         growth = " | ".join(f"{r['growth_bytes'][p] / MB:.0f}" for p in PHASES)
         lines.append(f"| {Path(r['recipe']).name} | {r['strategy']} | {r['task']} | {growth} | {r['peak_bytes'] / MB:.0f} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(out, command, lines, rows)
     print("\n".join(lines))
 
 
@@ -114,23 +114,16 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, action="append", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one recipe, in this process
     args = parser.parse_args()
-    if args.one:
-        with tempfile.TemporaryDirectory() as scratch:
-            print(json.dumps(measure_one(args.recipe[0], args.data_dir, args.overrides, scratch)))
-        return
     rows = []
     for recipe in args.recipe:
-        with tempfile.TemporaryDirectory() as cache:
-            command = [sys.executable, __file__, "--one", "--recipe", str(recipe), "--data-dir", args.data_dir,
-                       "--out", str(args.out),
-                       *(f"--set={o}" for o in args.overrides)]
-            done = subprocess.run(command, env={**os.environ, "PEFTKIT_CACHE": cache}, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"error: {recipe} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    write(args.out, rows, "python benchmarks/phase_memory.py " + shlex.join(sys.argv[1:]))
+        with tempfile.TemporaryDirectory() as cache:  # an empty feature cache for each recipe
+            try:
+                rows.append(in_fresh_process(measure_in_scratch, recipe, args.data_dir, args.overrides,
+                                             env={"PEFTKIT_CACHE": cache}))
+            except FreshProcessError as error:
+                sys.exit(f"error: {recipe} failed: {error.last_line}")
+    write(args.out, rows, command_line(__file__))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from harness import command_line, write_result
+
 from peftkit.compare import parse_runs
 from peftkit.report import record_headline
 
@@ -49,7 +51,7 @@ def new_records(table: str) -> list[dict]:
     records = ok_records(path.read_text()) if path.is_file() else []
     if not records or any("selection" not in r for r in records):
         sys.exit(f"error: {path} does not hold the regenerated table (no records, or records made before the held-out "
-                 "selection protocol): publish the table from benchmarks/tables/ first")
+                 "selection protocol): finish the table first (bash benchmarks/tables.sh NAME)")
     return records
 
 
@@ -113,10 +115,10 @@ def main() -> None:
     pairs = [spec.split("=", 1) for spec in args.table]
     if any(len(pair) != 2 or not all(pair) for pair in pairs):
         sys.exit("error: --table takes NAME=COMMIT, e.g. --table minilm-sst2=31d2991")
-    command = "python benchmarks/protocol_change.py " + " ".join(f"--table {s}" for s in args.table) + f" --out {args.out}"
+    command = command_line(__file__)
     text = "\n".join([f"# The comparison protocol, old against new\n\nCommand: `{command}`\n", EXPLAINED, "",
                       *(table_text(name, commit) for name, commit in pairs)])
-    args.out.with_suffix(".md").write_text(text)
+    write_result(args.out, command, text)
     print(text)
 
 

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness import command_line, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ("max_train_samples=200", "max_eval_samples=200", "epochs=1")
 GENERATE = ("max_generate_samples=16",)
@@ -103,7 +105,7 @@ def main() -> None:
                  for name, commit in (("before", before), ("after", after))}
         rows.append({"recipe": recipe, "before": sides["before"], "after": sides["after"],
                      "identical": sides["before"] == sides["after"]})
-    command = " ".join(["python benchmarks/same_results.py", *sys.argv[1:]])
+    command = command_line(__file__)
     lines = [f"# Same results before ({before}) and after ({after})", "", f"Command: `{command}`  ",
              "One recipe per strategy family and per task kind, seed 0, each run in a fresh process with "
              "PEFTKIT_CPU_BF16=0; the overrides per recipe are `RECIPES` in the script. Identical means every "
@@ -121,9 +123,7 @@ def main() -> None:
         lines.append(f"| {row['recipe']} | {shown(row['before'])} | {shown(row['after'])} | {last_loss(row['before'])} "
                      f"| {last_loss(row['after'])} | {'yes' if row['identical'] else 'NO'} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_result(args.out, command, lines, rows)
     print("\n".join(lines))
     if not all(row["identical"] for row in rows):
         raise SystemExit(1)

@@ -15,11 +15,10 @@ allocator, the optimizer or evaluation; the whole-run peaks are in estimate_chec
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from measured_at import one_clean_commit, stamp
+from harness import command_line, one_clean_commit, stamp, write_result
 
 MODELS = {"minilm": ("full", "partial", "lora", "bitfit", "dora", "ia3", "adapter", "prompt-tuning"),
           "smollm2-135m": ("full", "partial", "lora", "dora", "ia3", "adapter", "prompt-tuning")}
@@ -64,17 +63,14 @@ def main() -> None:
     rows = [{**measure(model, strategy, args.precision), **here} for model, strategies in MODELS.items()
             for strategy in strategies]
     commit = one_clean_commit(rows, "commit, then run it again")
-    command = f"python benchmarks/saved_activations.py --out {args.out}" + \
-        (f" --precision {args.precision}" if args.precision != "bf16" else "")
+    command = command_line(__file__)
     lines = [f"# Activations estimated against saved for backward ({args.precision}, CPU)", "",
              f"`{command}` at {commit[:7]}, {here['date']}, {here['machine']}.", "",
              f"One training forward of {BATCH} x {LENGTH} tokens; MB = 2^20 bytes.", "",
              "| model | strategy | measured MB | estimated MB | estimated / measured |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['strategy']} | {r['measured_bytes'] / 2**20:.1f} | {r['estimated_bytes'] / 2**20:.1f} "
               f"| {r['ratio']:.2f} |" for r in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_result(args.out, command, lines, rows)
     print("\n".join(lines))
 
 

@@ -55,16 +55,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from measured_at import one_clean_commit, stamp
+from harness import command_line, in_fresh_process, one_clean_commit, stamp, write_result
 
 CASES = {
     "minilm": [("full", 2, 1e-4), ("lora", 2, 1e-3), ("partial", 2, 2e-4), ("linear-probe", 5, 1e-2)],
@@ -159,15 +155,20 @@ def with_peftkit(case: dict, data_dir: str) -> dict:
             "precision": record["precision"]["compute"]}
 
 
+def side_result(side: str, case: dict, data_dir: str, profile: bool = False) -> dict:
+    """One side of a case, in this (fresh) process: `run_side`'s child."""
+    quiet()
+    if profile:
+        profile_training()
+    return with_peftkit(case, data_dir) if side == "peftkit" else script(case, data_dir, side)
+
+
 def run_side(side: str, case: dict, data_dir: str, profile: bool = False) -> dict:
-    """One side of a case in a fresh process (this script with --side), its result read back."""
+    """One side of a case in a fresh process with an empty peftkit cache, its output shown, its
+    result read back."""
     with tempfile.TemporaryDirectory() as scratch:
-        result = Path(scratch) / "result.json"
-        env = {**os.environ, "PEFTKIT_CACHE": str(Path(scratch) / "cache")}
-        command = [sys.executable, __file__, "--side", side, "--case", json.dumps(case), "--data-dir", data_dir,
-                   "--result", str(result), *(["--profile"] if profile else [])]
-        subprocess.run(command, env=env, check=True)
-        return json.loads(result.read_text())
+        return in_fresh_process(side_result, side, case, data_dir, profile,
+                                env={"PEFTKIT_CACHE": str(Path(scratch) / "cache")}, quiet=False)
 
 
 def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
@@ -236,18 +237,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="instead of --out: print each side's profile of CPU operators over training, "
                              "nothing written (with --max-train-samples, e.g. 480: profiled speeds are not measurements)")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in its own process
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet()
-    if args.side:
-        if args.profile:
-            profile_training()
-        case = json.loads(args.case)
-        result = with_peftkit(case, args.data_dir) if args.side == "peftkit" else script(case, args.data_dir, args.side)
-        args.result.write_text(json.dumps(result))
-        return
     if (args.out is None) == (not args.profile):
         parser.error("give --out (a measurement) or --profile (a look at where the time goes), not both")
     sides = tuple(s for s in SIDES if s in args.sides)
@@ -304,12 +295,7 @@ def measured_rows(path: Path, commit: str, sides: tuple[str, ...]) -> dict[tuple
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": command_line(), "rows": rows}, indent=1) + "\n")
-
-
-def command_line() -> str:
-    return "python benchmarks/speed.py " + shlex.join(sys.argv[1:])
+    write_result(path, command_line(__file__), data={"rows": rows})
 
 
 def quiet() -> None:
@@ -337,7 +323,7 @@ def write(out: Path, rows: list[dict], sides: tuple[str, ...]) -> None:
     lines = [
         f"# Speed: peftkit's defaults vs a {' and a '.join(scripts)} Trainer + peft script "
         "(SST-2, each in its own process)", "",
-        f"Command: `{command_line()}`", "",
+        f"Command: `{command_line(__file__)}`", "",
         f"Commit {commit[:10]}; dates {', '.join(sorted({r['date'] for r in rows}))}; "
         f"machine: {', '.join(sorted({r['machine'] for r in rows}))}, {torch.get_num_threads()} threads; {versions}; "
         f"measured matmul ceiling fp32 {ceilings['fp32']} / bf16 {ceilings['bf16']} GFLOP/s "
@@ -362,7 +348,7 @@ def write(out: Path, rows: list[dict], sides: tuple[str, ...]) -> None:
         lines.append(f"| {r['model']} | {r['strategy']} | {r['seed']} | {r['samples']} x {r['epochs']} | {rate} | {ratios} "
                      f"| {acc} | {use} | {r['peftkit']['precision']} | {r['peftkit']['features']} |")
     lines += seed_summary(rows, sides)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_result(out, command_line(__file__), lines)
     print("\n".join(lines))
 
 

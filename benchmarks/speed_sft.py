@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import FreshProcessError, command_line, in_fresh_process, write_result
 
 MODEL = "smollm2-135m"
 SIDES = ("baseline", "tuned-baseline", "peftkit")
@@ -94,14 +93,25 @@ def chat_tokens(data_dir: str, samples: int) -> int:
     return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
 
 
+def side_result(side: str, data_dir: str, samples: int, eval_samples: int) -> dict:
+    """One run of one side, in this (fresh) process: `run_side`'s child."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    if side == "peftkit":
+        return with_peftkit(data_dir, samples, eval_samples)
+    return baseline(data_dir, samples, eval_samples, tuned=side == "tuned-baseline")
+
+
 def run_side(side: str, args: argparse.Namespace) -> dict:
-    """One side in a fresh process (`--side`), its result read from its last output line."""
-    command = [sys.executable, __file__, "--side", side, "--data-dir", args.data_dir, "--samples", str(args.samples),
-               "--eval-samples", str(args.eval_samples)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{side} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One side in a fresh process, its result read back."""
+    try:
+        return in_fresh_process(side_result, side, args.data_dir, args.samples, args.eval_samples)
+    except FreshProcessError as error:
+        raise SystemExit(f"{side} failed: {error.last_line}") from None
 
 
 def main() -> None:
@@ -111,18 +121,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:  # a child process: one run, its result as the last line
-        import logging
-
-        import transformers
-
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        transformers.logging.set_verbosity_error()
-        runs = {"baseline": baseline, "tuned-baseline": lambda *a: baseline(*a, tuned=True), "peftkit": with_peftkit}
-        print(json.dumps(runs[args.side](args.data_dir, args.samples, args.eval_samples)))
-        return
     if args.out is None:
         parser.error("--out is required")
     tokens = chat_tokens(args.data_dir, args.samples)
@@ -145,7 +144,7 @@ def main() -> None:
 def write(args: argparse.Namespace, rounds: list[dict], tokens: int) -> None:
     from importlib import metadata
 
-    command = "python " + shlex.join(sys.argv)
+    command = command_line(__file__)
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "trl"))
     lines = ["# Instruction-tuning speed: peftkit vs a plain TRL SFTTrainer + LoRA script", "",
              f"Command: `{command}`  ",
@@ -163,9 +162,7 @@ def write(args: argparse.Namespace, rounds: list[dict], tokens: int) -> None:
                          f"{s['validation_loss']:.4f} | {ratio} |")
     lines += ["", f"Median speed-up over the plain script: **{statistics.median(r['speedup'] for r in rounds):.2f}x**; "
               f"over the tuned one: **{statistics.median(r['speedup_tuned'] for r in rounds):.2f}x**"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "tokens": tokens, "rounds": rounds}, indent=1) + "\n")
+    write_result(args.out, command, lines, {"tokens": tokens, "rounds": rounds})
     print("\n".join(lines))
 
 

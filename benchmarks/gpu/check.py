@@ -4,7 +4,7 @@ strategies on randomly initialised Llama-3.2-1B- and Llama-3.1-8B-shaped models,
 weights are random, saved once to a scratch checkpoint, and loaded through peftkit's own path
 (4-bit for qlora), then trained by peftkit's SFT trainer (TRL) on fixed-length random rows.
 
-    python benchmarks/gpu/check.py --out benchmarks/results/gpu/CARD.md   # one GPU, under 8 minutes
+    python benchmarks/gpu/check.py --out benchmarks/results/gpu/CARD.md   # one GPU, under 8 minutes (and CARD.json)
     python benchmarks/gpu/check.py --smoke                               # CPU, a tiny config (the tests run it)
 
 On a GPU each cell runs in its own process, so one cell's memory never shows in another's
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness beside the other benchmark scripts
+from harness import FreshProcessError, command_line, in_fresh_process, write_result  # noqa: E402
 STRATEGIES = ("full", "lora", "qlora", "dora", "adapter", "prompt-tuning")
 LLAMA_3_2_1B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
@@ -42,15 +43,11 @@ GiB = 2**30
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny Llama config, 2 steps per cell")
-    parser.add_argument("--out", type=Path, help="write the Markdown table here too")
+    parser.add_argument("--out", type=Path, help="write the table to OUT.md (and its rows to OUT.json) too")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="measured steps, after 2 warm-up steps")
-    parser.add_argument("--cell", nargs=3, metavar=("CHECKPOINT", "STRATEGY", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cell:
-        print(json.dumps(measure(Path(args.cell[0]), args.cell[1], json.loads(args.cell[2]))))
-        return
     settings = {"device": "cpu" if args.smoke else "cuda", "batch_size": args.batch_size or 2,
                 "seq_len": args.seq_len or (32 if args.smoke else 1024), "steps": args.steps or (2 if args.smoke else 5)}
     shapes = {"tiny-llama": TINY} if args.smoke else {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.1-8b": LLAMA_3_1_8B}
@@ -62,11 +59,11 @@ def main() -> None:
                 cell = measure(checkpoint, strategy, settings) if args.smoke else run_cell(checkpoint, strategy, settings)
                 rows.append({"shape": shape, "strategy": strategy, **cell})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    table = markdown(rows, settings, " ".join(["python benchmarks/gpu/check.py", *sys.argv[1:]]))
+    command = command_line(__file__)
+    table = markdown(rows, settings, command)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+        write_result(args.out, command, table, {"settings": settings, "rows": rows})
 
 
 def save_random_checkpoint(config: dict, directory: Path, device: str) -> Path:
@@ -87,13 +84,10 @@ def save_random_checkpoint(config: dict, directory: Path, device: str) -> Path:
 
 def run_cell(checkpoint: Path, strategy: str, settings: dict) -> dict:
     """One (shape, strategy) in a fresh process: its measurements, or why it has none."""
-    done = subprocess.run([sys.executable, __file__, "--cell", str(checkpoint), strategy, json.dumps(settings)],
-                          capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"status": f"failed: {error[:120]}"}
-    return json.loads(lines[-1])
+    try:
+        return in_fresh_process(measure, checkpoint, strategy, settings)
+    except FreshProcessError as error:
+        return {"status": f"failed: {error.last_line[:120]}"}
 
 
 def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:

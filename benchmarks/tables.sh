@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The published comparison tables, each made by one pinned commit, resumable across sessions.
 #
-#   bash benchmarks/tables/run.sh [TABLE ...]     # default: every table in QUEUE, in order
+#   bash benchmarks/tables.sh [TABLE ...]     # default: every table in QUEUE, in order
 #
 # Each table's code is the commit its QUEUE line names, checked out (once) as a worktree beside
 # this clone with its own .venv, so every row of a table names that commit whatever is committed
 # here meanwhile. Each table is one resumable `peftkit compare` (that commit's recipes/) whose
-# output is benchmarks/tables/<table>/ in THIS clone: runs.jsonl and configs/ are committed as
-# cells finish (runs/ and logs/ are not), so a later session continues where one stopped,
-# retraining only the cell that was cut short. A table is published (`peftkit report` into
-# benchmarks/results/<table>/) only when every cell is recorded.
+# output is benchmarks/results/<table>/ in THIS clone, the one directory the table has: runs.jsonl
+# and configs/ are committed as cells finish (runs/ and logs/ are not), so a later session
+# continues where one stopped, retraining only the cell that was cut short. When every cell is
+# recorded, `peftkit report benchmarks/results/<table>` writes results.md (.csv, .json, .html,
+# plots) beside runs.jsonl. benchmarks/results/README.md says which tables are complete and which
+# are in progress (their results.md, if any, older than their runs.jsonl): update it with the table.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-clone="$(cd "$here/../.." && pwd)"
+clone="$(cd "$here/.." && pwd)"
+results="$here/results"
 data="${PEFTKIT_DATA_DIR:-$clone/../shared/data}"
 
 # table | commit | model | task | strategies | seeds | extra compare options
@@ -54,5 +57,7 @@ while IFS='|' read -r table commit model task strategies seeds extra; do
   # in its own process counted the converter's freed memory in its baseline (peak ~680 MB low).
   (cd "$wt" && .venv/bin/python -c "from peftkit.models import resolve_model; resolve_model('$model')")
   (cd "$wt" && .venv/bin/peftkit compare --model "$model" --task "$task" --strategies "$strategies" \
-     --seeds "$seeds" --recipe-dir recipes --data-dir "$data" --out "$here/$table" ${extra:-})
+     --seeds "$seeds" --recipe-dir recipes --data-dir "$data" --out "$results/$table" ${extra:-})
+  echo "== $table: every cell recorded in $results/$table/runs.jsonl; publish it with" \
+       "\`peftkit report $results/$table\` and mark it complete in $results/README.md"
 done <<< "$QUEUE"
