@@ -64,7 +64,7 @@ def child(strategy_name: str, threshold_kb: int, shape: str, steps: int, warmup:
     after warm-up and at the end."""
     import torch
 
-    from peftkit.allocator import set_mmap_threshold
+    from peftkit.cpu.allocator import set_mmap_threshold
     from peftkit.measure import PeakMemory
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.strategies import build_strategy

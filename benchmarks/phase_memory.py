@@ -10,7 +10,7 @@ predicts one too. When they disagree, the phase that set the peak says which of 
 terms to look at. Each recipe trains in a fresh process (`peftkit.train`, with the mmap
 threshold `peftkit compare` publishes peaks with, an empty feature cache and the `--set`
 overrides), while a thread samples the resident size every 2 ms. Phases are marked where they
-begin: the feature pass (`feature_cache.head_inputs`, computing a frozen model's head inputs),
+begin: the feature pass (`caches.features.head_inputs`, computing a frozen model's head inputs),
 training (`transformers.Trainer.train`, whose per-epoch evaluations count as training) and what
 follows it. Growth is above the baseline the run's own `PeakMemory` takes; a 2 ms sample can
 miss a shorter spike, which the record's VmHWM peak does not.
@@ -41,7 +41,7 @@ def measure_one(recipe: Path, data_dir: str, overrides: list[str], scratch: str)
     import transformers
 
     import peftkit
-    import peftkit.feature_cache
+    import peftkit.caches.features
     import peftkit.measure
     from peftkit.compare import PUBLISHED_MMAP_THRESHOLD_KB
     from peftkit.config import apply_overrides, load_recipe
@@ -70,7 +70,7 @@ def measure_one(recipe: Path, data_dir: str, overrides: list[str], scratch: str)
         return started
 
     peftkit.measure.PeakMemory.start = start_and_keep
-    peftkit.feature_cache.head_inputs = marked(peftkit.feature_cache.head_inputs, "feature pass")
+    peftkit.caches.features.head_inputs = marked(peftkit.caches.features.head_inputs, "feature pass")
     transformers.Trainer.train = marked(transformers.Trainer.train, "training", after="after training")
     values = {"cpu_mmap_threshold_kb": PUBLISHED_MMAP_THRESHOLD_KB, **load_recipe(recipe), "data_dir": data_dir,
               "output_dir": f"{scratch}/run", "overwrite": True}

@@ -18,7 +18,7 @@ from typing import Callable
 from harness import command_line, write_result
 
 from peftkit.compare import parse_runs
-from peftkit.report import record_headline
+from peftkit.report.rows import record_headline
 
 CLONE = Path(__file__).resolve().parents[1]
 EXPLAINED = """Each `--table NAME=COMMIT` sets the table's records as COMMIT published them

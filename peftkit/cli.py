@@ -421,7 +421,7 @@ def report(
 ) -> None:
     """Write results.md/.csv/.json, PNG plots and an HTML page from runs.jsonl (and, where the
     task saves answers, generations.md: every row's answers to the same inputs)."""
-    from peftkit.report import write_report
+    from peftkit.report.write import write_report
 
     for path in write_report(runs_dir, metric, title, allow_mixed, samples):
         typer.echo(str(path))

@@ -33,7 +33,7 @@ from peftkit.provenance import config_hash
 
 RUNS_FILE = "runs.jsonl"
 # Comparisons publish peak memory: their runs fix glibc's mmap threshold, so a peak follows the
-# memory in use rather than heap fragmentation (peftkit.allocator); a recipe or --set may differ.
+# memory in use rather than heap fragmentation (peftkit.cpu.allocator); a recipe or --set may differ.
 PUBLISHED_MMAP_THRESHOLD_KB = 1024
 
 

@@ -177,7 +177,7 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     training batch), for `task` (a kind or a built-in data set name). `dtype` is the frozen
     weights' (auto: bf16 on cuda and on a CPU that computes bf16 natively, else fp32); `precision` the activations' (default: dtype);
     `attn_implementation` the attention kernel (only eager stores the scores; auto on CPU under
-    bf16/fp16 keeps fp32 attention tensors, `peftkit.cpu_attention`); `keeps_best`
+    bf16/fp16 keeps fp32 attention tensors, `peftkit.cpu.attention`); `keeps_best`
     whether a copy of the best trainable weights is kept (`select: best`); `answer_tokens` and
     `eval_answer_tokens` the most labelled positions of one example, where the task's output
     layer scores those alone (sft; default: every position); `feature_rows` the feature vectors
@@ -491,8 +491,8 @@ def activation_saved_values(config: Any) -> int:
 def attention_value_bytes(model: nn.Module, device: str, precision: str, attn_implementation: str) -> int:
     """Bytes per value the attention kernel keeps for backward: 4 where peftkit computes SDPA
     in fp32 (on CPU under bf16/fp16 with `attn_implementation` auto, a model that can switch:
-    `peftkit.cpu_attention`), else the activations' own."""
-    from peftkit.cpu_attention import can_use_fp32_cpu_attention
+    `peftkit.cpu.attention`), else the activations' own."""
+    from peftkit.cpu.attention import can_use_fp32_cpu_attention
 
     fp32_on_cpu = device == "cpu" and precision != "fp32" and attn_implementation == "auto"
     return 4 if fp32_on_cpu and can_use_fp32_cpu_attention(model) else DTYPE_BYTES[precision]

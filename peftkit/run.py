@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.allocator import set_mmap_threshold
 from peftkit.checkpoints import (checkpoint_root, load_progress, load_selection, record_options, remove_checkpoints,
                                  resume_point)
 from peftkit.config import RunConfig, make_config
-from peftkit.cpu_attention import use_fp32_cpu_attention
-from peftkit.cpu_dropout import use_cpu_dropout
+from peftkit.cpu.allocator import set_mmap_threshold
+from peftkit.cpu.attention import use_fp32_cpu_attention
+from peftkit.cpu.dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
@@ -301,7 +301,7 @@ def weight_options(config: RunConfig) -> dict[str, Any]:
 def load_base(config: RunConfig, task: Any, source: Any, info: dict[str, Any], tokenizer: Any,
               quantization: Any) -> nn.Module:
     """The task's base model as `weight_options` load it; with `attn_implementation` auto on a
-    CPU computing in bf16/fp16, its SDPA attention computes in fp32 (`peftkit.cpu_attention`:
+    CPU computing in bf16/fp16, its SDPA attention computes in fp32 (`peftkit.cpu.attention`:
     several times faster there than bf16's)."""
     model = task.load_model(source, info, tokenizer, quantization, **weight_options(config))
     if config.attn_implementation == "auto" and not torch.cuda.is_available() and config.compute_precision() != "fp32":

@@ -25,7 +25,7 @@ class Timed:
     (computing cached features). A run resumed from a checkpoint starts from the training
     time and peak memory its earlier processes reached (`prior`, peftkit.checkpoints), so its
     record covers the whole run, each step's work counted once. With a `replay`, the model's
-    frozen bottom replays stored outputs while it trains and evaluates (peftkit.bottom_cache).
+    frozen bottom replays stored outputs while it trains and evaluates (peftkit.caches.bottom).
     A loss or gradient norm that stops being finite stops training at that step
     (`raise_diverged`)."""
 
@@ -33,7 +33,7 @@ class Timed:
     setup_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     cached_features: bool = False
-    frozen_features: str | None = None  # computed, loaded or partly loaded (peftkit.feature_cache.FeatureStore)
+    frozen_features: str | None = None  # computed, loaded or partly loaded (peftkit.caches.features.FeatureStore)
     replay: Any = None
     keep_checkpoints: int = 1  # the newest checkpoints kept (save_total_limit)
     selection: Any = None      # the KeepBestTrainable whose state each checkpoint keeps
@@ -64,7 +64,7 @@ class Timed:
                 "processes": self.prior["processes"] + 1}
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        from peftkit.bottom_cache import INDEX_COLUMN
+        from peftkit.caches.bottom import INDEX_COLUMN
 
         indices = inputs.pop(INDEX_COLUMN, None)
         if self.replay is not None and indices is not None:

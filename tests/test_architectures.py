@@ -141,7 +141,7 @@ def check_cached_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor
     from datasets import Dataset
 
     from peftkit.anatomy import inspect_model
-    from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, head_inputs
+    from peftkit.caches.features import FeatureDataset, HeadOnFeatures, head_inputs
 
     rows = [{"input_ids": ids[mask.bool()].tolist(), "attention_mask": mask[mask.bool()].tolist(), "labels": labels.tolist(),
              "length": int(mask.sum())} for ids, mask, labels in zip(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])]

@@ -1,4 +1,4 @@
-"""The comparison harness and its report, on a tiny model."""
+"""The comparison harness, on a tiny model (its report: tests/report/)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 
 from peftkit.compare import RUNS_FILE, append_run, plan, read_runs
 from peftkit.errors import PeftkitError
-from peftkit.report import aggregate, pareto, write_report
 
 SMALL = ["--set", "max_train_samples=32", "--set", "max_eval_samples=32", "--set", "epochs=1"]
 
@@ -141,6 +140,7 @@ def test_partial_last_line_is_ignored_and_repaired(tmp_path):
 
 
 def fake(strategy, seed, accuracy, trainable):
+    """A successful run's record as compare appends it (the report's tests and test_provenance build on it)."""
     return {"strategy": strategy, "seed": seed, "status": "ok", "metrics": {"accuracy": accuracy},
             "trainable_params": trainable, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
             "train_time_s": 10.0, "samples_per_s": 5.0, "tokens_per_s": 50.0, "size_on_disk_bytes": 2**20,
@@ -148,142 +148,6 @@ def fake(strategy, seed, accuracy, trainable):
             "device": "cpu (x86_64, 2 threads)", "task_kind": "classification",
             "selection": {"select": "best", "metric": "accuracy", "on": "held-out slice of the training data"},
             "versions": {"torch": "2.13.0"}, "command": "peftkit compare --strategies full,lora", "finished": "2026-11-28T05:00:00"}
-
-
-def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
-    records = [fake("full", 0, 0.90, 10000), fake("full", 1, 0.88, 10000), fake("lora", 0, 0.86, 100),
-               fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000),
-               {"strategy": "prefix-tuning", "seed": 0, "status": "failed", "error": "error: prefix-tuning cannot train X"}]
-    ordered = aggregate(records, "accuracy")
-    assert [r.strategy for r in ordered] == ["full", "lora", "probe", "bad"]  # best first
-    rows = {r.strategy: r for r in ordered}
-    assert rows["lora"].metric_std is None and rows["lora"].metric_text == "0.8600"  # one seed: no made-up spread
-    assert rows["full"].n == 2 and rows["full"].metric_mean == pytest.approx(0.89)
-    assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
-    assert rows["full"].estimate_ratio == pytest.approx(0.5)
-    assert [r.strategy for r in pareto(list(rows.values()))] == ["probe", "lora", "full"]
-    by_loss = aggregate([fake("big", 0, 1.2, 1000), fake("small", 0, 1.5, 10), fake("worse", 0, 1.9, 100)],
-                        "accuracy", greater_is_better=False)  # read the values as a loss: lower is better
-    assert [r.strategy for r in pareto(by_loss, greater_is_better=False)] == ["small", "big"]
-    for record in records:
-        append_run(tmp_path, record)
-    paths = write_report(tmp_path)
-    assert {p.name for p in paths} >= {"results.md", "results.csv", "results.json", "results.html", "metric_vs_params.png"}
-    text = (tmp_path / "results.md").read_text()
-    assert "0.8900 ± 0.0141" in text and "| 0.8600 | 1 |" in text
-    assert "Command: `peftkit compare --strategies full,lora`" in text and "Date: 2026-11-28" in text
-    assert "Checkpoint: best accuracy on a held-out slice of the training data; the validation split scored once" in text
-    assert "Head input: mean pooling of the last hidden states (pooling: mean)" in text  # one reading, shown
-    assert "- prefix-tuning (seed 0): error: prefix-tuning cannot train X" in text  # refusals are reported too
-    assert "data:image/png;base64," in (tmp_path / "results.html").read_text()
-    assert "accuracy (mean ± std)" in text
-
-
-def test_an_open_ended_instruction_table_leads_with_rouge_l(tmp_path):
-    for strategy, scores in (("none", (0.0, 0.19, 10.9)), ("lora", (0.01, 0.25, 6.0)), ("full", (0.02, 0.22, 5.5))):
-        record = fake(strategy, 0, 0.0, 100)
-        record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
-                      metrics=dict(zip(("exact_match", "rouge_l", "perplexity"), scores)))
-        append_run(tmp_path, record)
-    write_report(tmp_path)
-    text = (tmp_path / "results.md").read_text()
-    assert "| rouge_l (one seed) | exact_match | perplexity |" in text
-    assert [row["strategy"] for row in json.loads((tmp_path / "results.json").read_text())] == ["lora", "full", "none"]
-    assert not (tmp_path / "generations.md").exists()  # no run saved generations
-
-
-def test_the_report_sets_each_rows_generations_for_the_same_prompts_side_by_side(tmp_path):
-    """A run's own predictions.jsonl (under runs/) and a published copy beside runs.jsonl are
-    both read; only prompts every row answered are shown, rows in the table's order."""
-    def predictions(answers):
-        return "".join(json.dumps({"prompt": p, "reference": f"ref {p}", "references": [f"ref {p}"], "generated": g})
-                       + "\n" for p, g in answers)
-
-    for strategy, seed, rouge in (("lora", 1, 0.1), ("lora", 0, 0.1), ("adapter", 0, 0.05), ("full", 0, 0.2)):
-        record = fake(strategy, seed, 0.0, 100)
-        record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
-                      metrics={"exact_match": 0.0, "rouge_l": rouge, "perplexity": 5.0})
-        append_run(tmp_path, record)
-    (tmp_path / "runs" / "lora-seed0").mkdir(parents=True)
-    (tmp_path / "runs" / "lora-seed0" / "predictions.jsonl").write_text(predictions(
-        [("Name a fruit.", "An apple."), ("Only lora saw this.", "x"), ("Why?", "Because\nof <b>it</b>.")]))
-    (tmp_path / "runs" / "lora-seed1").mkdir()
-    (tmp_path / "runs" / "lora-seed1" / "predictions.jsonl").write_text(predictions([("Name a fruit.", "seed 1")]))
-    (tmp_path / "adapter-predictions.jsonl").write_text(predictions([("Why?", "I do not know."), ("Name a fruit.", "")]))
-    write_report(tmp_path, samples=5)
-    text = (tmp_path / "generations.md").read_text()
-    assert "# What each strategy answered: 2 validation inputs" in text and "No answers saved: full." in text
-    assert "Only lora saw this" not in text and "seed 1" not in text  # a row's lowest seed speaks for it
-    first, second = text.split("## Input 1")[1].split("## Input 2")
-    assert "> Name a fruit." in first and "**reference**: ref Name a fruit." in first
-    assert first.index("**lora**: An apple.") < first.index("**adapter**: (nothing)")  # the table's order, not names'
-    assert "**lora**: Because of &lt;b&gt;it&lt;/b&gt;." in second  # one line, markup shown as text
-    write_report(tmp_path, samples=1)
-    assert "# What each strategy answered: 1 validation inputs" in (tmp_path / "generations.md").read_text()
-    write_report(tmp_path, samples=0)
-    assert not (tmp_path / "generations.md").exists()  # none asked for: an earlier one is not left behind
-
-
-def test_question_answering_rows_are_set_side_by_side_by_their_own_keys(tmp_path):
-    """Each task names the keys of its predictions (QA: question, answers, prediction); a task
-    that saves none (classification) gets no generations.md."""
-    for strategy, f1 in (("full", 0.7), ("lora", 0.6)):
-        record = fake(strategy, 0, 0.0, 100)
-        record.update(task_kind="qa", config={"model": "tiny-bert", "task": "squad"},
-                      metrics={"f1": f1, "exact_match": f1 - 0.1, "loss": 1.0})
-        append_run(tmp_path, record)
-        (tmp_path / "runs" / f"{strategy}-seed0").mkdir(parents=True)
-        (tmp_path / "runs" / f"{strategy}-seed0" / "predictions.jsonl").write_text(json.dumps(
-            {"id": "q1", "question": "Who wrote it?", "prediction": f"{strategy}'s span", "answers": ["Ann", "Ann", "A. B."]}))
-    write_report(tmp_path)
-    text = (tmp_path / "generations.md").read_text()
-    assert "> Who wrote it?" in text and "**reference**: Ann | A. B." in text  # repeated references once
-    assert text.index("**full**: full's span") < text.index("**lora**: lora's span")
-    classification = tmp_path / "classification"
-    classification.mkdir()
-    append_run(classification, fake("full", 0, 0.9, 100))
-    (classification / "runs" / "full-seed0").mkdir(parents=True)
-    (classification / "runs" / "full-seed0" / "predictions.jsonl").write_text('{"prompt": "p", "generated": "g"}\n')
-    write_report(classification)
-    assert not (classification / "generations.md").exists()
-
-
-def test_a_one_seed_table_says_so_and_its_legend_sits_below_the_points(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from peftkit.report import _legend_below, markdown, plots
-
-    rows = aggregate([fake("full", 0, 0.90, 10000), fake("lora", 0, 0.86, 100)], "accuracy")
-    text = markdown(rows, "accuracy", "t")
-    assert "accuracy (one seed)" in text and "±" not in text
-    assert (tmp_path / "metric_vs_params.png") in plots(rows, "accuracy", tmp_path)
-    fig, ax = plt.subplots()
-    ax.plot([1], [1], "o", label="a point")
-    _legend_below(ax)
-    fig.canvas.draw()
-    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0  # outside the axes: it hides nothing
-
-
-def test_point_labels_do_not_overlap():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from peftkit.report import label_offsets
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    points = [(2.2e5, 0.861), (2.3e5, 0.8605), (3.3e5, 0.8647), (1e7, 0.80)]
-    labels = ["adapter-houlsby", "adapter-pfeiffer", "qlora", "full"]
-    ax.scatter(*zip(*points))
-    ax.set_xscale("log")
-    offsets = label_offsets(ax, points, labels)
-    plt.close(fig)
-    assert offsets[3] == (6.0, 4.0) and offsets[2] == (6.0, 4.0)  # labels with room stay beside their point
-    assert offsets[1][1] < offsets[0][1]  # the lower of two crowded labels moves down, clear of the other
 
 
 def test_comparison_runs_fix_the_allocator_policy_plain_runs_keep_glibcs(tmp_path, data_dir):

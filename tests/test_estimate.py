@@ -283,13 +283,13 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     (DeBERTa-v2: its disentangled attention, relative positions in both directions; GPT-2: its
     `gelu_new`, a tanh formula of torch operations that keep four intermediates), in fp32
     and as a run on this CPU computes in bf16: a bf16 base, trained tensors in fp32, bf16
-    autocast, attention in fp32 (`peftkit.cpu_attention`), LoRA's input left at autocast's
+    autocast, attention in fp32 (`peftkit.cpu.attention`), LoRA's input left at autocast's
     precision (`peftkit.models.skip_adapter_input_upcast`)."""
     import contextlib
 
     import torch
 
-    from peftkit.cpu_attention import use_fp32_cpu_attention
+    from peftkit.cpu.attention import use_fp32_cpu_attention
     from peftkit.measure import saved_for_backward
     from peftkit.models import (load_for_classification, load_model_config, load_tokenizer, random_checkpoint,
                                 ready_for_training, resolve_model)

@@ -121,7 +121,7 @@ def test_lora_under_autocast_takes_its_input_as_it_comes(strategy):
     DoRA keeps the upcast (its weight norm is computed in the input's dtype): nothing changes."""
     import torch
 
-    from peftkit.cpu_dropout import use_cpu_dropout
+    from peftkit.cpu.dropout import use_cpu_dropout
     from peftkit.measure import saved_for_backward
     from peftkit.models import (keep_trainable_fp32, load_for_classification, load_tokenizer, resolve_model,
                                 skip_adapter_input_upcast)

@@ -11,7 +11,7 @@ from peftkit.compare import append_run, pending, plan
 from peftkit.config import make_config
 from peftkit.errors import PeftkitError
 from peftkit.provenance import code_version, config_hash
-from peftkit.report import write_report
+from peftkit.report.write import write_report
 from test_compare import fake
 
 

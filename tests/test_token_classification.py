@@ -159,7 +159,7 @@ def test_every_strategy_trains_reloads_and_predicts(tmp_path, data_dir, strategy
 
 def test_cached_token_features_are_the_heads_inputs_at_first_sub_tokens(data_dir):
     from peftkit.config import make_config as config_of
-    from peftkit.feature_cache import FeatureDataset, HeadOnFeatures, head_inputs
+    from peftkit.caches.features import FeatureDataset, HeadOnFeatures, head_inputs
 
     task = resolve_task("conll2003")[0]
     config = config_of({"model": "tiny-bert", "task": "conll2003", "data_dir": str(data_dir), "max_train_samples": 12,

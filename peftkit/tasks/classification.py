@@ -6,7 +6,7 @@ and `--label-column` (strings or integers; the label names are saved with the mo
 Metrics: accuracy (selects), macro-F1, Matthews correlation. When nothing below the head
 trains (linear probing) the frozen model's output is computed once and cached; when a
 dropout-free frozen bottom sits below every trainable weight, it is replayed
-(peftkit.feature_cache, peftkit.bottom_cache).
+(peftkit.caches.features, peftkit.caches.bottom).
 """
 
 from __future__ import annotations
@@ -116,12 +116,12 @@ class Classification(Task):
         """The Trainer for this run. With `cache_features` on, frozen computation is done once:
         when nothing below the head trains (linear probing) the Trainer trains the model's own
         head on cached features; when a frozen, dropout-free bottom sits below the lowest
-        trainable layer, it replays that bottom's stored outputs (peftkit.bottom_cache)."""
+        trainable layer, it replays that bottom's stored outputs (peftkit.caches.bottom)."""
         import torch
 
         from peftkit.anatomy import head_is_one_linear, inspect_model
-        from peftkit.bottom_cache import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
-        from peftkit.feature_cache import FeatureDataset, FeatureStore, HeadOnFeatures, cache_key, cached_head_inputs
+        from peftkit.caches.bottom import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
+        from peftkit.caches.features import FeatureDataset, FeatureStore, HeadOnFeatures, cache_key, cached_head_inputs
         from peftkit.trainer import timed_trainer
 
         train_dataset, eval_dataset = prepared.train, prepared.selection
@@ -238,7 +238,7 @@ def tokenize(dataset: Any, tokenizer: Any, text_columns: list[str], max_length: 
 
 class PadToLongest:
     """Pads each batch to its own longest sequence; passes only model inputs, labels and the
-    example index that a replayed frozen bottom reads (peftkit.bottom_cache)."""
+    example index that a replayed frozen bottom reads (peftkit.caches.bottom)."""
 
     def __init__(self, tokenizer: Any):
         from transformers import DataCollatorWithPadding
@@ -246,7 +246,7 @@ class PadToLongest:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, features: list[dict]) -> dict:
-        from peftkit.bottom_cache import INDEX_COLUMN
+        from peftkit.caches.bottom import INDEX_COLUMN
 
         keep = (*MODEL_INPUTS, "labels", INDEX_COLUMN)
         return self.pad([{k: v for k, v in f.items() if k in keep} for f in features])

@@ -93,7 +93,7 @@ class TokenClassification(Classification):
 
     def feature_rows(self, prepared: Prepared) -> dict[str, int]:
         """One vector per labelled token (each word's first sub-token) of the training split
-        and the selection slice: what a linear probe caches (peftkit.feature_cache)."""
+        and the selection slice: what a linear probe caches (peftkit.caches.features)."""
         splits = [s for s in (prepared.train, prepared.selection) if s is not None]
         return {"cached_feature_rows": sum(sum(label != -100 for label in labels) for split in splits
                                            for labels in split["labels"])}
@@ -180,7 +180,7 @@ def tokenize_words(dataset: Any, tokenizer: Any, max_length: int, sort: bool = F
 
 class PadWithLabels:
     """Pads each batch to its longest example, the labels with -100; passes only model inputs,
-    labels and the example index a replayed frozen bottom reads (peftkit.bottom_cache)."""
+    labels and the example index a replayed frozen bottom reads (peftkit.caches.bottom)."""
 
     def __init__(self, tokenizer: Any):
         from transformers import DataCollatorForTokenClassification
@@ -188,7 +188,7 @@ class PadWithLabels:
         self.pad = DataCollatorForTokenClassification(tokenizer)
 
     def __call__(self, features: list[dict]) -> dict:
-        from peftkit.bottom_cache import INDEX_COLUMN
+        from peftkit.caches.bottom import INDEX_COLUMN
         from peftkit.tasks.classification import MODEL_INPUTS
 
         keep = (*MODEL_INPUTS, "labels", INDEX_COLUMN)

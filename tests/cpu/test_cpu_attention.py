@@ -1,4 +1,4 @@
-"""SDPA in fp32 on CPU under bf16 autocast (peftkit.cpu_attention): the same attention as
+"""SDPA in fp32 on CPU under bf16 autocast (peftkit.cpu.attention): the same attention as
 transformers' sdpa given fp32 inputs, masks honoured, gradients back in the callers' dtype; a
 run switches to it only where it applies, and the estimate counts the fp32 tensors it keeps."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.cpu_attention import FP32_SDPA, can_use_fp32_cpu_attention, fp32_sdpa_attention, use_fp32_cpu_attention
+from peftkit.cpu.attention import FP32_SDPA, can_use_fp32_cpu_attention, fp32_sdpa_attention, use_fp32_cpu_attention
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import feature_cache
+from peftkit.caches.features import FeatureStore, cache_key, cached_head_inputs
 from peftkit.config import make_config
 from peftkit.data import load_data
-from peftkit.feature_cache import FeatureStore, cache_key, cached_head_inputs
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.pooling import read_with
 from peftkit.tasks.classification import PadToLongest, tokenize
@@ -48,7 +47,7 @@ def test_second_call_reads_the_cache(data_dir, monkeypatch):
     collate = PadToLongest(tokenizer)
     computing, reading = FeatureStore(), FeatureStore()
     first = cached_head_inputs(computing, model, source.path, tokenizer, dataset, collate, 64, batch_size=16)
-    monkeypatch.setattr(feature_cache, "head_inputs", lambda *a, **k: pytest.fail("recomputed a cached result"))
+    monkeypatch.setattr("peftkit.caches.features.head_inputs", lambda *a, **k: pytest.fail("recomputed a cached result"))
     assert torch.equal(cached_head_inputs(reading, model, source.path, tokenizer, dataset, collate, 64, batch_size=16), first)
     # the work is counted where it was done and where it is read back: the stored seconds travel with the value
     assert computing.source == "computed" and reading.source == "loaded" and FeatureStore().source is None

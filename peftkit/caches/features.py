@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from peftkit.anatomy import inspect_model
 from peftkit.models import cache_dir
@@ -198,8 +199,6 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stacked vectors, or token rows padded to the batch's longest example (labels with -100)."""
-        from torch.nn.utils.rnn import pad_sequence
-
         if not isinstance(self.features, list):
             return {"features": torch.stack([i["features"] for i in items]), "labels": torch.stack([i["labels"] for i in items])}
         return {"features": pad_sequence([i["features"] for i in items], batch_first=True),

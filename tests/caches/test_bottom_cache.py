@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.bottom_cache import BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
+from peftkit.caches.bottom import BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
 from peftkit.config import make_config
 from peftkit.data import load_data
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model

@@ -10,7 +10,7 @@ import pytest
 
 FRAGMENT = """
 import sys, torch
-from peftkit.allocator import set_mmap_threshold
+from peftkit.cpu.allocator import set_mmap_threshold
 set_mmap_threshold(int(sys.argv[1]))
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024

@@ -1,4 +1,4 @@
-"""CPU dropout from numpy's generator (peftkit.cpu_dropout): still dropout (rate, scale,
+"""CPU dropout from numpy's generator (peftkit.cpu.dropout): still dropout (rate, scale,
 expectation, gradient), decided by torch's seed and RNG state, and installed in place of every
 plain `nn.Dropout` of a model (a PEFT model's LoRA dropout included, hooks kept) by a run on CPU."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from peftkit.cpu_dropout import CpuDropout, keep_mask, use_cpu_dropout
+from peftkit.cpu.dropout import CpuDropout, keep_mask, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -68,12 +68,12 @@ def test_layer_is_torchs_dropout_in_eval_at_zero_and_one_and_in_bf16():
 
 @pytest.mark.parametrize("p", [1e-6, 1 - 1e-6])
 def test_rates_16_bits_cannot_resolve_are_torchs_dropout(p, monkeypatch):
-    import peftkit.cpu_dropout
+    import peftkit.cpu.dropout
 
     def refuse(*args):
         raise AssertionError("keep_mask called")
 
-    monkeypatch.setattr(peftkit.cpu_dropout, "keep_mask", refuse)
+    monkeypatch.setattr(peftkit.cpu.dropout, "keep_mask", refuse)
     x = torch.ones(100, 100)
     torch.manual_seed(0)
     ours = CpuDropout(p).train()(x)
