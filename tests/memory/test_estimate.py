@@ -1,4 +1,4 @@
-"""The analytic memory estimate, term by term, against hand computations on tiny BERT
+"""The analytic memory estimate (peftkit.memory), term by term, against hand computations on tiny BERT
 (vocab 30522, hidden 64, 2 layers, 2 heads of 32, FFN 128, 2 labels) and Llama-3-8B."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from peftkit.errors import PeftkitError
-from peftkit.estimate import CPU_RUNTIME_BYTES, GB, TRAINING_TERMS, estimate
+from peftkit.memory.estimate import CPU_RUNTIME_BYTES, GB, TRAINING_TERMS, estimate
 
-LLAMA3_8B = str(Path(__file__).parent / "configs" / "llama-3-8b.json")
+CONFIGS = Path(__file__).parents[1] / "configs"
+LLAMA3_8B = str(CONFIGS / "llama-3-8b.json")
 # embeddings 30522*64 + 512*64 + 2*64 + LayerNorm 128; per layer 4*(64*64+64) + 128 + (64*128+128)
 # + (128*64+64) + 128 = 33,472; pooler 64*64+64; classifier 64*2+2
 TOTAL = 30522 * 64 + 512 * 64 + 2 * 64 + 128 + 2 * 33_472 + 4_160 + 130
@@ -24,7 +25,7 @@ def cpu(strategy, **kw):
 def test_the_feed_forward_activation_keeps_what_its_operations_save():
     from types import SimpleNamespace
 
-    from peftkit.estimate import activation_saved_values
+    from peftkit.memory.activations import activation_saved_values
 
     assert activation_saved_values(SimpleNamespace(hidden_act="gelu")) == 1  # torch's kernel keeps its input
     assert activation_saved_values(SimpleNamespace(activation_function="gelu_new")) == 4  # GPT-2's tanh formula
@@ -202,12 +203,14 @@ def test_under_autocast_lora_keeps_its_mask_at_the_inputs_precision_and_dora_in_
     rank-8 output at 2 bytes, its dropout mask at the input's 2 (LoRA: a run stops PEFT's
     upcast, `models.skip_adapter_input_upcast`) or PEFT's fp32 (DoRA keeps the upcast); DoRA
     also rescales the base and LoRA outputs."""
-    from peftkit.estimate import strategy_extra_bytes
+    from peftkit.memory.activations import strategy_extra_bytes
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.strategies import build_strategy
+    from peftkit.tasks import resolve_task
 
     source = resolve_model("tiny-bert")
-    model = build_strategy(strategy).apply(load_for_classification(source, ["a", "b"], load_tokenizer(source)))
+    model = build_strategy(strategy).apply(load_for_classification(source, ["a", "b"], load_tokenizer(source)),
+                                           resolve_task("classification")[0])
     mask = 2 if strategy == "lora" else 4
     widths = [(64, 64)] * 4 + [(64, 128), (128, 64)]  # q, k, v, attention output; FFN up, down (in, out)
     expected = sum(2 * (n_in + 8) + mask * n_in + (2 * 2 * n_out if strategy == "dora" else 0) for n_in, n_out in widths)
@@ -294,6 +297,7 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     from peftkit.models import (load_for_classification, load_model_config, load_tokenizer, random_checkpoint,
                                 ready_for_training, resolve_model)
     from peftkit.strategies import build_strategy
+    from peftkit.tasks import resolve_task
 
     if model == "deberta-v2":
         model = str(random_checkpoint("test-deberta-v2", dict(
@@ -312,7 +316,8 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     half = precision == "bf16"
     quantization = built.quantization_config(torch.bfloat16 if half else torch.float32)
     net = built.apply(load_for_classification(source, ["a", "b"], tokenizer, quantization,
-                                              dtype=torch.bfloat16 if half else torch.float32))
+                                              dtype=torch.bfloat16 if half else torch.float32),
+                      resolve_task("classification")[0])
     net = ready_for_training(net, half).train()
     if half:
         use_fp32_cpu_attention(net)
@@ -325,7 +330,7 @@ def test_activation_term_matches_what_autograd_saves(model, strategy, precision)
     # what DoRA's weight normalisation saves varies from run to run (1.10-1.18 of the count on tiny Llama)
     high = {"adapter": 1.35, "dora": 1.2}.get(spec["name"], 1.15)
     low = 0.85
-    if half:  # what bf16 leaves out (estimate's docstring): a trained fp32 residual stream and norm
+    if half:  # what bf16 leaves out (docs/estimate.md): a trained fp32 residual stream and norm
         low, high = 0.65, 1.5  # outputs (full), fp32 prefixes; on these tiny models a large share
     assert low < predicted / measured < high, (predicted, measured)
 
@@ -353,7 +358,9 @@ def test_instruction_tuning_counts_the_fused_lm_head_and_the_generation_cache():
     """Llama-3-8B (vocab 128,256; 32 layers, 8 key/value heads of 128) as a causal LM: TRL's
     fused head scores tiles of at most 4,096 tokens x 32,768 vocabulary entries, and greedy
     evaluation keeps every layer's keys and values for prompt and answer."""
-    from peftkit.estimate import LM_HEAD_BACKWARD_BUFFERS, LM_HEAD_FORWARD_BUFFERS, fused_lm_head_bytes, kv_cache_bytes, load_config
+    from peftkit.memory.generation import kv_cache_bytes
+    from peftkit.memory.heads import LM_HEAD_BACKWARD_BUFFERS, LM_HEAD_FORWARD_BUFFERS, fused_lm_head_bytes
+    from peftkit.memory.meta import load_config
 
     config = load_config(LLAMA3_8B)
     assert fused_lm_head_bytes(config, 1000, "cpu", backward=True) == 1000 * 32768 * 4 * LM_HEAD_BACKWARD_BUFFERS + 1000 * 4096 * 4
@@ -382,7 +389,10 @@ def test_generation_is_a_phase_of_its_own_sized_by_its_largest_batch():
     """Generation runs after the evaluation loss, in batches sorted by prompt length: its peak
     is the largest batch's key/value cache plus that batch's prompt forward, and only the
     largest of training, evaluation and generation counts towards the total."""
-    from peftkit.estimate import GENERATION_TERMS, PHASES, evaluation_bytes, kv_cache_bytes, load_config, meta_model
+    from peftkit.memory.estimate import GENERATION_TERMS, PHASES
+    from peftkit.memory.evaluation import evaluation_bytes
+    from peftkit.memory.generation import kv_cache_bytes
+    from peftkit.memory.meta import load_config, meta_model
     from peftkit.strategies import build_strategy
     from peftkit.tasks import resolve_task
 
@@ -415,7 +425,7 @@ def test_llama_3_1_8b_qlora_lies_within_20_percent_of_torchtunes_published_peak(
 
     strategy = build_strategy("qlora", {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
-    result = estimate(str(Path(__file__).parent / "configs" / "llama-3.1-8b.json"), strategy, batch_size=2,
+    result = estimate(str(CONFIGS / "llama-3.1-8b.json"), strategy, batch_size=2,
                       seq_len=2048, dtype="bf16", gradient_checkpointing=True, task="sft", eval_batch_size=1,
                       keeps_best=False)  # torchtune keeps its last weights
     assert result.trainable_params == 20_971_520  # torchtune's count: 655,360 per layer x 32
@@ -425,8 +435,8 @@ def test_llama_3_1_8b_qlora_lies_within_20_percent_of_torchtunes_published_peak(
 def test_a_runs_estimate_scores_its_longest_answers_and_packed_rows_whole(tmp_path):
     """estimate_run bounds the LM head's positions by the run's longest answers, except for
     packed training rows, which fill max_length with many answers."""
-    from peftkit.config import make_config
-    from peftkit.estimate import estimate_run
+    from peftkit.resolve import make_config
+    from peftkit.memory.estimate import estimate_run
 
     def output_layer(packing: bool, data: dict) -> int:
         config = make_config({"model": "tiny-llama", "task": "sst2-chat", "strategy": "lora", "batch_size": 4,

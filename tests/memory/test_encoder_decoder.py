@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from peftkit.anatomy import encoder_decoder_stacks
-from peftkit.estimate import estimate
-from peftkit.estimate_encoder_decoder import lowest_layer_needing_grad
+from peftkit.memory.encoder_decoder import lowest_layer_needing_grad
+from peftkit.memory.estimate import estimate
 from peftkit.measure import saved_for_backward
 from peftkit.models import load_tokenizer, random_checkpoint, resolve_model
 from peftkit.strategies import build_strategy
@@ -47,7 +47,7 @@ def test_activation_term_matches_what_autograd_saves(model, strategy):
 
 
 def test_the_two_stacks_are_read_in_encoder_then_decoder_order():
-    from peftkit.estimate import meta_model, load_config
+    from peftkit.memory.meta import load_config, meta_model
 
     config = load_config(FLAN_T5_SMALL)
     task = resolve_task("seq2seq")[0]
@@ -84,9 +84,9 @@ def test_output_layer_and_generation_count_the_vocabulary_per_target_token_and_t
 def test_a_runs_estimate_reads_its_longest_targets(jsonl, tmp_path):
     """Before a run the target is as long as max_target_length may make it; the run records its
     longest targets, and the estimate reads them."""
-    from peftkit.config import make_config
-    from peftkit.data import load_data
-    from peftkit.estimate import estimate_run
+    from peftkit.resolve import make_config
+    from peftkit.tasks import load_data
+    from peftkit.memory.estimate import estimate_run
 
     rows = [{"text": "one two three four five six", "summary": "one"}] * 8
     config = make_config({"model": "tiny-t5", "task": "seq2seq", "strategy": "lora", "batch_size": 4,

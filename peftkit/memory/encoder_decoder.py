@@ -1,7 +1,7 @@
-"""The estimate's activation and evaluation terms for an encoder-decoder (T5, BART): two layer
-stacks, read as one sequence of layers (the encoder's, then the decoder's), where each encoder
-layer works on the source tokens and each decoder layer on the target tokens, attending to
-them (causally) and, through cross-attention, to every source token.
+"""The activation and evaluation terms of an encoder-decoder (T5, BART): two layer stacks,
+read as one sequence of layers (the encoder's, then the decoder's), where each encoder layer
+works on the source tokens and each decoder layer on the target tokens, attending to them
+(causally) and, through cross-attention, to every source token.
 
 Per decoder layer, cross-attention keeps for backward what self-attention keeps per target
 token (its norm's input, the queries, the attention probabilities over the source with their
@@ -9,9 +9,9 @@ dropout mask on the math path, its projections' inputs when they train, one more
 and per source token its keys and values; the encoder's output, the input of every decoder
 layer's key and value projections, is kept once when those train. A strategy's own tensors and
 the switch to only counting layers from the lowest one that needs gradients follow
-`peftkit.estimate`, layer by layer in that order (so a strategy that trains only the decoder
-keeps nothing of the encoder). The output layer (the vocabulary-size logits and their loss) is
-the task's (`tasks.seq2seq`), and `answer_tokens` there are the target tokens.
+`peftkit.memory.activations`, layer by layer in that order (so a strategy that trains only the
+decoder keeps nothing of the encoder). The output layer (the vocabulary-size logits and their
+loss) is the task's (`tasks.seq2seq`), and `answer_tokens` there are the target tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.anatomy import Stack, encoder_decoder_stacks, unwrap_peft
+from peftkit.anatomy import Stack, encoder_decoder_stacks, inspect_model, is_under, unwrap_peft
+from peftkit.memory.activations import (layer_saved_bytes, lowest_trained_place, projections_train_under,
+                                        strategy_extra_bytes, trains_only_after_feed_forward, weight_sized_bytes)
+from peftkit.memory.evaluation import feed_forward_outputs_at_once, layer_peak_values
+from peftkit.memory.sizes import model_sizes, virtual_tokens
 
 
 def _positions(model: nn.Module, encoder: Stack, decoder: Stack) -> dict[str, int]:
@@ -55,9 +59,6 @@ def lowest_layer_needing_grad(model: nn.Module, encoder: Stack, decoder: Stack, 
     """The lowest layer (in encoder-then-decoder order) whose activations backward needs, or
     None when only the output layer trains. Trainable tensors outside the base model (virtual
     tokens) enter at the encoder's input."""
-    from peftkit.anatomy import is_under
-    from peftkit.estimate import lowest_trained_place
-
     places = _positions(model, encoder, decoder)
     return lowest_trained_place(model, lambda name: places.get(name, 0), lambda name: is_under(name, head))
 
@@ -67,10 +68,6 @@ def activation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: i
                      attention_bytes: int | None = None) -> int:
     """Tensors saved for backward over one batch of `source_len` source and `target_len` target
     tokens (see the module docstring)."""
-    from peftkit.anatomy import inspect_model
-    from peftkit.estimate import (projections_train_under, model_sizes, strategy_extra_bytes, trains_only_after_feed_forward,
-                                  virtual_tokens, weight_sized_bytes, layer_saved_bytes)
-
     encoder, decoder = encoder_decoder_stacks(model)
     head = inspect_model(unwrap_peft(model)).head_modules
     lowest = lowest_layer_needing_grad(model, encoder, decoder, head)
@@ -126,11 +123,9 @@ def evaluation_bytes(model: nn.Module, config: Any, strategy: Any, batch_size: i
                      bytes_per_value: int) -> int:
     """The most a forward pass without gradients holds at once: the larger of one encoder
     layer's peak over the source and one decoder layer's over the target (see
-    `peftkit.estimate.evaluation_bytes`), the decoder's with the encoder's output and the
-    layer's cross-attention keys and values beside it. T5's relative position bias reaches the
+    `peftkit.memory.evaluation`), the decoder's with the encoder's output and the layer's
+    cross-attention keys and values beside it. T5's relative position bias reaches the
     attention as one float mask per example and head, query and key."""
-    from peftkit.estimate import feed_forward_outputs_at_once, layer_peak_values, model_sizes, virtual_tokens
-
     h, heads, head_dim, kv, intermediate = model_sizes(config)
     gated = bool(getattr(config, "is_gated_act", False))
     per_token = layer_peak_values(h, intermediate, gated, feed_forward_outputs_at_once(model, intermediate))
