@@ -110,8 +110,9 @@ def case_config(case: tuple, work: Path, data_dir: Path) -> dict:
 
 def measure(case: tuple, work: Path, data_dir: Path) -> dict:
     """Train the case in a fresh process; its measured peak beside its estimate."""
-    from peftkit.config import make_config
-    from peftkit.estimate import estimate_run
+    from peftkit.resolve import make_config
+    from peftkit.memory.estimate import estimate_run
+    from peftkit.record import read_record
 
     values = case_config(case, work, data_dir)
     recipe = work / "configs" / f"{case[0]}.yaml"
@@ -121,16 +122,16 @@ def measure(case: tuple, work: Path, data_dir: Path) -> dict:
                           capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"error: case {case[0]} failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    run = json.loads((Path(values["output_dir"]) / "run.json").read_text())
-    estimate = estimate_run(make_config(values), run)
+    run = read_record(Path(values["output_dir"]))
+    estimate = estimate_run(make_config(values), run.dump())
     return {"case": case[0], "model": case[1], "task": case[2], "strategy": case[3], "batch_size": case[4],
-            "longest_train_example": run["data"]["longest_train_example"],
-            "longest_validation_example": run["data"]["longest_validation_example"],
+            "longest_train_example": run.data["longest_train_example"],
+            "longest_validation_example": run.data["longest_validation_example"],
             "gradient_checkpointing": values.get("gradient_checkpointing", False),
-            "total_params": run["total_params"], "trainable_params": run["trainable_params"],
-            "measured_mb": run["peak_memory_bytes"] / MB, "estimate_mb": estimate.total_bytes / MB,
-            "ratio": estimate.total_bytes / run["peak_memory_bytes"], "commit": run["provenance"]["commit"],
-            "dirty": run["provenance"]["dirty"] or stamp()["dirty"]}  # peftkit, or a benchmark script, changed
+            "total_params": run.total_params, "trainable_params": run.trainable_params,
+            "measured_mb": run.peak_memory_bytes / MB, "estimate_mb": estimate.total_bytes / MB,
+            "ratio": estimate.total_bytes / run.peak_memory_bytes, "commit": run.provenance.commit,
+            "dirty": run.provenance.dirty or stamp()["dirty"]}  # peftkit, or a benchmark script, changed
 
 
 def main() -> None:

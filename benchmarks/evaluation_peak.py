@@ -41,7 +41,7 @@ def measure_one(model: str, strategy: str, batch: int, length: int) -> dict:
     import torch
 
     from peftkit.cpu.allocator import set_mmap_threshold
-    from peftkit.estimate import estimate
+    from peftkit.memory.estimate import estimate
     from peftkit.measure import PeakMemory
     from peftkit.models import load_for_classification, load_model_config, load_tokenizer, resolve_model
     from peftkit.strategies import build_strategy

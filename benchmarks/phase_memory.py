@@ -44,7 +44,7 @@ def measure_one(recipe: Path, data_dir: str, overrides: list[str], scratch: str)
     import peftkit.caches.features
     import peftkit.measure
     from peftkit.compare import PUBLISHED_MMAP_THRESHOLD_KB
-    from peftkit.config import apply_overrides, load_recipe
+    from peftkit.recipes import apply_overrides, load_recipe
 
     phase, baseline, peaks, sampling = ["before training"], [0], dict.fromkeys(PHASES, 0), [True]
 
@@ -77,8 +77,8 @@ def measure_one(recipe: Path, data_dir: str, overrides: list[str], scratch: str)
     threading.Thread(target=sample, daemon=True).start()
     record = peftkit.train(apply_overrides(values, overrides)).record
     sampling[0] = False
-    return {"recipe": str(recipe), "strategy": record["config"]["strategy"]["name"], "task": record["config"]["task"],
-            "peak_bytes": record["peak_memory_bytes"], "baseline_bytes": baseline[0],
+    return {"recipe": str(recipe), "strategy": record.config["strategy"]["name"], "task": record.config["task"],
+            "peak_bytes": record.peak_memory_bytes, "baseline_bytes": baseline[0],
             "growth_bytes": {p: max(peaks[p] - baseline[0], 0) for p in PHASES}, **stamp()}
 
 

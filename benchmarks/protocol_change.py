@@ -18,6 +18,7 @@ from typing import Callable
 from harness import command_line, write_result
 
 from peftkit.compare import parse_runs
+from peftkit.record import CellRecord, RunRecord
 from peftkit.report.rows import record_headline
 
 CLONE = Path(__file__).resolve().parents[1]
@@ -31,37 +32,37 @@ on validation (what they reached without choosing on the split they report: the 
 change that selection explains) and the new score, each a mean over seeds (count in brackets)."""
 
 
-def ok_records(text: str) -> list[dict]:
+def ok_records(text: str, source: str) -> list[CellRecord]:
     """The successful records of a runs.jsonl text, as `peftkit compare` reads it."""
-    return [r for r in parse_runs(text).values() if r.get("status") == "ok"]
+    return [r for r in parse_runs(text, source).values() if r.run is not None]
 
 
-def old_records(table: str, commit: str) -> list[dict]:
+def old_records(table: str, commit: str) -> list[CellRecord]:
     """The table's records in the commit that published it under the old protocol."""
     path = f"benchmarks/results/{table}/runs.jsonl"
     shown = subprocess.run(["git", "-C", str(CLONE), "show", f"{commit}:{path}"], capture_output=True, text=True)
     if shown.returncode != 0:
         sys.exit(f"error: {path} is not in commit {commit}: name the commit that published the old table")
-    return ok_records(shown.stdout)
+    return ok_records(shown.stdout, f"{commit}:{path}")
 
 
-def new_records(table: str) -> list[dict]:
+def new_records(table: str) -> list[CellRecord]:
     """The table's records in this checkout, which must all come from the current protocol."""
     path = CLONE / "benchmarks" / "results" / table / "runs.jsonl"
-    records = ok_records(path.read_text()) if path.is_file() else []
-    if not records or any("selection" not in r for r in records):
+    records = ok_records(path.read_text(), str(path)) if path.is_file() else []
+    if not records or any(r.run.selection is None for r in records):
         sys.exit(f"error: {path} does not hold the regenerated table (no records, or records made before the held-out "
                  "selection protocol): finish the table first (bash benchmarks/tables.sh NAME)")
     return records
 
 
-def by_strategy(records: list[dict], score: Callable[[dict], float | None]) -> dict[str, list[float]]:
-    """Each strategy's scores over its seeds (records without one are left out)."""
+def by_strategy(records: list[CellRecord], score: Callable[[RunRecord], float | None]) -> dict[str, list[float]]:
+    """Each strategy's scores over its seeds (runs without one are left out)."""
     groups: dict[str, list[float]] = {}
     for record in records:
-        value = score(record)
+        value = score(record.run)
         if value is not None:
-            groups.setdefault(record["strategy"], []).append(value)
+            groups.setdefault(record.strategy, []).append(value)
     return groups
 
 
@@ -81,11 +82,11 @@ def difference(new: list[float] | None, old: list[float] | None) -> str:
 def table_text(table: str, commit: str) -> str:
     """One table's section: the per-strategy comparison and what the old selection gained."""
     old, new = old_records(table, commit), new_records(table)
-    metric = record_headline(new[0])
-    reported = by_strategy(old, lambda r: r["metrics"].get(metric))
-    last_epoch = by_strategy(old, lambda r: (r.get("eval_history") or [{}])[-1].get(metric))
-    now = by_strategy(new, lambda r: r["metrics"].get(metric))
-    commits = sorted({r["provenance"]["commit"][:7] for r in new if r.get("provenance")})
+    metric = record_headline(new[0].run)
+    reported = by_strategy(old, lambda r: r.metrics.get(metric))
+    last_epoch = by_strategy(old, lambda r: (r.eval_history or [{}])[-1].get(metric))
+    now = by_strategy(new, lambda r: r.metrics.get(metric))
+    commits = sorted({r.run.provenance.commit[:7] for r in new if r.run.provenance})
     lines = [f"## {table}: {metric} on the validation split", "",
              f"Old: `benchmarks/results/{table}/runs.jsonl` at {commit[:7]}; new: made by {', '.join(commits)}.", "",
              "| strategy | old, reported (best epoch on validation) | old, last epoch | new (validation scored once) "
@@ -94,8 +95,8 @@ def table_text(table: str, commit: str) -> str:
         lines.append(f"| {strategy} | {mean_text(reported.get(strategy))} | {mean_text(last_epoch.get(strategy))} "
                      f"| {mean_text(now.get(strategy))} | {difference(now.get(strategy), reported.get(strategy))} "
                      f"| {difference(now.get(strategy), last_epoch.get(strategy))} |")
-    several = [r for r in old if len(r.get("eval_history") or []) > 1 and metric in r["eval_history"][-1]]
-    gains = [r["metrics"][metric] - r["eval_history"][-1][metric] for r in several]
+    several = [r.run for r in old if len(r.run.eval_history) > 1 and metric in r.run.eval_history[-1]]
+    gains = [r.metrics[metric] - r.eval_history[-1][metric] for r in several]
     lines.append("")
     if gains:
         lines.append(f"The old protocol's choice on the split it reported: the best epoch beat the last by "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from harness import command_line, write_result
 
+from peftkit.record import RunRecord, read_record
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ("max_train_samples=200", "max_eval_samples=200", "epochs=1")
 GENERATE = ("max_generate_samples=16",)
@@ -44,7 +46,7 @@ def commit_of(ref: str) -> str:
                           text=True).stdout.strip()
 
 
-def train(code: Path, recipe: str, out: Path, data_dir: Path) -> dict:
+def train(code: Path, recipe: str, out: Path, data_dir: Path) -> RunRecord:
     """One `peftkit train` with the given code on the import path; returns its run record."""
     overrides = [a for o in RECIPES[recipe] for a in ("--set", o.format(data=data_dir))]
     command = [sys.executable, "-m", "peftkit.cli", "train", "--recipe", str(code / "recipes" / f"{recipe}.yaml"),
@@ -53,7 +55,7 @@ def train(code: Path, recipe: str, out: Path, data_dir: Path) -> dict:
     done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{recipe} failed with {code}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads((out / "run.json").read_text())
+    return read_record(out)  # through today's schema, which reads every older record
 
 
 def kept(work: Path, commit: str, recipe: str) -> Path:
@@ -72,7 +74,8 @@ def run_side(commit: str, recipes: list[str], work: Path, data_dir: Path) -> Non
         try:
             for recipe in todo:
                 record = train(code, recipe, Path(scratch) / "runs" / recipe, data_dir)
-                summary = {"metrics": record["metrics"], "train_loss_history": record.get("train_loss_history", [])}
+                summary = {"metrics": record.metrics,
+                           "train_loss_history": [entry.model_dump(mode="json") for entry in record.train_loss_history]}
                 kept(work, commit, recipe).parent.mkdir(parents=True, exist_ok=True)
                 kept(work, commit, recipe).write_text(json.dumps(summary, indent=1) + "\n")
                 print(commit, recipe, json.dumps(summary["metrics"]), flush=True)

@@ -28,7 +28,7 @@ BATCH, LENGTH = 8, 32
 def measure(model: str, strategy: str, precision: str) -> dict:
     """One case: the measured bytes, the estimate and their ratio."""
     from peftkit.cpu.attention import use_fp32_cpu_attention
-    from peftkit.estimate import estimate
+    from peftkit.memory.estimate import estimate
     from peftkit.measure import saved_for_backward
     from peftkit.models import load_for_classification, load_model_config, load_tokenizer, ready_for_training, resolve_model
     from peftkit.strategies import build_strategy

@@ -149,10 +149,10 @@ def with_peftkit(case: dict, data_dir: str) -> dict:
             "batch_size": case["batch"], "seed": case["seed"], "select": "last",
             "output_dir": f"{out}/run",
         }).record
-    return {"samples_per_s": record["samples_per_s"], "tokens_per_s": record["tokens_per_s"],
-            "accuracy": record["metrics"]["accuracy"], "train_time_s": record["train_time_s"],
-            "features": record["frozen_features"] or "not cached", "cached_features": record["cached_features"],
-            "precision": record["precision"]["compute"]}
+    return {"samples_per_s": record.samples_per_s, "tokens_per_s": record.tokens_per_s,
+            "accuracy": record.metrics["accuracy"], "train_time_s": record.train_time_s,
+            "features": record.frozen_features or "not cached", "cached_features": record.cached_features,
+            "precision": record.precision.compute}
 
 
 def side_result(side: str, case: dict, data_dir: str, profile: bool = False) -> dict:
@@ -179,7 +179,7 @@ def describe(model_name: str, strategy: str, epochs: int, lr: float) -> dict:
 
     from peftkit.anatomy import inspect_model
     from peftkit.models import resolve_model
-    from peftkit.strategies.base import apply_strategy
+    from peftkit.resolve import apply_strategy
 
     path = str(resolve_model(model_name).path)
     with torch.device("meta"):

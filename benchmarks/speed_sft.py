@@ -79,8 +79,8 @@ def with_peftkit(data_dir: str, samples: int, eval_samples: int) -> dict:
             "data_dir": data_dir, "max_train_samples": samples, "max_eval_samples": eval_samples,
             "select": "last", "max_generate_samples": 0, "output_dir": f"{out}/run", **SETTINGS,
         }).record
-    return {"train_time_s": record["train_time_s"], "samples": record["data"]["train_examples"],
-            "validation_loss": record["metrics"]["loss"], "precision": record["precision"]["compute"]}
+    return {"train_time_s": record.train_time_s, "samples": record.data["train_examples"],
+            "validation_loss": record.metrics["loss"], "precision": record.precision.compute}
 
 
 def chat_tokens(data_dir: str, samples: int) -> int:

@@ -12,10 +12,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "RunConfig": "peftkit.config",
+    "RunConfig": "peftkit.options",
     "RunResult": "peftkit.run",
     "train": "peftkit.run",
-    "apply_strategy": "peftkit.strategies",
+    "apply_strategy": "peftkit.resolve",
     "register": "peftkit.strategies",
     "Strategy": "peftkit.strategies",
 }

@@ -22,7 +22,7 @@ from peftkit.outputs import check_replaceable
 from peftkit.record import RUN_RECORD
 
 if TYPE_CHECKING:
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
 
 PREFIX = "checkpoint-"
 STAGING = ".partial"                       # where a checkpoint is written before it is renamed into place

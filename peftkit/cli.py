@@ -1,7 +1,9 @@
-"""The `peftkit` command line: train, eval, predict, merge, strategies, compare, report.
+"""The `peftkit` command line: train, eval, predict, generate, merge, strategies, compare,
+report, estimate.
 
-Every flag maps onto a RunConfig field; a recipe gives the starting values, flags override
-it and `--set key=value` overrides both. User errors print one line and exit with code 2.
+A run option's flag is generated from its schema (`peftkit.flags`): a recipe gives the
+starting values, flags override it and `--set key=value` overrides both. User errors print
+one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from peftkit.checkpoints import checkpoint_root, complete_checkpoints
+from peftkit.data import split_files
 from peftkit.errors import PeftkitError
+from peftkit.flags import NO_DEFAULT, check_values, option_fields, with_options
+from peftkit.memory.meta import load_config
+from peftkit.preflight import check_against_model, check_device
+from peftkit.record import read_record
+from peftkit.strategies import STRATEGIES, build_strategy, load_peft_registry
+from peftkit.tasks import DATASETS, TASKS, headline_metric, resolve_task
 
 # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional hub kernel is missing.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -70,62 +80,25 @@ def _quiet_libraries() -> None:
 
 @app.command()
 @user_errors
+@with_options(extra_help={"task": f" Built-in: {', '.join(DATASETS)}; kinds: {', '.join(TASKS)}."})
 def train(
+    options: dict[str, Any],
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="key=value override, e.g. --set r=16 or --set epochs=2."),
-    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or alias (minilm, smollm2-135m, tiny-bert, tiny-llama)."),
-    task: Optional[str] = typer.Option(None, help="Built-in data set (sst2, rte, conll2003, wnut17, squad, sst2-chat, dolly, gsm8k, scitldr; samsum, cnn_dailymail from the hub) or a task kind for your own files (classification, token-classification, qa, sft, seq2seq)."),
-    strategy: Optional[str] = typer.Option(None, help="Strategy name; `peftkit strategies` lists them (none: evaluate the untuned model)."),
-    pooling: Optional[str] = typer.Option(None, help="How a classifier's head reads the model, under any strategy: auto (what the checkpoint declares: mean for MiniLM), model or mean."),
-    data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl (or PEFTKIT_DATA_DIR)."),
-    train_file: Optional[Path] = typer.Option(None, help="Own training data (.jsonl, .csv, .parquet)."),
-    validation_file: Optional[Path] = typer.Option(None, help="Own validation data."),
-    text_column: Optional[list[str]] = typer.Option(None, help="Text column; give it twice for a sentence pair."),
-    label_column: Optional[str] = typer.Option(None, help="Label column (strings or integers)."),
-    tokens_column: Optional[str] = typer.Option(None, help="Token classification: the column of words (a list per example)."),
-    tags_column: Optional[str] = typer.Option(None, help="Token classification: the column of tags, one per word."),
-    max_train_samples: Optional[int] = typer.Option(None, help="Use the first N training examples."),
-    max_eval_samples: Optional[int] = typer.Option(None, help="Use the first N validation examples."),
-    max_length: Optional[int] = typer.Option(None, help="Truncate inputs to N tokens."),
-    epochs: Optional[float] = typer.Option(None, help="Training epochs."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate (default: the strategy's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per optimizer micro-step."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-steps per optimizer step."),
-    lr_scheduler: Optional[str] = typer.Option(None, help="linear, cosine, constant or constant_with_warmup."),
-    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps spent warming up."),
-    early_stopping_patience: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    precision: Optional[str] = typer.Option(None, help="Autocast dtype: auto, fp32, bf16 or fp16."),
-    dtype: Optional[str] = typer.Option(None, help="Frozen weights: auto (bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32), fp32, bf16 or fp16."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    quantization: Optional[str] = typer.Option(None, help="Load the frozen base in 4 bits: none, nf4 or fp4 (qlora sets its own)."),
-    output_dir: Optional[Path] = typer.Option(None, help="Where weights and run.json go."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier peftkit run in --output-dir (never other files)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint (same options)."),
-    force: bool = typer.Option(False, help="Train even when the memory estimate exceeds the free memory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and its memory estimate; load nothing, train nothing."),
     device: str = typer.Option("cuda", help="--dry-run: the device to estimate for (cuda or cpu)."),
 ) -> None:
-    """Fine-tune one model with one strategy on one task."""
-    from peftkit.config import apply_overrides, load_recipe, make_config
+    """Fine-tune one model with one strategy on one task. Every option below is a recipe key
+    too; a strategy's own options (r, alpha, ...) go through --set or the recipe."""
+    from peftkit.recipes import apply_overrides, load_recipe
+    from peftkit.resolve import make_config
 
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     current = values.get("strategy")
+    strategy = options.get("strategy")
     if strategy is not None and strategy != (current.get("name") if isinstance(current, dict) else current):
         values["strategy"] = strategy  # another strategy: the recipe's options do not carry over
-    flags = dict(
-        model=model, task=task, pooling=pooling, data_dir=data_dir, train_file=train_file,
-        validation_file=validation_file, text_columns=text_column or None, label_column=label_column,
-        tokens_column=tokens_column, tags_column=tags_column, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, max_length=max_length,
-        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, lr_scheduler=lr_scheduler,
-        warmup_ratio=warmup_ratio, early_stopping_patience=early_stopping_patience, seed=seed,
-        precision=precision, dtype=dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-        quantization=quantization, output_dir=output_dir, overwrite=overwrite or None, resume=resume or None,
-        force=force or None,
-    )
-    values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    values.update({k: v for k, v in options.items() if k != "strategy"})
     values = apply_overrides(values, set_)
     config = make_config(values)  # a typo'd option answers first
     if "model" not in values or "task" not in values and "train_file" not in values:
@@ -135,8 +108,6 @@ def train(
     if dry_run:
         _dry_run(config, device)
         return
-    from peftkit.data import split_files
-    from peftkit.tasks import resolve_task
 
     split_files(config, resolve_task(config.task_name)[1])  # a wrong data path answers before torch loads
     _quiet_libraries()
@@ -157,7 +128,6 @@ def train(
 def _say_how_to_resume(output_dir: Path, overwrite: bool) -> None:
     """After Ctrl-C: the command that continues the run from its last checkpoint, if it has
     one (a recipe's `overwrite: true` turned off: resume and overwrite exclude each other)."""
-    from peftkit.checkpoints import checkpoint_root, complete_checkpoints
 
     root = checkpoint_root(output_dir)
     typer.echo("", err=True)  # off the progress bar's line
@@ -176,11 +146,9 @@ def _dry_run(config: Any, device: str) -> None:
     smallest of the usual GPU sizes it fits; from the model's config alone."""
     import yaml
 
-    from peftkit.estimate import FIT_SIZES_GB, estimate_run
+    from peftkit.memory.estimate import FIT_SIZES_GB, estimate_run
 
-    from peftkit.estimate import load_config
     from peftkit.models import resolve_model
-    from peftkit.preflight import check_against_model, check_device
 
     if device not in ("cuda", "cpu"):
         raise PeftkitError(f"--device must be cuda or cpu, got '{device}'")
@@ -203,13 +171,14 @@ def _dry_run(config: Any, device: str) -> None:
 
 @app.command("eval")
 @user_errors
+@with_options(["data_dir"], extra_help={"data_dir": " Left out: where the run read it."})
 def eval_(
+    options: dict[str, Any],
     run: Path = typer.Option(..., help="A run directory written by `peftkit train`."),
-    data_dir: Optional[Path] = typer.Option(None, help="Read the task from here instead of the recorded place."),
 ) -> None:
     """Reload a run and recompute its validation metrics."""
+    data_dir = Path(options["data_dir"]) if "data_dir" in options else None
     from peftkit.inference import evaluate_run
-    from peftkit.record import read_record
 
     read_record(run)  # a wrong --run answers before any library loads
     _quiet_libraries()
@@ -300,9 +269,6 @@ def strategies(
     from rich.console import Console
     from rich.table import Table
 
-    from peftkit.strategies import STRATEGIES, build_strategy, load_peft_registry
-    from peftkit.tasks import resolve_task
-
     kind = resolve_task(task)[0]
     if all_peft:
         load_peft_registry()
@@ -342,26 +308,26 @@ def _applies(build: Callable, name: str, task: Any) -> str:
 
 @app.command()
 @user_errors
+@with_options(["model", "task", "data_dir"], defaults={"model": "minilm", "task": "sst2"})
 def compare(
-    model: str = typer.Option("minilm", help="Model for every run (hub id, directory or alias)."),
-    task: str = typer.Option("sst2", help="Built-in data set (sst2, sst2-chat, ...) or task kind."),
+    options: dict[str, Any],
     strategies: str = typer.Option(..., help="Comma-separated strategies, e.g. full,lora,bitfit."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     out: Path = typer.Option(..., help="Directory for runs.jsonl, configs, logs and the runs."),
     recipe_dir: Optional[Path] = typer.Option(None, help="Per-strategy recipes named <model>-<task>-<strategy>.yaml."),
     set_: list[str] = typer.Option([], "--set", help="key=value for every run."),
-    data_dir: Optional[Path] = typer.Option(None, help="Directory with <task>/{train,validation}.jsonl."),
     retry_failed: bool = typer.Option(False, help="Run again the cells whose last attempt failed."),
     num_processes: int = typer.Option(1, min=1, help="Run each cell data-parallel under `accelerate launch` with N processes."),
     accelerate_config: Optional[Path] = typer.Option(None, help="An accelerate config (recipes/accelerate/*.yaml) for every cell."),
 ) -> None:
     """Run every (strategy, seed) in a fresh process; resumable; one JSON line per run."""
+    model, task = options["model"], options["task"]
+    data_dir = Path(options["data_dir"]) if "data_dir" in options else None
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     from peftkit import compare as harness
-    from peftkit.tasks import headline_metric, resolve_task
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -385,11 +351,11 @@ def compare(
             record = current.get(cell.key)
             if record is None:
                 view.add_row(cell.strategy, str(cell.seed), "running" if cell is running else "pending", "", "", "")
-            elif record["status"] == "ok":
-                view.add_row(cell.strategy, str(cell.seed), "ok", f"{record['metrics'].get(metric, float('nan')):.4f}",
-                             f"{record['train_time_s']:.0f}", f"{record['peak_memory_bytes'] / 2**20:.0f}")
+            elif record.run is not None:
+                view.add_row(cell.strategy, str(cell.seed), "ok", f"{record.run.metrics.get(metric, float('nan')):.4f}",
+                             f"{record.run.train_time_s:.0f}", f"{record.run.peak_memory_bytes / 2**20:.0f}")
             else:
-                view.add_row(cell.strategy, str(cell.seed), "failed", record["error"][:60], "", "")
+                view.add_row(cell.strategy, str(cell.seed), "failed", (record.error or "")[:60], "", "")
         return view
 
     running = None
@@ -397,12 +363,12 @@ def compare(
         for cell in todo:
             running = cell
             live.update(table(), refresh=True)
-            failed_before = records.get(cell.key, {}).get("status") == "failed"  # its checkpoints may be the cause
+            failed_before = cell.key in records and records[cell.key].status == "failed"  # its checkpoints may be the cause
             harness.append_run(out, harness.run_cell(cell, out, shlex.join(["peftkit", *sys.argv[1:]]), start,
                                                      may_resume=not failed_before))
         running = None
         live.update(table(), refresh=True)
-    failed = [k for k, r in harness.read_runs(out).items() if r["status"] != "ok"]
+    failed = [k for k, r in harness.read_runs(out).items() if r.status != "ok"]
     if failed:
         typer.echo(f"{len(failed)} run(s) failed ({', '.join(failed)}): see {out}/logs; --retry-failed runs them again", err=True)
         raise typer.Exit(1)
@@ -427,62 +393,53 @@ def report(
         typer.echo(str(path))
 
 
+ESTIMATED = ["model", "strategy", "task", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "dtype",
+             "precision", "attn_implementation", "gradient_checkpointing", "optimizer", "quantization", "select",
+             "max_new_tokens", "num_beams"]
+
+
 @app.command()
 @user_errors
+@with_options(ESTIMATED, defaults={"model": NO_DEFAULT, "strategy": NO_DEFAULT, "task": "classification"},
+              extra_help={"precision": " Left out: the dtype's (fp32 weights compute in fp32).",
+                          "max_new_tokens": " 0: no generation is counted (left out: 64 for tasks that generate)."})
 def estimate(
-    model: str = typer.Option(..., help="Alias, checkpoint directory, hub id, or a config.json file."),
-    strategy: str = typer.Option(..., help="Strategy name."),
+    options: dict[str, Any],
     set_: list[str] = typer.Option([], "--set", help="Strategy option key=value, e.g. --set r=16."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Examples per micro-step (default: train's, 32)."),
     seq_len: Optional[int] = typer.Option(None, min=1, help="Tokens per example (default: train's max_length for "
                                                            "the task: 128 classification, 384 qa, 1024 sft, ...)."),
-    dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on cuda and on a CPU with bf16 instructions, else fp32), fp32, bf16 or fp16."),
-    precision: Optional[str] = typer.Option(None, help="Activations: fp32, bf16 or fp16 (default: --dtype)."),
-    attn_implementation: str = typer.Option("auto", help="auto (sdpa; in fp32 on a CPU under bf16/fp16), sdpa, eager or flash_attention_2."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    optimizer: str = typer.Option("adamw", help="adamw, adamw-8bit, paged-adamw-8bit, paged-adamw-32bit, sgd or adafactor."),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu adds the process's own runtime memory)."),
-    quantization: str = typer.Option("none", help="none, nf4 or fp4: a 4-bit frozen base under any strategy."),
-    eval_batch_size: Optional[int] = typer.Option(None, min=1, help="Evaluation batch (default: train's, 256)."),
-    task: str = typer.Option("classification", help="Task kind or built-in data set (sft and seq2seq count the LM head and generation)."),
-    max_new_tokens: Optional[int] = typer.Option(None, min=0, help="sft, seq2seq: tokens generated per evaluation "
-                                                 "prompt, the key/value cache (default: train's, 64; 0 for none)."),
-    select: str = typer.Option("best", help="best: a copy of the best weights is kept (as train's select); last: none."),
     answer_tokens: Optional[int] = typer.Option(None, min=1, help="sft: the longest answer in tokens (the LM head "
                                                 "scores answer positions only; default: every position); seq2seq: "
                                                 "the target's length (default: --seq-len, the source's)."),
-    num_beams: int = typer.Option(1, min=1, help="seq2seq: beams per example in generation (each keeps its cache)."),
-    gradient_accumulation_steps: int = typer.Option(1, min=1, help="Micro-batches per optimizer step (above 1, "
-                                                    "every gradient is held through each forward pass)."),
 ) -> None:
-    """Analytic peak training memory from the model's config alone, and which GPUs it fits.
-    Options left out take `peftkit train`'s defaults for the task."""
-    from peftkit.config import RunConfig, apply_overrides
-    from peftkit.strategies import build_strategy
-    from peftkit.tasks import resolve_task
+    """Analytic peak training memory from the model's config alone (--model may also be a
+    config.json file), and which GPUs it fits. Options left out take `peftkit train`'s
+    defaults for the task."""
+    from peftkit.recipes import apply_overrides
 
-    if select not in ("best", "last"):
-        raise PeftkitError(f"--select must be best or last, got '{select}'")
-    options = apply_overrides({"strategy": strategy}, set_)["strategy"]
-    built = build_strategy(options.pop("name"), options)  # a wrong name or option answers before torch loads
+    check_values({k: v for k, v in options.items() if not (k == "max_new_tokens" and v == 0)})
+    fields = option_fields()
+    given = {name: options.get(name, fields[name][1].default) for name in ESTIMATED if name != "precision"}
+    model, task, precision = given["model"], given["task"], options.get("precision")
+    strategy_options = apply_overrides({"strategy": options["strategy"]}, set_)["strategy"]
+    built = build_strategy(strategy_options.pop("name"), strategy_options)  # a wrong name or option answers before torch loads
     kind = resolve_task(task)[0]
-    defaults = RunConfig.model_fields
-    batch_size = batch_size or defaults["batch_size"].default
+    batch_size, eval_batch_size = given["batch_size"], given["eval_batch_size"]
     seq_len = seq_len or kind.default_max_length
-    eval_batch_size = eval_batch_size or defaults["eval_batch_size"].default
-    if max_new_tokens is None:
-        max_new_tokens = defaults["max_new_tokens"].default if kind.generates_text else 0
-    from peftkit.estimate import FIT_SIZES_GB
-    from peftkit.estimate import estimate as compute
+    max_new_tokens = options.get("max_new_tokens", given["max_new_tokens"] if kind.generates_text else 0)
+    gradient_checkpointing, optimizer = given["gradient_checkpointing"], given["optimizer"]
+    from peftkit.memory.estimate import FIT_SIZES_GB
+    from peftkit.memory.estimate import estimate as compute
 
-    result = compute(model, built, batch_size, seq_len, dtype,
-                     gradient_checkpointing, optimizer, device=device, quantization=quantization,
+    result = compute(model, built, batch_size, seq_len, given["dtype"],
+                     gradient_checkpointing, optimizer, device=device, quantization=given["quantization"],
                      eval_batch_size=eval_batch_size, task=task, max_new_tokens=max_new_tokens, precision=precision,
-                     attn_implementation=attn_implementation, keeps_best=select == "best",
-                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens, num_beams=num_beams,
-                     accumulates_gradients=gradient_accumulation_steps > 1)
+                     attn_implementation=given["attn_implementation"], keeps_best=given["select"] == "best",
+                     answer_tokens=answer_tokens, eval_answer_tokens=answer_tokens, num_beams=given["num_beams"] or 1,
+                     accumulates_gradients=given["gradient_accumulation_steps"] > 1)
     settings = result.settings
-    _print_estimate(result, f"{strategy} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
+    _print_estimate(result, f"{options['strategy']} on {model} ({settings['task']}): batch {batch_size} x {seq_len} tokens, "
                             f"weights {settings['dtype']}, compute {settings['precision']}, {optimizer}, "
                             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {device}")
     for size in FIT_SIZES_GB:
@@ -494,7 +451,7 @@ def _print_estimate(result: Any, heading: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from peftkit.estimate import GB
+    from peftkit.memory.estimate import GB
 
     table = Table("term", "GiB")
     for term, value in result.terms.items():

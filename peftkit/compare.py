@@ -27,9 +27,13 @@ from typing import IO, Any
 
 import yaml
 
-from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
+from peftkit.checkpoints import resumable
 from peftkit.errors import PeftkitError
-from peftkit.provenance import config_hash
+from peftkit.options import RunConfig
+from peftkit.provenance import code_version, config_hash
+from peftkit.recipes import apply_overrides, load_recipe
+from peftkit.record import CellRecord, read_cell, read_record
+from peftkit.resolve import make_config
 
 RUNS_FILE = "runs.jsonl"
 # Comparisons publish peak memory: their runs fix glibc's mmap threshold, so a peak follows the
@@ -85,32 +89,35 @@ def _recipe_for(recipe_dir: Path | None, model: str, task: str, strategy: str) -
     return path if path.is_file() else None
 
 
-def read_runs(out: Path) -> dict[str, dict]:
+def read_runs(out: Path) -> dict[str, CellRecord]:
     """Recorded runs by key; a line cut short by a kill is ignored (it will be re-run)."""
     path = out / RUNS_FILE
-    return parse_runs(path.read_text()) if path.is_file() else {}
+    return parse_runs(path.read_text(), path) if path.is_file() else {}
 
 
-def parse_runs(text: str) -> dict[str, dict]:
-    """The records of a runs.jsonl text by key, a later line of a (strategy, seed) replacing an
-    earlier one; a line that does not parse (cut short by a kill) is skipped."""
-    records: dict[str, dict] = {}
-    for line in text.splitlines():
+def parse_runs(text: str, source: Path | str = RUNS_FILE) -> dict[str, CellRecord]:
+    """The records of a runs.jsonl text (read from `source`) by key, a later line of a
+    (strategy, seed) replacing an earlier one; a line that does not parse (cut short by a
+    kill) is skipped, and one that parses but is no record this peftkit reads is refused in
+    one line naming it."""
+    records: dict[str, CellRecord] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            record = json.loads(line)
+            values = json.loads(line)
         except json.JSONDecodeError:
             continue
-        records[f"{record['strategy']}/seed{record['seed']}"] = record
+        record = read_cell(values, f"{source} line {number}")
+        records[record.key] = record
     return records
 
 
-def append_run(out: Path, record: dict) -> None:
+def append_run(out: Path, record: CellRecord) -> None:
     """Append one record as one line, flushed and synced before returning."""
     path = out / RUNS_FILE
     if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         _drop_partial_last_line(path)
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record.line()) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -121,7 +128,7 @@ def forget(out: Path, keys: set[str]) -> None:
     path = out / RUNS_FILE
     kept = [r for k, r in read_runs(out).items() if k not in keys]
     staging = path.with_suffix(".jsonl.tmp")
-    staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    staging.write_text("".join(json.dumps(r.line()) + "\n" for r in kept))
     staging.replace(path)
 
 
@@ -150,15 +157,13 @@ def launcher(num_processes: int = 1, accelerate_config: Path | None = None) -> l
 
 
 def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str] | None = None,
-             may_resume: bool = True) -> dict:
+             may_resume: bool = True) -> CellRecord:
     """Train one cell in a fresh `peftkit train` process (started by `start`, default this
     Python; see `launcher`), continuing it from its checkpoints where an interrupted matrix
     left some made with the same options by the same code (unless `may_resume` is false: a
     cell whose last attempt failed starts over); the record says ok or failed, and keeps the
     `peftkit compare` command line that asked for it."""
-    from peftkit.checkpoints import resumable
-    from peftkit.estimate import estimate_for
-    from peftkit.provenance import code_version
+    from peftkit.memory.estimate import estimate_for
 
     config = cell.config
     resuming = may_resume and resumable(config, Path(config.output_dir), code_version()["commit"])
@@ -176,10 +181,10 @@ def run_cell(cell: Cell, out: Path, command: str | None = None, start: list[str]
     base = {"strategy": cell.strategy, "seed": cell.seed, "recipe": str(cell.recipe) if cell.recipe else None,
             "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if returncode == 0:
-        run = json.loads((Path(cell.config.output_dir) / "run.json").read_text())
-        return {**base, "status": "ok", "error": None, **run, "estimate": estimate_for(cell.config, run)}
-    return {**base, "status": "failed", "error": _last_error(log_path, returncode),
-            "estimate": estimate_for(cell.config, None)}
+        run = read_record(Path(cell.config.output_dir))
+        return CellRecord(**base, status="ok", error=None, run=run, estimate=estimate_for(cell.config, run.dump()))
+    return CellRecord(**base, status="failed", error=_last_error(log_path, returncode),
+                      estimate=estimate_for(cell.config, None))
 
 
 def _run_cell_process(command: list[str], log: IO[str]) -> int:
@@ -214,11 +219,12 @@ def _last_error(log_path: Path, returncode: int) -> str:
     return (errors or lines or [f"exit code {returncode}"])[-1][:500]
 
 
-def pending(cells: list[Cell], records: dict[str, dict], retry_failed: bool) -> list[Cell]:
+def pending(cells: list[Cell], records: dict[str, CellRecord], retry_failed: bool) -> list[Cell]:
     """Cells with no record yet, those whose recorded config differs from the cell's now (its
-    recipe or the command's options changed), and failed ones when asked to retry them."""
+    recipe or the command's options changed, or its record is from before configs were
+    hashed), and failed ones when asked to retry them."""
     def stale(cell: Cell) -> bool:
-        record = records[cell.key]
-        return record["status"] == "ok" and record.get("provenance", {}).get("config_hash") != config_hash(cell.config)
+        made = records[cell.key].run.provenance if records[cell.key].run else None
+        return records[cell.key].status == "ok" and (made.config_hash if made else None) != config_hash(cell.config)
 
-    return [c for c in cells if c.key not in records or stale(c) or (retry_failed and records[c.key]["status"] != "ok")]
+    return [c for c in cells if c.key not in records or stale(c) or (retry_failed and records[c.key].status != "ok")]

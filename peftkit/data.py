@@ -9,26 +9,53 @@ in one line before any model loads.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
-    from peftkit.config import RunConfig
-    from peftkit.tasks.base import BuiltinDataset, TaskData
+    from peftkit.options import RunConfig
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A data set known by name: its task kind, the column options it implies, where the hub
+    keeps it and how the hub's columns map onto ours."""
+
+    kind: str
+    columns: dict[str, Any]                      # its kind's column options, e.g. {"text_columns": ["sentence"]}
+    hub: tuple[str, ...] | None = None           # datasets.load_dataset arguments; None: local files only
+    hub_columns: dict[str, str] = field(default_factory=dict)  # hub column -> our column
+    label_names: tuple[str, ...] = ()            # classification: the names of integer labels
+    answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
+    hub_test: bool = False                       # the hub's test split is labelled and reported (GLUE's is not)
+    headline: str | None = None                  # the metric its tables lead with, where not the kind's `primary`
+
+
+@dataclass
+class TaskData:
+    """A task's raw splits after column checks, and what the run record keeps about them
+    (`info` is also what reloading a run needs, e.g. the label names). `selection` is the
+    slice held out from the training data to choose the checkpoint on; `test` is scored once
+    at the end, like validation, where the data has one."""
+
+    train: Any
+    validation: Any
+    info: dict[str, Any]
+    test: Any = None
+    selection: Any = None
+
+    def splits(self) -> dict[str, Any]:
+        """The splits there are, by name."""
+        named = {"train": self.train, "selection": self.selection, "validation": self.validation, "test": self.test}
+        return {name: data for name, data in named.items() if data is not None}
+
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("train", "validation")
 OPTIONAL_SPLITS = ("test",)  # read when present; scored once at the end
-
-
-def load_data(config: RunConfig) -> TaskData:
-    """Load and check the data the config names, as its task reads it."""
-    from peftkit.tasks import resolve_task
-
-    task, dataset = resolve_task(config.task_name)
-    return task.load_data(config, dataset)
 
 
 def split_files(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Path] | None:

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.record import read_record, run_config, task_kind
+from peftkit.record import RunRecord, read_record
+from peftkit.resolve import config_from_record
 from peftkit.tasks import TASKS, resolve_task
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """Reload a run and recompute its validation metrics with the run's own data settings
     (the data is read and checked before the weights load)."""
-    config = run_config(read_record(run_dir), data_dir=data_dir)
+    config = config_from_record(read_record(run_dir), data_dir=data_dir)
     task, dataset = resolve_task(config.task_name)
     data = task.load_data(config, dataset)
     from peftkit.run import load_run
@@ -26,7 +27,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     config, model, tokenizer, record = load_run(run_dir, data_dir=data_dir)
     with autocast_for(config):
         result = task.evaluate(model, config, task.prepare(data, tokenizer, config), tokenizer)
-    return {"metrics": result.metrics, "recorded": record["metrics"]}
+    return {"metrics": result.metrics, "recorded": record.metrics}
 
 
 def predict_inputs(run_dir: Path, texts: list[str] | None, path: Path | None) -> list[list[str]]:
@@ -73,7 +74,7 @@ def read_inputs(path: Path, fields: list[str]) -> list[list[str]]:
     return inputs
 
 
-def check_generates(run_dir: Path) -> dict[str, Any]:
+def check_generates(run_dir: Path) -> RunRecord:
     """The record of a run whose task generates text, or one line saying what to use instead."""
     record = read_record(run_dir)
     kind = known_task_kind(record, run_dir)
@@ -111,9 +112,9 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     return conversations
 
 
-def known_task_kind(record: dict[str, Any], run_dir: Path) -> str:
+def known_task_kind(record: RunRecord, run_dir: Path) -> str:
     """The run's task kind, one this peftkit knows, or one line saying it does not."""
-    kind = task_kind(record)
+    kind = record.task_kind
     if kind not in TASKS:
         raise PeftkitError(f"{run_dir} was trained for task kind '{kind}', which this peftkit does not have "
                            f"({', '.join(TASKS)}): use the peftkit version that trained it")

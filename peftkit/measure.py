@@ -81,7 +81,7 @@ def size_on_disk(directory: Path) -> int:
 
 def saved_for_backward(model: nn.Module, forward: Callable[[], Any]) -> int:
     """Bytes autograd keeps for backward while `forward()` runs `model` (each storage once, the
-    model's own parameters left out): what `peftkit.estimate`'s activation term predicts."""
+    model's own parameters left out): what `peftkit.memory`'s activation term predicts."""
     saved: dict[int, int] = {}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def saved_for_backward(model: nn.Module, forward: Callable[[], Any]) -> int:
 def peak_tensor_bytes(model: nn.Module, step: Callable[[], Any]) -> int:
     """The most bytes of CPU tensors that `step()` creates and holds at once (forward, backward,
     whatever it runs; `model`'s own parameters and buffers, and views of them, left out),
-    storage by storage as every operator returns: what `peftkit.estimate`'s training phase
+    storage by storage as every operator returns: what `peftkit.memory`'s training phase
     predicts, without the C allocator's slack that a resident-memory peak also holds."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode

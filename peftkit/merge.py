@@ -15,24 +15,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import config_values, make_config
 from peftkit.errors import PeftkitError
 from peftkit.outputs import check_replaceable, check_writable, write_directory
-from peftkit.record import read_record
+from peftkit.record import RunRecord, read_record
+from peftkit.resolve import make_config
 from peftkit.strategies.peft_base import first_line
 
 MERGE_NOTE = "merge.json"
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def check_merge(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: str | None = None) -> dict[str, Any]:
+def check_merge(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: str | None = None) -> RunRecord:
     """Everything that can be wrong with a merge, from the run's record alone (no library
     loads): a strategy or head plain transformers cannot hold, an output that is the run itself
     or holds other files, an unknown dtype. Returns the run's record."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     record = read_record(run_dir)
-    run_config = make_config(config_values(record))
-    strategy = run_config.strategy.build()
+    run_config = make_config(record.config_values())
+    strategy = run_config.build_strategy()
     if strategy.merge_refusal:
         raise PeftkitError(f"strategy {strategy.name} cannot be merged: {strategy.merge_refusal}")
     if run_config.pooling == "mean":  # plain transformers would feed the head the [CLS] pooler instead
@@ -58,7 +58,7 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: s
     record = check_merge(run_dir, output_dir, overwrite, dtype)
     config, model, tokenizer, _ = load_run(run_dir, quantized=False,
                                            **({"dtype": dtype, "precision": dtype} if dtype else {}))
-    strategy = config.strategy.build()
+    strategy = config.build_strategy()
     quantized = strategy.quantization_config(None) is not None or config.quantization != "none"
     try:
         merged = model.merge_and_unload()
@@ -69,13 +69,13 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: s
     note = {
         "run": str(run_dir.resolve()),
         "model": config.model,
-        "strategy": record["config"]["strategy"],
+        "strategy": record.config["strategy"],
         "merged_into": f"unquantized {saved_dtype} base",
         "dtype": saved_dtype,
         "dtype_chosen_by": "--dtype" if dtype else "the run's weights dtype",
         # the run's metrics describe these weights only when the run's base was not 4-bit: a
         # qlora adapter folded into the unquantized base computes something else
-        "run_metrics": None if quantized else record["metrics"],
+        "run_metrics": None if quantized else record.metrics,
         "metrics_note": ("the run trained on a 4-bit base; these merged weights were never evaluated "
                          "(peftkit's metrics are the run's): evaluate them before relying on them")
                         if quantized else "the run's validation metrics, which these merged weights reproduce"

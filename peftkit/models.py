@@ -25,7 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from peftkit.anatomy import inspect_model, is_under
 from peftkit.errors import PeftkitError
+from peftkit.library_noise import load_report_checked
 from peftkit.sources import PACKAGED, TINY, Packaged, _package_dir, declared_pooling  # noqa: F401  (re-exported)
 
 
@@ -234,8 +236,6 @@ def load_pretrained(auto_class: str, source: ModelSource, quantization: Any, dty
     per-token head)."""
     import transformers
 
-    from peftkit.library_noise import load_report_checked
-
     empty = empty_model(auto_class, source, **config_overrides)
     # a reshaped new head is fine, and check_load judges any other reshaped weight
     kwargs: dict[str, Any] = dict(config_overrides, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
@@ -332,7 +332,6 @@ def check_load(model: nn.Module, loading_info: dict[str, Any], source: ModelSour
     outside its base (the checkpoint's own head, replaced by the task's) and, inside it, in
     modules named in `unused`. The line counts the weights, names the first few and the
     likely cause."""
-    from peftkit.anatomy import is_under
 
     def in_base(key: str) -> bool:  # a checkpoint key: prefixed, or from a base model saved bare
         first = key.split(".", 1)[0]
@@ -479,7 +478,6 @@ def four_bit_config(quant_type: str, double_quant: bool, compute_dtype: torch.dt
 
 def head_modules(source: ModelSource, labels: dict[str, Any], auto_class: str = "AutoModelForSequenceClassification") -> list[str]:
     """Names of the task head's modules, found on an empty (meta) model: never quantized."""
-    from peftkit.anatomy import inspect_model
 
     return list(inspect_model(empty_model(auto_class, source, **labels)).head_modules)
 

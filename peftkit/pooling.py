@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from peftkit.anatomy import head_is_one_linear, inspect_model, unwrap_peft
-from peftkit.config import check_pooling  # noqa: F401  (validated with the options; re-exported)
 from peftkit.errors import PeftkitError
 
 def read_with(pooling: str, plain: nn.Module, adapt: Callable[[nn.Module], nn.Module]) -> nn.Module:

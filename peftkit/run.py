@@ -22,19 +22,21 @@ from torch import nn
 
 from peftkit.checkpoints import (checkpoint_root, load_progress, load_selection, record_options, remove_checkpoints,
                                  resume_point)
-from peftkit.config import RunConfig, make_config
+from peftkit.options import RunConfig
 from peftkit.cpu.allocator import set_mmap_threshold
 from peftkit.cpu.attention import use_fp32_cpu_attention
 from peftkit.cpu.dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
+from peftkit.memory.meta import meta_model
 from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
                              load_tokenizer, ready_for_training, resolve_model)
 from peftkit.pooling import read_with
 from peftkit.preflight import check_against_model, check_device
 from peftkit.outputs import check_writable, write_directory
 from peftkit.provenance import code_version, config_hash
-from peftkit.record import RUN_RECORD, read_record, run_config
+from peftkit.record import RUN_RECORD, RunRecord, read_record
+from peftkit.resolve import config_from_record, make_config
 from peftkit.tasks import resolve_task
 from peftkit.tasks.base import PREDICTIONS
 from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
@@ -48,18 +50,18 @@ class RunResult:
     """What a finished run produced: where it is, and its run record."""
 
     output_dir: Path
-    record: dict[str, Any] = field(repr=False)
+    record: RunRecord = field(repr=False)
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.record["metrics"]
+        return self.record.metrics
 
 
 def train(config: RunConfig | dict[str, Any]) -> RunResult:
     """Train one model with one strategy on one task and save it; returns the run record."""
     if not isinstance(config, RunConfig):
         config = make_config(config)
-    strategy = config.strategy.build()
+    strategy = config.build_strategy()
     task, dataset = resolve_task(config.task_name)
     code = code_version()  # now, before the checkout can move on while this run trains
     output_dir = Path(config.output_dir)
@@ -118,16 +120,16 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
 
     tokens_per_epoch = int(sum(prepared.train["length"]))
     epochs_done, train_time = trained["epochs_trained"], trained["train_time_s"]
-    record = {
-        "config": {**config.model_dump(mode="json"), "resume": False},  # a resumed run's config retrains it whole
-        "provenance": {**code, "config_hash": config_hash(config)},
-        "task_kind": task.name,
-        "learning_rate": config.lr,
-        "versions": package_versions(),
-        "device": _device_name(device),
-        "precision": {"weights": config.weights_dtype(), "compute": config.compute_precision()},  # auto, resolved here
-        "processes": world_size(),  # data-parallel ranks; metrics and throughput are over all of them
-        "data": {
+    record = RunRecord(
+        config={**config.model_dump(mode="json"), "resume": False},  # a resumed run's config retrains it whole
+        provenance={**code, "config_hash": config_hash(config)},
+        task_kind=task.name,
+        learning_rate=config.lr,
+        versions=package_versions(),
+        device=_device_name(device),
+        precision={"weights": config.weights_dtype(), "compute": config.compute_precision()},  # auto, resolved here
+        processes=world_size(),  # data-parallel ranks; metrics and throughput are over all of them
+        data={
             "train_examples": len(prepared.train),
             "selection_examples": len(prepared.selection) if prepared.selection is not None else 0,
             "validation_examples": len(prepared.validation),
@@ -136,25 +138,25 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
             "train_tokens_per_epoch": tokens_per_epoch,
             **longest,
         },
-        "metrics": final.metrics,  # the validation split, scored once at the end
-        "test_metrics": test.metrics if test else None,
-        "generation": final.generation,  # how many answers were cut at max_new_tokens (tasks that generate)
-        "selection": {"select": config.select, "metric": config.metric_for_best_model if config.select == "best" else None,
-                      "on": "held-out slice of the training data" if config.select == "best" else "final weights"},
+        metrics=final.metrics,  # the validation split, scored once at the end
+        test_metrics=test.metrics if test else None,
+        generation=final.generation,  # how many answers were cut at max_new_tokens (tasks that generate)
+        selection={"select": config.select, "metric": config.metric_for_best_model if config.select == "best" else None,
+                   "on": "held-out slice of the training data" if config.select == "best" else "final weights"},
         **trained,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100 * trainable / total,
-        **peak,
-        "samples_per_s": len(prepared.train) * epochs_done / train_time if train_time else None,
-        "tokens_per_s": tokens_per_epoch * epochs_done / train_time if train_time else None,
-        "saved_as": strategy.saves,
-    }
+        trainable_params=trainable,
+        total_params=total,
+        trainable_percent=100 * trainable / total,
+        **peak,  # peak_memory_reserved_bytes on CUDA only
+        samples_per_s=len(prepared.train) * epochs_done / train_time if train_time else None,
+        tokens_per_s=tokens_per_epoch * epochs_done / train_time if train_time else None,
+        saved_as=strategy.saves,
+    )
     if not is_main_process():  # a distributed launch: every rank holds the same weights, rank 0 writes them
         return RunResult(output_dir, record)
     _write_outputs(output_dir, record, model, strategy, tokenizer, final.predictions)
     remove_checkpoints(output_dir)  # the run is complete: nothing to resume
-    return RunResult(output_dir, json.loads((output_dir / RUN_RECORD).read_text()))
+    return RunResult(output_dir, read_record(output_dir))
 
 
 def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int = 0, pooling: str = "model") -> None:
@@ -163,8 +165,6 @@ def check_structure(model_config: Any, strategy: Any, task: Any, num_labels: int
     mean pooling for a head that reads the sequence) fails here, in one line, before any
     weights load. Other failures are left to the real model."""
     import copy
-
-    from peftkit.estimate import meta_model
 
     config = copy.deepcopy(model_config)
     if num_labels:
@@ -197,7 +197,7 @@ def check_memory(config: RunConfig, lengths: dict[str, Any], device: str) -> Non
     """Before any weights load: stop (or, with `force`, warn) when `peftkit estimate`, at the
     data's longest examples (`lengths`, as a run record's "data" has them), says the run needs
     more memory than `device` has free, naming the switches that would fit."""
-    from peftkit.estimate import estimate_run
+    from peftkit.memory.estimate import estimate_run
 
     free = free_memory_bytes(device)
     try:
@@ -217,8 +217,7 @@ def check_memory(config: RunConfig, lengths: dict[str, Any], device: str) -> Non
 def _switches_that_fit(config: RunConfig, lengths: dict[str, Any], device: str, free: int) -> str:
     """The single changes (gradient checkpointing, half the batch, 8-bit optimizer states,
     qlora for lora) under which the estimate fits `free`, named as flags."""
-    from peftkit.config import make_config
-    from peftkit.estimate import estimate_run
+    from peftkit.memory.estimate import estimate_run
 
     candidates = {"--gradient-checkpointing": {"gradient_checkpointing": True},
                   f"--batch-size {max(1, config.batch_size // 2)} (more --gradient-accumulation-steps)":
@@ -278,7 +277,7 @@ def _fit(model: nn.Module, strategy: Any, task: Any, config: RunConfig, prepared
     }, progress["memory"]
 
 
-def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, strategy: Any, tokenizer: Any,
+def _write_outputs(output_dir: Path, record: RunRecord, model: nn.Module, strategy: Any, tokenizer: Any,
                    predictions: list[dict[str, Any]] | None) -> None:
     def write(staging: Path) -> None:
         strategy.save(model, staging)
@@ -286,8 +285,8 @@ def _write_outputs(output_dir: Path, record: dict[str, Any], model: nn.Module, s
         if predictions is not None:
             with (staging / PREDICTIONS).open("w") as f:
                 f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-        record["size_on_disk_bytes"] = size_on_disk(staging)
-        (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        written = record.model_copy(update={"size_on_disk_bytes": size_on_disk(staging)})
+        (staging / RUN_RECORD).write_text(json.dumps(written.dump(), indent=2) + "\n")
 
     write_directory(output_dir, write, RUN_RECORD)
 
@@ -349,19 +348,19 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, dict[str, Any]]:
+def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, RunRecord]:
     """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
     puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
     record = read_record(run_dir)
-    config = run_config(record, **overrides)
-    strategy = config.strategy.build()
+    config = config_from_record(record, **overrides)
+    strategy = config.build_strategy()
     task = config.task_kind
     source = resolve_model(config.model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     quantization = base_quantization(config, strategy) if quantized else None
-    base = load_base(config, task, source, record["data"], tokenizer, quantization)
+    base = load_base(config, task, source, record.data, tokenizer, quantization)
     model = read_with(config.pooling, base, lambda plain: strategy.load(plain, Path(run_dir), task))
     model = keep_4bit_training_layout(keep_trainable_fp32(model))
     model.eval()

@@ -14,9 +14,10 @@ from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from peftkit.checkpoints import NO_PROGRESS
-from peftkit.config import RunConfig
+from peftkit.checkpoints import NO_PROGRESS, complete_checkpoints, load_trainable, save_atomically, save_trainable
+from peftkit.errors import PeftkitError
 from peftkit.models import keep_4bit_training_layout
+from peftkit.options import RunConfig
 
 
 class Timed:
@@ -86,19 +87,15 @@ class Timed:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A checkpoint's weights: the trainable tensors, all that training changes, whatever the
         model (a PEFT model, peftkit's adapters on a 4-bit base, a head on cached features)."""
-        from peftkit.checkpoints import save_trainable
 
         save_trainable(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from peftkit.checkpoints import load_trainable
-
         load_trainable(model or self.model, resume_from_checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, made complete in a staging folder and then renamed into place,
         with the checkpoint selection's state (peftkit.checkpoints)."""
-        from peftkit.checkpoints import save_atomically
 
         start = time.perf_counter()
         progress = self.progress()
@@ -180,9 +177,6 @@ def raise_diverged(step: int, what: str, lr: float, checkpoints: str) -> None:
     line naming the step and learning rate, instead of training on NaN to the end and saving it;
     the last good checkpoint (in `checkpoints`) stays."""
     from pathlib import Path
-
-    from peftkit.checkpoints import complete_checkpoints
-    from peftkit.errors import PeftkitError
 
     kept = complete_checkpoints(Path(checkpoints))
     saved = f"the last good checkpoint stays in {kept[-1]}" if kept else "nothing was saved"

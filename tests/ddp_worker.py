@@ -30,4 +30,4 @@ result = peftkit.train(json.loads(sys.argv[1]))
 trained = {n: p.detach().contiguous() for n, p in held["model"].named_parameters() if p.requires_grad}
 save_file(trained, os.path.join(sys.argv[2], f"rank{os.environ.get('RANK', '0')}.safetensors"))
 with open(os.path.join(sys.argv[2], f"record{os.environ.get('RANK', '0')}.json"), "w") as f:
-    json.dump({"metrics": result.metrics, "processes": result.record["processes"]}, f)
+    json.dump({"metrics": result.metrics, "processes": result.record.processes}, f)

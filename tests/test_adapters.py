@@ -20,6 +20,7 @@ from peftkit.measure import count_parameters
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.run import load_run
 from peftkit.strategies import build_strategy
+from peftkit.tasks import TASKS
 
 H, L = 64, 2
 HEADS = {"tiny-bert": {"classifier.weight": 2 * H, "classifier.bias": 2}, "tiny-llama": {"score.weight": 2 * H}}
@@ -286,7 +287,7 @@ def test_unmapped_architecture_names_what_it_looked_for():
                                         vocab_size=100, max_position_embeddings=64))
     message = r"BartForSequenceClassification.*looked for.*attention\.output\.dropout"
     with pytest.raises(PeftkitError, match=message):
-        build_strategy("adapter", {}).apply(model)
+        build_strategy("adapter", {}).apply(model, TASKS["classification"])
 
 
 def test_4bit_base_gets_float32_adapters_that_learn():
@@ -309,7 +310,7 @@ def test_train_save_reload_gives_identical_results(tmp_path, data_dir):
         "epochs": 1, "batch_size": 16, "strategy": {"name": "adapter", "variant": "houlsby"},
         "output_dir": tmp_path / "run",
     })
-    assert result.record["trainable_params"] == sum(expectation("tiny-bert", "houlsby").values())
+    assert result.record.trainable_params == sum(expectation("tiny-bert", "houlsby").values())
     _, model, tokenizer, _ = load_run(result.output_dir)
     _, again, _, _ = load_run(result.output_dir)
     assert torch.equal(logits(model.eval(), tokenizer), logits(again.eval(), tokenizer))

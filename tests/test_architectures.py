@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from peftkit.errors import PeftkitError
-from peftkit.pooling import check_pooling, read_with
+from peftkit.pooling import read_with
+from peftkit.resolve import check_pooling
 from peftkit.anatomy import head_is_one_linear
 from peftkit.run import check_structure
 from peftkit.strategies import build_strategy

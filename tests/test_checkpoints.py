@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit.checkpoints import PROGRESS, checkpoint_root, complete_checkpoints, record_options, save_atomically
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.run import train
 
@@ -95,7 +95,7 @@ def test_resume_and_overwrite_rules(tmp_path, data_dir):
     with pytest.raises(PeftkitError, match="resume continues an interrupted run and overwrite starts over"):
         train(small(tmp_path, data_dir, resume=True, overwrite=True))
     result = train(small(tmp_path, data_dir, overwrite=True))  # starts over: the stale checkpoints go
-    assert result.record["resumed_from_step"] is None and not root.exists()
+    assert result.record.resumed_from_step is None and not root.exists()
 
 
 def test_checkpoints_are_renamed_into_place_complete_and_rotated(tmp_path):

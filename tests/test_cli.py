@@ -208,7 +208,7 @@ def test_bad_input_and_help_answer_fast_in_a_fresh_process(arguments):
 
 
 def test_the_option_schemas_import_neither_torch_nor_peft():
-    code = "import sys, peftkit.config, peftkit.strategies; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+    code = "import sys, peftkit.options, peftkit.resolve; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 

@@ -14,6 +14,7 @@ import pytest
 
 from peftkit.compare import RUNS_FILE, append_run, plan, read_runs
 from peftkit.errors import PeftkitError
+from peftkit.record import CellRecord
 
 SMALL = ["--set", "max_train_samples=32", "--set", "max_eval_samples=32", "--set", "epochs=1"]
 
@@ -45,7 +46,7 @@ def test_sigkill_mid_matrix_then_resume_finishes_without_repeats(tmp_path, data_
         assert record["estimate"]["total_bytes"] > 0
         assert record["estimate"]["settings"]["seq_len"] == record["data"]["longest_train_example"]
     for key, record in first.items():  # finished before the kill: kept, not re-run
-        assert read_runs(out)[key]["train_time_s"] == record["train_time_s"]
+        assert read_runs(out)[key].run.train_time_s == record.run.train_time_s
 
 
 @pytest.mark.slow
@@ -80,10 +81,10 @@ def test_a_cell_killed_after_a_checkpoint_continues_from_it(tmp_path, data_dir):
     assert complete_checkpoints(root) and not read_runs(out), "kill came too late to test continuing a cell"
 
     subprocess.run(command, check=True, capture_output=True)
-    record = read_runs(out)["full/seed0"]
-    assert record["status"] == "ok" and record["resumed_from_step"] > 0 and record["training_processes"] == 2
-    assert record["epochs_trained"] == 3 and not root.exists()
-    assert record["config"]["resume"] is False  # the record, and the cell's config file, retrain the cell whole
+    record = read_runs(out)["full/seed0"].run
+    assert record.resumed_from_step > 0 and record.training_processes == 2
+    assert record.epochs_trained == 3 and not root.exists()
+    assert record.config["resume"] is False  # the record, and the cell's config file, retrain the cell whole
     assert "resume: false" in (out / "configs" / "full-seed0.yaml").read_text()
     log = (out / "logs" / "full-seed0.log").read_text()
     assert "resuming from" in log and "trainable params" in log.split("resuming from")[0]  # both processes' output kept
@@ -97,7 +98,7 @@ def test_failed_run_is_recorded_and_retried_on_request(tmp_path, data_dir):
            "--seeds", "0", "--data-dir", str(data_dir), "--out", str(out), *SMALL, "--set", "target_modules=[nowhere]"]
     subprocess.run(bad, capture_output=True)
     record = read_runs(out)["lora/seed0"]
-    assert record["status"] == "failed" and record["error"]
+    assert record.status == "failed" and record.error
     subprocess.run(bad[:-2] + ["--retry-failed"], check=True, capture_output=True)
     lines = (out / RUNS_FILE).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"
@@ -133,26 +134,30 @@ def test_recipe_for_another_strategy_is_refused(tmp_path, data_dir):
 
 
 def test_partial_last_line_is_ignored_and_repaired(tmp_path):
-    (tmp_path / RUNS_FILE).write_text('{"strategy": "a", "seed": 0, "status": "ok"}\n{"strategy": "b", "se')
+    (tmp_path / RUNS_FILE).write_text('{"strategy": "a", "seed": 0, "status": "failed"}\n{"strategy": "b", "se')
     assert list(read_runs(tmp_path)) == ["a/seed0"]
-    append_run(tmp_path, {"strategy": "b", "seed": 0, "status": "ok"})
+    append_run(tmp_path, CellRecord(strategy="b", seed=0, status="failed"))
     assert [json.loads(x)["strategy"] for x in (tmp_path / RUNS_FILE).read_text().splitlines()] == ["a", "b"]
 
 
 def fake(strategy, seed, accuracy, trainable):
-    """A successful run's record as compare appends it (the report's tests and test_provenance build on it)."""
-    return {"strategy": strategy, "seed": seed, "status": "ok", "metrics": {"accuracy": accuracy},
-            "trainable_params": trainable, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
-            "train_time_s": 10.0, "samples_per_s": 5.0, "tokens_per_s": 50.0, "size_on_disk_bytes": 2**20,
-            "config": {"model": "m", "task": "t", "pooling": "mean"}, "estimate": {"total_bytes": 2**29},
-            "device": "cpu (x86_64, 2 threads)", "task_kind": "classification",
+    """A successful run's line as compare appends it (the report's tests and test_provenance build on
+    it; `CellRecord.model_validate` reads it)."""
+    return {"strategy": strategy, "seed": seed, "command": "peftkit compare --strategies full,lora",
+            "finished": "2026-11-28T05:00:00", "status": "ok", "error": None,
+            "config": {"model": "m", "task": "t", "pooling": "mean"}, "task_kind": "classification",
+            "learning_rate": 1e-3, "versions": {"torch": "2.13.0"}, "device": "cpu (x86_64, 2 threads)",
+            "data": {"train_examples": 100}, "metrics": {"accuracy": accuracy},
             "selection": {"select": "best", "metric": "accuracy", "on": "held-out slice of the training data"},
-            "versions": {"torch": "2.13.0"}, "command": "peftkit compare --strategies full,lora", "finished": "2026-11-28T05:00:00"}
+            "best_epoch": 1.0, "epochs_trained": 1.0, "train_time_s": 10.0, "trainable_params": trainable,
+            "total_params": 10_000, "trainable_percent": trainable / 1e4, "peak_memory_bytes": 2**30,
+            "samples_per_s": 5.0, "tokens_per_s": 50.0, "saved_as": "adapter", "size_on_disk_bytes": 2**20,
+            "estimate": {"total_bytes": 2**29}}
 
 
 def test_comparison_runs_fix_the_allocator_policy_plain_runs_keep_glibcs(tmp_path, data_dir):
     """Published peaks follow memory in use (a fixed 1 MB mmap threshold); a plain run is fast."""
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
 
     cells = plan("tiny-bert", "sst2", ["lora"], [0], tmp_path, None, [], data_dir)
     assert cells[0].config.cpu_mmap_threshold_kb == 1024

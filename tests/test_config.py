@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
+from peftkit.options import RunConfig
+from peftkit.recipes import apply_overrides, load_recipe
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,15 +76,15 @@ def test_unreadable_recipe(tmp_path):
 
 
 def test_auto_dtype_on_a_gpu_follows_an_explicit_precision(monkeypatch):
-    import peftkit.config
+    import peftkit.precision
 
-    monkeypatch.setattr(peftkit.config, "native_precision", lambda device: "bf16")  # as on a GPU with bf16
+    monkeypatch.setattr(peftkit.precision, "native_precision", lambda device: "bf16")  # as on a GPU with bf16
     assert make_config({"model": "tiny-bert"}).weights_dtype() == "bf16"
     fp32 = make_config({"model": "tiny-bert", "precision": "fp32"})  # refused before: dtype bf16 vs precision fp32
     assert (fp32.weights_dtype(), fp32.compute_precision()) == ("fp32", "fp32")
     fp16 = make_config({"model": "tiny-bert", "precision": "fp16"})
     assert (fp16.weights_dtype(), fp16.compute_precision()) == ("fp16", "fp16")
-    monkeypatch.setattr(peftkit.config, "native_precision", lambda device: "fp32")  # a CPU without bf16
+    monkeypatch.setattr(peftkit.precision, "native_precision", lambda device: "fp32")  # a CPU without bf16
     assert make_config({"model": "tiny-bert", "precision": "bf16"}).weights_dtype() == "fp32"
 
 

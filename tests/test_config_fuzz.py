@@ -7,7 +7,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftkit.config import RunConfig, apply_overrides, load_recipe, make_config
+from peftkit.options import RunConfig
+from peftkit.recipes import apply_overrides, load_recipe
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.strategies import STRATEGIES
 

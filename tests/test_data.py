@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from peftkit.config import make_config
-from peftkit.data import load_data
+from peftkit.resolve import make_config
+from peftkit.tasks import load_data
 from peftkit.errors import PeftkitError
 from peftkit.tasks import resolve_task
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from peftkit.config import make_config
-from peftkit.data import load_data
+from peftkit.resolve import make_config
+from peftkit.tasks import load_data
 from peftkit.errors import PeftkitError
 
 GOOD = '{"sentence": "fine", "label": 1}\n{"sentence": "bad", "label": 0}\n'

@@ -14,9 +14,11 @@ import pytest
 
 def fake_run(directory, task, task_kind, **config):
     """A run directory with only a record: what the commands read before anything loads."""
+    from test_record import run_json
+
     directory.mkdir(parents=True)
-    record = {"config": {"model": "minilm", "task": task, "strategy": {"name": "lora"}, **config},
-              "task_kind": task_kind, "data": {"text_columns": ["sentence"]}, "metrics": {}}
+    record = run_json(config={"model": "minilm", "task": task, "strategy": {"name": "lora"}, **config},
+                      task_kind=task_kind, data={"text_columns": ["sentence"]}, metrics={})
     (directory / "run.json").write_text(json.dumps(record))
     return directory
 
@@ -91,7 +93,7 @@ def test_validating_a_whole_config_imports_no_torch():
     """`pooling: auto` reads the checkpoint's declaration and `dtype` is checked against
     `precision` from the options alone: a valid config costs no library, so every later
     argument check still answers before torch loads."""
-    code = ("import sys; from peftkit.config import make_config; make_config({'model': 'minilm', 'task': 'sst2', "
+    code = ("import sys; from peftkit.resolve import make_config; make_config({'model': 'minilm', 'task': 'sst2', "
             "'dtype': 'bf16'}); print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

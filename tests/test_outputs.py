@@ -34,7 +34,7 @@ def test_a_folder_of_the_users_files_is_refused_flag_or_not(tmp_path, data_dir, 
 def test_overwrite_replaces_a_run_and_only_its_files(tmp_path, data_dir):
     out = tmp_path / "run"
     first = peftkit.train(small(tmp_path, data_dir))
-    assert sorted(p.name for p in out.iterdir()) == first.record["files"]
+    assert sorted(p.name for p in out.iterdir()) == first.record.files
     with pytest.raises(PeftkitError, match="holds a finished peftkit run: pass --overwrite to replace it"):
         peftkit.train(small(tmp_path, data_dir))
     (out / "notes.txt").write_text("mine")  # the user's file beside a run: refused even with --overwrite
@@ -42,8 +42,8 @@ def test_overwrite_replaces_a_run_and_only_its_files(tmp_path, data_dir):
         peftkit.train(small(tmp_path, data_dir, overwrite=True))
     (out / "notes.txt").unlink()
     second = peftkit.train(small(tmp_path, data_dir, overwrite=True, strategy="bitfit"))  # other files than lora's
-    assert sorted(p.name for p in out.iterdir()) == second.record["files"]
-    assert "adapter_model.safetensors" not in second.record["files"]
+    assert sorted(p.name for p in out.iterdir()) == second.record.files
+    assert "adapter_model.safetensors" not in second.record.files
 
 
 def test_a_checkpoint_folder_with_other_files_is_refused(tmp_path, data_dir):
@@ -162,7 +162,7 @@ def test_checkpoint_folders_of_other_names_and_a_file_in_their_place_are_refused
 
 def test_resume_refuses_an_output_dir_of_the_users_files(tmp_path, data_dir):
     from peftkit.checkpoints import record_options
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
 
     record_options(make_config(small(tmp_path, data_dir)), tmp_path / "run", "abc")
     (checkpoint_root(tmp_path / "run") / "checkpoint-4").mkdir()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peftkit.anatomy import unwrap_peft
-from peftkit.config import config_values, make_config
+from peftkit.record import current_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.models import declared_pooling, load_for_classification, load_tokenizer, resolve_model
 from peftkit.pooling import read_with
@@ -71,9 +72,9 @@ def test_pooling_is_a_run_setting_not_a_strategy_option():
 def test_older_records_keep_the_reading_they_trained_with():
     """A record from before pooling was a run setting: its strategy's option moves up, and a
     strategy without one read the model its own way (not what auto now picks for MiniLM)."""
-    old_full = {"config": {"model": "minilm", "task": "sst2", "strategy": {"name": "full", "pooling": "mean", "head_lr": None}}}
-    assert config_values(old_full)["pooling"] == "mean" and "pooling" not in config_values(old_full)["strategy"]
-    old_lora = {"config": {"model": "minilm", "task": "sst2", "strategy": {"name": "lora", "r": 8}}}
-    assert make_config(config_values(old_lora)).pooling == "model"
-    new = {"config": {"model": "minilm", "task": "sst2", "strategy": {"name": "lora"}, "pooling": "mean"}}
-    assert config_values(new) == new["config"]
+    old_full = {"model": "minilm", "task": "sst2", "strategy": {"name": "full", "pooling": "mean", "head_lr": None}}
+    assert current_config(old_full)["pooling"] == "mean" and "pooling" not in current_config(old_full)["strategy"]
+    old_lora = {"model": "minilm", "task": "sst2", "strategy": {"name": "lora", "r": 8}}
+    assert make_config(current_config(old_lora)).pooling == "model"
+    new = {"model": "minilm", "task": "sst2", "strategy": {"name": "lora"}, "pooling": "mean"}
+    assert current_config(new) == new

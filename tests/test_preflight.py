@@ -6,7 +6,7 @@ import pytest
 
 import peftkit
 from peftkit.checkpoints import checkpoint_root
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from test_cli import assert_clean_failure, invoke
 

@@ -8,9 +8,10 @@ import re
 import pytest
 
 from peftkit.compare import append_run, pending, plan
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.provenance import code_version, config_hash
+from peftkit.record import CellRecord
 from peftkit.report.write import write_report
 from test_compare import fake
 
@@ -28,7 +29,8 @@ def test_code_version_names_this_checkout():
 
 def test_compare_reruns_a_cell_whose_config_changed(tmp_path, data_dir):
     cells = plan("tiny-bert", "sst2", ["lora"], [0], tmp_path, None, [], data_dir)
-    recorded = {"lora/seed0": {"status": "ok", "provenance": {"config_hash": config_hash(cells[0].config)}}}
+    made = {"commit": "a" * 40, "dirty": False, "config_hash": config_hash(cells[0].config)}
+    recorded = {"lora/seed0": CellRecord.model_validate({**fake("lora", 0, 0.8, 100), "provenance": made})}
     assert pending(cells, recorded, retry_failed=False) == []
     changed = plan("tiny-bert", "sst2", ["lora"], [0], tmp_path, None, ["r=16"], data_dir)
     assert pending(changed, recorded, retry_failed=False) == changed
@@ -36,7 +38,8 @@ def test_compare_reruns_a_cell_whose_config_changed(tmp_path, data_dir):
 
 def test_report_refuses_rows_from_different_code(tmp_path):
     for seed, commit in enumerate(("a" * 40, "b" * 40)):
-        append_run(tmp_path, {**fake("lora", seed, 0.8, 100), "provenance": {"commit": commit, "dirty": False}})
+        made = {"commit": commit, "dirty": False, "config_hash": "0" * 16}
+        append_run(tmp_path, CellRecord.model_validate({**fake("lora", seed, 0.8, 100), "provenance": made}))
     with pytest.raises(PeftkitError, match="mixes rows made by 2 code versions .*--allow-mixed"):
         write_report(tmp_path)
     paths = write_report(tmp_path, allow_mixed=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.inference import evaluate_run, predict
 from peftkit.models import load_tokenizer, resolve_model

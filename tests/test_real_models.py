@@ -35,7 +35,7 @@ def test_minilm_lora_learns_and_eval_reproduces(tmp_path, data_dir):
         "model": "minilm", "task": "sst2", "data_dir": data_dir, "strategy": "lora",
         "max_train_samples": 512, "max_eval_samples": 200, "epochs": 1, "output_dir": tmp_path / "run",
     })
-    assert result.record["trainable_params"] == MINILM_LORA
+    assert result.record.trainable_params == MINILM_LORA
     assert result.metrics["accuracy"] > 0.6  # chance is ~0.5; 512 examples already get well past it
     reproduced = evaluate_run(result.output_dir)["metrics"]["accuracy"]
     assert round(reproduced, 4) == round(result.metrics["accuracy"], 4)
@@ -52,8 +52,8 @@ def test_smollm2_trains_as_a_sequence_classifier(tmp_path, data_dir, strategy):
         "batch_size": 16, "output_dir": tmp_path / strategy,
     })
     record = result.record
-    assert record["total_params"] > 130_000_000
-    assert record["peak_memory_bytes"] > 0
+    assert record.total_params > 130_000_000
+    assert record.peak_memory_bytes > 0
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     reproduced = evaluate_run(result.output_dir)["metrics"]["accuracy"]
     assert round(reproduced, 4) == round(result.metrics["accuracy"], 4)

@@ -36,15 +36,15 @@ def test_train_save_reload_gives_identical_results(tmp_path, data_dir, strategy,
     record = result.record
     for key in ("config", "versions", "data", "metrics", "trainable_params", "total_params", "peak_memory_bytes",
                 "train_time_s", "samples_per_s", "tokens_per_s", "size_on_disk_bytes"):
-        assert key in record, key
+        assert getattr(record, key) is not None, key
     # 10% of the 64 training examples are held out to choose the checkpoint on
-    assert record["data"] == {**record["data"], "train_examples": 57, "selection_examples": 7, "validation_examples": 48}
-    assert record["peak_memory_bytes"] > 0 and record["tokens_per_s"] > 0
+    assert record.data == {**record.data, "train_examples": 57, "selection_examples": 7, "validation_examples": 48}
+    assert record.peak_memory_bytes > 0 and record.tokens_per_s > 0
 
     _, model, tokenizer, _ = load_run(result.output_dir)
     reproduced = evaluate_run(result.output_dir)["metrics"]
-    assert round(reproduced["accuracy"], 4) == round(record["metrics"]["accuracy"], 4)
-    assert reproduced["loss"] == pytest.approx(record["metrics"]["loss"], abs=1e-5)
+    assert round(reproduced["accuracy"], 4) == round(record.metrics["accuracy"], 4)
+    assert reproduced["loss"] == pytest.approx(record.metrics["loss"], abs=1e-5)
     label, probability = predict(result.output_dir, [["a gripping , funny film"]])[0].split("\t")
     assert label in ("negative", "positive") and 0.5 <= float(probability) <= 1.0
     again = load_run(result.output_dir)[1]
@@ -72,42 +72,42 @@ def test_id2label_is_saved_with_the_model(tmp_path, data_dir):
 
 def test_early_stopping_stops_and_keeps_the_best(tmp_path, data_dir):
     result = train(tmp_path, data_dir, "linear-probe", epochs=6, early_stopping_patience=1, learning_rate=1e-9)
-    assert result.record["epochs_trained"] < 6  # a tiny rate cannot improve: stops after one bad epoch
-    assert result.record["best_epoch"] == 1
+    assert result.record.epochs_trained < 6  # a tiny rate cannot improve: stops after one bad epoch
+    assert result.record.best_epoch == 1
 
 
 def test_llama_decoder_trains_as_a_classifier(tmp_path, data_dir):
     result = train(tmp_path, data_dir, "lora", model="tiny-llama")
-    assert result.record["config"]["model"] == "tiny-llama"
+    assert result.record.config["model"] == "tiny-llama"
     assert 0 <= result.metrics["accuracy"] <= 1
 
 
 def test_sentence_pair_task(tmp_path, data_dir):
     result = train(tmp_path, data_dir, "bitfit", task="rte")
-    assert result.record["data"]["text_columns"] == ["sentence1", "sentence2"]
+    assert result.record.data["text_columns"] == ["sentence1", "sentence2"]
     label, _ = predict(result.output_dir, [["A man sleeps.", "Someone is asleep."]])[0].split("\t")
     assert label in ("entailment", "not_entailment")
 
 
 def test_layer_lr_decay_runs_through_training(tmp_path, data_dir):
     result = train(tmp_path, data_dir, {"name": "partial", "trainable_layers": 1, "layer_lr_decay": 0.8, "head_lr": 1e-2})
-    assert result.record["config"]["strategy"]["head_lr"] == 1e-2
+    assert result.record.config["strategy"]["head_lr"] == 1e-2
 
 
 @pytest.mark.parametrize("strategy", ["full", "qlora"])
 def test_gradient_checkpointing(tmp_path, data_dir, strategy):
     result = train(tmp_path, data_dir, strategy, gradient_checkpointing=True, max_train_samples=32)
-    assert result.record["config"]["gradient_checkpointing"] is True
-    assert result.record["train_time_s"] > 0
+    assert result.record.config["gradient_checkpointing"] is True
+    assert result.record.train_time_s > 0
 
 
 def test_run_record_keeps_every_evaluation_and_the_longest_example(tmp_path, data_dir):
     record = train(tmp_path, data_dir, "bitfit", epochs=2).record
-    assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]  # on the selection slice
-    assert record["selection"] == {"select": "best", "metric": "accuracy", "on": "held-out slice of the training data"}
-    assert 8 < record["data"]["longest_train_example"] <= 128
+    assert [round(h["epoch"]) for h in record.eval_history] == [1, 2]  # on the selection slice
+    assert record.selection.model_dump() == {"select": "best", "metric": "accuracy", "on": "held-out slice of the training data"}
+    assert 8 < record.data["longest_train_example"] <= 128
     # the machine, so that times from different CPUs are not read as one's
-    assert record["device"].startswith("cpu (") and torch.backends.cpu.get_cpu_capability() in record["device"]
+    assert record.device.startswith("cpu (") and torch.backends.cpu.get_cpu_capability() in record.device
 
 
 def test_adapter_trains_on_a_4bit_base_and_reloads(tmp_path, data_dir):
@@ -116,17 +116,17 @@ def test_adapter_trains_on_a_4bit_base_and_reloads(tmp_path, data_dir):
     frozen = model.model.layers[0].mlp.down_proj
     assert type(frozen.weight).__name__ == "Params4bit"
     reproduced = evaluate_run(result.output_dir)["metrics"]
-    assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
+    assert reproduced["loss"] == pytest.approx(result.record.metrics["loss"], abs=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["full", "lora", "prompt-tuning"])  # tests/test_pooling.py: the reading under nine
 def test_mean_pooling_trains_and_reloads_under_every_strategy_family(tmp_path, data_dir, strategy):
     result = train(tmp_path, data_dir, strategy, pooling="mean")
-    assert result.record["config"]["pooling"] == "mean"
+    assert result.record.config["pooling"] == "mean"
     _, model, tokenizer, _ = load_run(result.output_dir)
     reproduced = evaluate_run(result.output_dir)["metrics"]
-    assert reproduced["loss"] == pytest.approx(result.record["metrics"]["loss"], abs=1e-5)
+    assert reproduced["loss"] == pytest.approx(result.record.metrics["loss"], abs=1e-5)
     plain = load_run(result.output_dir, pooling="model")[1]  # the same weights read through the pooler
     assert not torch.allclose(logits(model, tokenizer), logits(plain, tokenizer))
 
@@ -135,7 +135,7 @@ def test_qlora_keeps_training_after_an_evaluation(tmp_path, data_dir):
     # bitsandbytes would repack the 4-bit weights for inference at the first evaluation
     # (on CPUs with AVX512-BF16) and the second epoch would then fail in autograd
     record = train(tmp_path, data_dir, "qlora", epochs=2).record
-    assert [round(h["epoch"]) for h in record["eval_history"]] == [1, 2]
+    assert [round(h["epoch"]) for h in record.eval_history] == [1, 2]
 
 
 @pytest.mark.slow
@@ -151,14 +151,16 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
     from peftkit.run import weight_options
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
     from peftkit.strategies import build_strategy
 
     config = make_config({**BASE, "data_dir": data_dir, "strategy": strategy, "dtype": "bf16"})
     assert config.compute_precision() == "bf16"
     source = resolve_model("tiny-bert")
     base = load_for_classification(source, ["neg", "pos"], load_tokenizer(source), **weight_options(config))
-    model = keep_trainable_fp32(build_strategy(strategy).apply(base))
+    from peftkit.tasks import TASKS
+
+    model = keep_trainable_fp32(build_strategy(strategy).apply(base, TASKS["classification"]))
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
     assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes
     assert strategy == "full" or (False, torch.bfloat16) in dtypes
@@ -169,7 +171,7 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     monkeypatch.setattr(peftkit.models, "skip_adapter_input_upcast", lambda model: skipped.append(skip(model)))
     result = train(tmp_path, data_dir, strategy, dtype="bf16")
     assert skipped == [12 if strategy == "lora" else 0]  # tiny-bert: 6 projections x 2 layers
-    assert result.record["config"]["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1
+    assert result.record.config["dtype"] == "bf16" and 0 <= result.metrics["accuracy"] <= 1
     assert result.metrics["loss"] == result.metrics["loss"]  # not NaN
     reproduced = evaluate_run(result.output_dir)["metrics"]
     assert reproduced["loss"] == pytest.approx(result.metrics["loss"], abs=1e-2)
@@ -186,7 +188,7 @@ def test_dtype_and_precision_must_agree():
 @pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-32bit", "adafactor", "sgd"])
 def test_every_optimizer_trains(tmp_path, data_dir, optimizer):
     record = train(tmp_path, data_dir, "lora", optimizer=optimizer, max_grad_norm=0.5, attn_implementation="eager").record
-    assert record["config"]["optimizer"] == optimizer and record["metrics"]["loss"] == record["metrics"]["loss"]
+    assert record.config["optimizer"] == optimizer and record.metrics["loss"] == record.metrics["loss"]
 
 
 def test_a_diverging_run_stops_at_the_step_with_one_line_and_saves_nothing(tmp_path, data_dir):
@@ -240,7 +242,7 @@ def test_truncated_examples_are_counted_per_split(tmp_path, data_dir):
     rows = Dataset.from_dict({"sentence": ["short", "a much longer sentence that runs well past eight tokens of text"]})
     assert tokenize(rows, tokenizer, ["sentence"], 8)["truncated"] == [0, 1]
     record = train(tmp_path, data_dir, "bitfit", max_length=8, select="last").record
-    counts = record["data"]["truncated_examples"]
+    counts = record.data["truncated_examples"]
     assert set(counts) == {"train", "validation"} and 0 < counts["train"] <= 64 and 0 < counts["validation"] <= 48
 
 
@@ -249,7 +251,7 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
     half the batch brings under the free memory."""
     from types import SimpleNamespace
 
-    import peftkit.estimate
+    import peftkit.memory.estimate
     import peftkit.run
     from peftkit.errors import PeftkitError
 
@@ -259,7 +261,7 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
         asked.append(run)
         return SimpleNamespace(total_bytes=2**30 * config.batch_size)  # 1 GiB per example in the batch
 
-    monkeypatch.setattr(peftkit.estimate, "estimate_run", estimate_run)
+    monkeypatch.setattr(peftkit.memory.estimate, "estimate_run", estimate_run)
     monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 12 * 2**30)
     loaded = []
     monkeypatch.setattr(peftkit.run, "base_quantization", lambda *a: loaded.append(a))  # called right before loading
@@ -273,7 +275,7 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
     monkeypatch.undo()
     monkeypatch.setattr(peftkit.run, "free_memory_bytes", lambda device: 1)
     result = peftkit.train({**config, "force": True, "max_train_samples": 16, "epochs": 1})
-    assert result.record["config"]["force"] is True
+    assert result.record.config["force"] is True
 
 
 @pytest.mark.parametrize("record, resolved", [
@@ -286,6 +288,7 @@ def test_a_run_the_memory_cannot_hold_stops_before_loading_and_names_what_fits(t
 def test_a_run_reloads_in_the_precision_it_trained_in(record, resolved):
     """Records keep what auto resolved to; older CPU records resolved auto to fp32 (before auto
     meant bf16 on CPUs with bf16 instructions), and reload so."""
-    from peftkit.record import trained_precision
+    from peftkit.record import RunRecord
+    from test_record import OLD_RECORD  # a record from before precision was kept
 
-    assert trained_precision(record) == resolved
+    assert RunRecord.model_validate({**OLD_RECORD, **record}).trained_precision() == resolved

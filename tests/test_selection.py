@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 import peftkit
-from peftkit.config import make_config
-from peftkit.data import load_data
+from peftkit.resolve import make_config
+from peftkit.tasks import load_data
 from peftkit.errors import PeftkitError
 
 BASE = {"model": "tiny-bert", "task": "sst2", "max_train_samples": 64, "max_eval_samples": 32, "batch_size": 16}
@@ -41,9 +41,9 @@ def test_selection_slice_is_fixed_by_the_seed(data_dir):
 def test_select_last_evaluates_nothing_before_the_end(tmp_path, data_dir):
     record = peftkit.train({**BASE, "data_dir": data_dir, "strategy": "bitfit", "epochs": 2, "select": "last",
                             "output_dir": tmp_path / "run"}).record
-    assert record["eval_history"] == [] and record["best_epoch"] is None
-    assert record["data"]["selection_examples"] == 0 and record["data"]["train_examples"] == 64
-    assert record["selection"]["on"] == "final weights" and "accuracy" in record["metrics"]
+    assert record.eval_history == [] and record.best_epoch is None
+    assert record.data["selection_examples"] == 0 and record.data["train_examples"] == 64
+    assert record.selection.on == "final weights" and "accuracy" in record.metrics
 
 
 def test_a_test_split_is_scored_once_at_the_end(tmp_path, data_dir):
@@ -55,8 +55,8 @@ def test_a_test_split_is_scored_once_at_the_end(tmp_path, data_dir):
     (own / "test.jsonl").write_text("\n".join(rows) + "\n")
     record = peftkit.train({**BASE, "data_dir": tmp_path / "data", "strategy": "bitfit", "epochs": 1,
                             "output_dir": tmp_path / "run"}).record
-    assert record["data"]["test_examples"] == 20
-    assert set(record["test_metrics"]) == set(record["metrics"]) and 0 <= record["test_metrics"]["accuracy"] <= 1
+    assert record.data["test_examples"] == 20
+    assert set(record.test_metrics) == set(record.metrics) and 0 <= record.test_metrics["accuracy"] <= 1
 
 
 def test_early_stopping_needs_a_selection_slice():

@@ -10,7 +10,7 @@ import json
 import pytest
 import sacrebleu
 
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.inference import evaluate_run, generate_answers, predict
 from peftkit.run import train
@@ -66,10 +66,10 @@ def test_an_encoder_decoder_learns_scores_saves_and_reloads(jsonl, tmp_path):
 def test_adapters_and_prompts_apply_to_an_encoder_decoder(jsonl, tmp_path, strategy):
     result = seq2seq_run(jsonl, tmp_path, strategy=strategy, epochs=1)
     record = result.record
-    assert 0 < record["trainable_params"] < record["total_params"] / 10
-    assert set(record["metrics"]) == set(resolve_task("seq2seq")[0].metrics)
+    assert 0 < record.trainable_params < record.total_params / 10
+    assert set(record.metrics) == set(resolve_task("seq2seq")[0].metrics)
     again = evaluate_run(result.output_dir)
-    assert again["metrics"]["loss"] == pytest.approx(record["metrics"]["loss"], rel=1e-4)
+    assert again["metrics"]["loss"] == pytest.approx(record.metrics["loss"], rel=1e-4)
 
 
 def test_lora_reaches_both_stacks_of_an_encoder_decoder(jsonl, tmp_path):
@@ -114,7 +114,7 @@ def test_hub_summarization_sets_map_onto_source_and_target(monkeypatch):
     its labelled test split kept (the download itself is replaced here: no hub in the tests)."""
     import datasets
 
-    from peftkit.data import load_data
+    from peftkit.tasks import load_data
 
     rows = [{"id": str(i), "dialogue": f"A: hi {i}\nB: hello", "summary": f"they greet {i}"} for i in range(3)]
     hub = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name in ("train", "validation", "test")})

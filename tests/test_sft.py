@@ -148,14 +148,14 @@ def test_fused_head_scores_only_answer_positions_with_the_same_loss_and_gradient
 @pytest.mark.slow
 def test_packed_training_runs_and_records(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir, packing=True, max_generate_samples=0)
-    assert result.record["config"]["packing"] is True
+    assert result.record.config["packing"] is True
     assert set(result.metrics) == {"loss", "perplexity"}
 
 
 def test_the_fullest_batch_holds_a_batch_worth_of_the_longest_answers():
     """Training: a batch's worth of the longest answers bounds any batch drawn at random.
     Evaluation: the fullest batch the evaluation loop really holds, in the split's order."""
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
     from peftkit.tasks import resolve_task
     from peftkit.tasks.base import Prepared
 
@@ -182,7 +182,7 @@ def test_the_fullest_evaluation_batch_is_the_one_the_evaluation_loop_draws(tmp_p
     the fullest batch of SFTTrainer's own evaluation dataloader, whatever the length grouping of training."""
     from datasets import Dataset
 
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
     from peftkit.tasks import resolve_task
     from peftkit.tasks.base import Prepared
     from peftkit.tasks.sft import _sft_trainer
@@ -230,19 +230,19 @@ def test_a_run_records_the_largest_batch_it_generates_in(tmp_path, data_dir, mon
     record = tiny_run(tmp_path, data_dir, eval_batch_size=5, select="last").record
     assert [rows for rows, _ in shapes] == [5, 5, 2]
     rows, prompt = max(shapes, key=lambda shape: shape[0] * (shape[1] + 5))
-    assert record["data"]["generation_batch"] == {"rows": rows, "prompt_tokens": prompt}
+    assert record.data["generation_batch"] == {"rows": rows, "prompt_tokens": prompt}
 
 
 def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir)
     record = result.record
-    assert record["task_kind"] == "sft"
+    assert record.task_kind == "sft"
     # the most labelled positions of an example, for the estimate's LM head term: the answer, not the prompt
-    assert 0 < record["data"]["longest_train_answer"] < record["data"]["longest_train_example"]
-    assert record["data"]["longest_train_answer"] <= record["data"]["fullest_train_batch_answers"] \
-        <= 8 * record["data"]["longest_train_answer"]
-    assert set(record["metrics"]) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
-    assert record["metrics"]["perplexity"] == pytest.approx(torch.tensor(record["metrics"]["loss"]).exp().item(), rel=1e-5)
+    assert 0 < record.data["longest_train_answer"] < record.data["longest_train_example"]
+    assert record.data["longest_train_answer"] <= record.data["fullest_train_batch_answers"] \
+        <= 8 * record.data["longest_train_answer"]
+    assert set(record.metrics) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
+    assert record.metrics["perplexity"] == pytest.approx(torch.tensor(record.metrics["loss"]).exp().item(), rel=1e-5)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and set(rows[0]) == {"prompt", "reference", "references", "generated", "finished"}
     assert rows[0]["reference"] in ("positive", "negative") and rows[0]["references"] == [rows[0]["reference"]]
@@ -256,8 +256,8 @@ def test_lora_run_trains_generates_and_saves_predictions(tmp_path, data_dir):
 
 def test_untuned_model_is_recorded_with_strategy_none(tmp_path, data_dir):
     result = tiny_run(tmp_path, data_dir, strategy="none")
-    assert result.record["trainable_params"] == 0 and result.record["train_time_s"] == 0
-    assert result.record["samples_per_s"] is None
+    assert result.record.trainable_params == 0 and result.record.train_time_s == 0
+    assert result.record.samples_per_s is None
     assert (result.output_dir / "predictions.jsonl").is_file()
 
 
@@ -321,7 +321,7 @@ def test_prompt_completion_layout_and_gsm8k_answers(tmp_path, jsonl):
                             "prompt_column": "q", "completion_column": "a", "chat_template": CHATML, "epochs": 1,
                             "select": "last",  # two examples: none to spare for a selection slice
                             "strategy": "lora", "max_new_tokens": 3, "output_dir": tmp_path / "run"})
-    assert result.record["data"]["columns"] == {"prompt": "q", "completion": "a"}
+    assert result.record.data["columns"] == {"prompt": "q", "completion": "a"}
     assert gsm8k_answer("so 3 + 4 = 7.\n#### 1,234") == "1234"
     assert gsm8k_answer("the answer is 12.") == "12"
     scores = score_generations(["#### 7", "it is 8"], [["x #### 7"], ["#### 9"]], "gsm8k")
@@ -361,11 +361,11 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
     result = peftkit.train({"model": "smollm2-135m", "task": "sst2-chat", "strategy": "lora", "data_dir": data_dir,
                             "max_train_samples": 32, "max_eval_samples": 16, "epochs": 1, "batch_size": 8,
                             "learning_rate": 5e-4, "max_new_tokens": 3, "output_dir": tmp_path / "run"})
-    history = result.record["eval_history"]  # the selection slice: 4 of the 32 training examples
-    assert result.record["total_params"] > 130_000_000
-    assert result.record["data"]["selection_examples"] == 4
+    history = result.record.eval_history  # the selection slice: 4 of the 32 training examples
+    assert result.record.total_params > 130_000_000
+    assert result.record.data["selection_examples"] == 4
     # "positive" or "negative", then <|im_end|> and the newline: 3 labelled tokens, all the LM head scores
-    assert result.record["data"]["longest_train_answer"] == result.record["data"]["longest_eval_answer"] == 3
+    assert result.record.data["longest_train_answer"] == result.record.data["longest_eval_answer"] == 3
     assert 0 <= result.metrics["exact_match"] <= 1 and result.metrics["perplexity"] < 20
     assert len(history) == 1 and history[0]["loss"] > 0
 
@@ -375,7 +375,7 @@ def test_smollm2_lora_instruction_tuning(tmp_path, data_dir):
                                       "prefix-tuning", "p-tuning", "peft:loha"])
 def test_every_strategy_that_means_something_trains_a_causal_lm(tmp_path, data_dir, strategy):
     result = tiny_run(tmp_path, data_dir, strategy, max_train_samples=20, max_eval_samples=4, max_new_tokens=2)
-    assert result.record["trainable_params"] > 0 and set(result.metrics) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
+    assert result.record.trainable_params > 0 and set(result.metrics) == {"loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu"}
     _, model, tokenizer, _ = load_run(result.output_dir)
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     again = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], 2, 4)
@@ -409,11 +409,11 @@ def test_bf16_sft_run_trains_generates_and_reloads(tmp_path, data_dir, strategy)
 def test_truncated_and_dropped_examples_are_recorded(tmp_path, data_dir):
     """At max_length 56 many sst2-chat conversations (48-82 tokens here) run over:
     each split counts its cut examples, and training examples cut before their answer are dropped."""
-    record = tiny_run(tmp_path, data_dir, max_length=56).record["data"]
+    record = tiny_run(tmp_path, data_dir, max_length=56).record.data
     assert record["truncated_examples"]["train"] > 0 and record["truncated_examples"]["validation"] > 0
     assert record["dropped_train_examples"] > 0
     assert record["train_examples"] + record["selection_examples"] + record["dropped_train_examples"] == 48
-    assert tiny_run(tmp_path / "long", data_dir, max_length=512).record["data"]["truncated_examples"] == {
+    assert tiny_run(tmp_path / "long", data_dir, max_length=512).record.data["truncated_examples"] == {
         "train": 0, "selection": 0, "validation": 0}
 
 
@@ -423,7 +423,7 @@ def test_generations_cut_at_max_new_tokens_are_counted_and_said(tmp_path, data_d
     from test_cli import invoke
 
     result = tiny_run(tmp_path, data_dir, max_train_samples=16, max_eval_samples=6, max_new_tokens=1)
-    assert result.record["generation"] == {"generated": 6, "cut_at_max_new_tokens": 6, "max_new_tokens": 1}
+    assert result.record.generation.model_dump() == {"generated": 6, "cut_at_max_new_tokens": 6, "max_new_tokens": 1}
     rows = [json.loads(line) for line in (result.output_dir / "predictions.jsonl").read_text().splitlines()]
     assert [row["finished"] for row in rows] == [False] * 6
     assert "note: 6 of 6 validation generations stopped at max_new_tokens=1" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import peftkit
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.models import load_tokenizer, resolve_model
 from peftkit.tasks import resolve_task
@@ -163,5 +163,5 @@ def test_an_alpaca_file_trains_and_the_record_names_its_format(tmp_path, jsonl):
     result = peftkit.train({"model": "tiny-llama", "task": "sft", "train_file": train, "validation_file": train,
                             "chat_template": CHATML, "epochs": 1, "select": "last", "strategy": "lora",
                             "max_new_tokens": 2, "max_length": 128, "output_dir": tmp_path / "run"})
-    assert result.record["data"]["data_format"] == "alpaca"
-    assert result.record["data"]["columns"] == {"instruction": "instruction", "input": "input", "output": "output"}
+    assert result.record.data["data_format"] == "alpaca"
+    assert result.record.data["columns"] == {"instruction": "instruction", "input": "input", "output": "output"}

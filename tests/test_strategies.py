@@ -10,7 +10,9 @@ import torch
 from peftkit.errors import PeftkitError
 from peftkit.measure import count_parameters
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
-from peftkit.strategies import STRATEGIES, apply_strategy, build_strategy
+from peftkit.resolve import apply_strategy
+from peftkit.strategies import STRATEGIES, build_strategy
+from peftkit.tasks import TASKS
 
 H, I, L = 64, 128, 2
 BERT_LINEARS = {  # path inside a layer: (in, out)
@@ -33,7 +35,7 @@ def load(model_name: str, strategy: str, **options):
     tokenizer = load_tokenizer(source)
     torch.manual_seed(0)
     model = load_for_classification(source, ["neg", "pos"], tokenizer, strategy_obj.quantization_config(torch.float32))
-    return strategy_obj.apply(model)
+    return strategy_obj.apply(model, TASKS["classification"])
 
 
 def trainable(model) -> dict[str, int]:

@@ -225,7 +225,7 @@ def test_prefix_tuning_trains_and_padding_does_not_leak(tmp_path, data_dir, mode
     assert torch.allclose(both[1], alone[0], atol=1e-5)
     fresh = build_strategy("prefix-tuning").apply(load_run(run)[1].get_base_model())
     assert not torch.allclose(logits(fresh, tokenizer), logits(trained, tokenizer))  # the trained prefix matters
-    assert record["trainable_params"] > 0
+    assert record.trainable_params > 0
 
 
 def test_prompt_tuning_on_a_decoder_pads_left_so_the_last_token_is_read(tmp_path, data_dir):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import peftkit
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
 from peftkit.models import resolve_model
 from peftkit.strategies import build_strategy
@@ -97,6 +97,6 @@ def test_a_new_task_kind_is_one_file_and_one_decorator(tmp_path, data_dir, monke
     result = peftkit.train({"model": "tiny-bert", "task": "toy-parity", "strategy": "lora", "train_file": data_dir / "sst2" / "validation.jsonl",
                             "validation_file": data_dir / "sst2" / "validation.jsonl", "max_train_samples": 64,
                             "max_eval_samples": 32, "epochs": 1, "output_dir": tmp_path / "toy"})
-    assert result.record["task_kind"] == "toy-parity"
-    assert result.record["data"]["label_names"] == ["even", "odd"]
+    assert result.record.task_kind == "toy-parity"
+    assert result.record.data["label_names"] == ["even", "odd"]
     assert set(result.metrics) == {"accuracy", "loss"}

@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from peftkit.cli import app
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.errors import PeftkitError
-from peftkit.estimate import estimate_for
+from peftkit.memory.estimate import estimate_for
 from peftkit.inference import evaluate_run, predict
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.run import train
@@ -131,7 +131,7 @@ def test_own_files_with_integer_tags_train_and_predict(jsonl, tmp_path):
                        validation_file=str(jsonl("intval.jsonl", rows[:6])), tag_names=["O", "B-PER", "I-PER", "B-LOC"],
                        strategy="full", epochs=8, learning_rate=3e-3)
     result = train(config)
-    assert result.record["data"]["label_names"] == ["O", "B-PER", "I-PER", "B-LOC"]
+    assert result.record.data["label_names"] == ["O", "B-PER", "I-PER", "B-LOC"]
     assert result.metrics["f1"] == 1.0  # two sentence shapes, learned
     assert predict(result.output_dir, [["Ann Lee visits Paris"], ["we like Rome ."]]) == ["PER: Ann Lee; LOC: Paris", "LOC: Rome"]
 
@@ -142,23 +142,23 @@ def test_every_strategy_trains_reloads_and_predicts(tmp_path, data_dir, strategy
                     "max_train_samples": 40, "max_eval_samples": 20, "epochs": 1, "batch_size": 8,
                     "output_dir": str(tmp_path / strategy)})
     record = result.record
-    assert record["task_kind"] == "token-classification" and record["cached_features"] == (strategy == "linear-probe")
+    assert record.task_kind == "token-classification" and record.cached_features == (strategy == "linear-probe")
     # what a linear probe caches, for the estimate: one vector per word of the 40 training sentences (with the selection slice)
     words = sum(len(json.loads(line)["tokens"]) for line in (data_dir / "conll2003" / "train.jsonl").read_text().splitlines()[:40])
-    assert record["data"]["cached_feature_rows"] == words
-    cached = estimate_for(make_config(record["config"]), record)["terms"]["cached_features"]
+    assert record.data["cached_feature_rows"] == words
+    cached = estimate_for(make_config(record.config), record.dump())["terms"]["cached_features"]
     assert cached == (4 * words * 64 if strategy == "linear-probe" else 0)
-    assert {"f1", "precision", "recall", "accuracy", "loss"} <= set(record["metrics"])
-    assert all(key.split("/")[0] in {"PER", "ORG", "LOC", "MISC"} for key in record["metrics"] if "/" in key)
+    assert {"f1", "precision", "recall", "accuracy", "loss"} <= set(record.metrics)
+    assert all(key.split("/")[0] in {"PER", "ORG", "LOC", "MISC"} for key in record.metrics if "/" in key)
     again = evaluate_run(result.output_dir)
-    assert again["metrics"]["f1"] == pytest.approx(record["metrics"]["f1"], abs=1e-6)
-    assert again["metrics"]["loss"] == pytest.approx(record["metrics"]["loss"], rel=1e-4)
+    assert again["metrics"]["f1"] == pytest.approx(record.metrics["f1"], abs=1e-6)
+    assert again["metrics"]["loss"] == pytest.approx(record.metrics["loss"], rel=1e-4)
     (line,) = predict(result.output_dir, [[SENTENCE]])
     assert line == "(no entities)" or re.fullmatch(r"(PER|ORG|LOC|MISC): [^;]+(; (PER|ORG|LOC|MISC): [^;]+)*", line)
 
 
 def test_cached_token_features_are_the_heads_inputs_at_first_sub_tokens(data_dir):
-    from peftkit.config import make_config as config_of
+    from peftkit.resolve import make_config as config_of
     from peftkit.caches.features import FeatureDataset, HeadOnFeatures, head_inputs
 
     task = resolve_task("conll2003")[0]

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from peftkit.config import make_config
+from peftkit.resolve import make_config
 from peftkit.trainer import timed_trainer
 
 

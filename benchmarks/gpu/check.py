@@ -97,8 +97,8 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from peftkit.config import make_config
-    from peftkit.estimate import estimate_run
+    from peftkit.resolve import make_config
+    from peftkit.memory.estimate import estimate_run
     from peftkit.measure import PeakMemory
     from peftkit.models import load_causal_lm, load_tokenizer, ready_for_training, resolve_model
     from peftkit.run import base_quantization, weight_options
@@ -112,7 +112,7 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
         "select": "last", "epochs": 1, "warmup_ratio": 0.0, "group_by_length": False, "eval_batch_size": batch,
         "output_dir": str(checkpoint.parent / "unused"),
     })
-    strategy, task = config.strategy.build(), config.task_kind
+    strategy, task = config.build_strategy(), config.task_kind
     shape = {"data": {"longest_train_example": length, "longest_validation_example": length}}
     predicted = estimate_run(config, shape, device)
     capacity = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None

@@ -10,7 +10,7 @@ given fp32 queries, keys, values and float masks, its output cast back to the dt
 returns; registered under its own name in transformers' attention and mask registries, so a
 model switches to it with `set_attn_implementation` and switches back the same way. Autograd
 keeps the fp32 copies SDPA reads for backward: twice the bytes of bf16 ones, which
-`peftkit.estimate` counts. SDPA's math path, which CPU training takes under attention dropout
+`peftkit.memory` counts. SDPA's math path, which CPU training takes under attention dropout
 (BERT, MiniLM), computes in fp32 already: there the switch changes nothing."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from peftkit.compare import run_directory
+from peftkit.record import CellRecord
 from peftkit.tasks.base import PREDICTIONS
 
 INPUT_CHARS = 700  # longer inputs (a Dolly context, an abstract) are cut on the page; predictions.jsonl keeps them
@@ -36,7 +37,7 @@ def read_answers(path: Path, fields: tuple[str, str, str]) -> dict[str, tuple[li
     return {line[given]: (list(line[references]), line[answer]) for line in lines}
 
 
-def side_by_side(runs_dir: Path, records: list[dict], strategies: list[str], count: int,
+def side_by_side(runs_dir: Path, records: list[CellRecord], strategies: list[str], count: int,
                  fields: tuple[str, str, str] | None) -> str | None:
     """Markdown: the first `count` inputs that every row with answers answered (in the order the
     first row's file lists them), each with its references and every row's answer, rows in
@@ -46,8 +47,8 @@ def side_by_side(runs_dir: Path, records: list[dict], strategies: list[str], cou
         return None
     seeds: dict[str, int] = {}
     for record in records:
-        if record.get("status") == "ok" and record["strategy"] in strategies:
-            seeds[record["strategy"]] = min(record["seed"], seeds.get(record["strategy"], record["seed"]))
+        if record.status == "ok" and record.strategy in strategies:
+            seeds[record.strategy] = min(record.seed, seeds.get(record.strategy, record.seed))
     files = {s: predictions_file(runs_dir, s, seeds[s]) for s in strategies if s in seeds}
     answers = {s: read_answers(path, fields) for s, path in files.items() if path is not None}
     if not answers:

@@ -7,11 +7,12 @@ import base64
 import html
 from pathlib import Path
 
+from peftkit.record import CellRecord
 from peftkit.report.rows import Row
 from peftkit.report.tables import cell, failures, provenance
 
 
-def html_page(title: str, rows: list[Row], metric: str, images: list[Path], records: list[dict]) -> str:
+def html_page(title: str, rows: list[Row], metric: str, images: list[Path], records: list[CellRecord]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("strategy", "trainable", "%", f"{metric}", "n", "peak MB", "estimate MB",
                                               "est/meas", "train s", "samples/s", "tokens/s", "disk MB"))
     body = "".join(

@@ -7,10 +7,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from peftkit.config import RunConfig, config_values
 from peftkit.errors import PeftkitError
+from peftkit.record import CellRecord, RunRecord
+from peftkit.resolve import make_config
 from peftkit.tasks import DATASETS, TASKS, headline_metric
 
 MB = 2**20
@@ -46,29 +45,30 @@ class Row:
         return self.estimate_mb / self.peak_memory_mb if self.estimate_mb else None
 
 
-def aggregate(records: list[dict], metric: str, others: tuple[str, ...] = (), greater_is_better: bool = True) -> list[Row]:
+def aggregate(records: list[CellRecord], metric: str, others: tuple[str, ...] = (),
+              greater_is_better: bool = True) -> list[Row]:
     """Successful runs grouped by strategy, best mean metric first."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[CellRecord]] = {}
     for record in records:
-        if record.get("status") == "ok":
-            groups.setdefault(record["strategy"], []).append(record)
+        if record.run is not None:
+            groups.setdefault(record.strategy, []).append(record)
     rows = []
-    for strategy, runs in groups.items():
-        values = [r["metrics"][metric] for r in runs]
-        other = {m: statistics.mean(r["metrics"][m] for r in runs) for m in others
-                 if all(m in r["metrics"] for r in runs)}
-        estimates = [r["estimate"]["total_bytes"] / MB for r in runs if "total_bytes" in (r.get("estimate") or {})]
+    for strategy, cells in groups.items():
+        runs = [c.run for c in cells]
+        values = [r.metrics[metric] for r in runs]
+        other = {m: statistics.mean(r.metrics[m] for r in runs) for m in others if all(m in r.metrics for r in runs)}
+        estimates = [c.estimate["total_bytes"] / MB for c in cells if "total_bytes" in (c.estimate or {})]
         rows.append(Row(
             strategy=strategy, n=len(runs), metric_mean=statistics.mean(values),
             metric_std=statistics.stdev(values) if len(values) > 1 else None, other_metrics=other,
-            test_metric_mean=_mean_or_none((r.get("test_metrics") or {}).get(metric) for r in runs),
-            trainable_params=runs[0]["trainable_params"], trainable_percent=runs[0]["trainable_percent"],
-            peak_memory_mb=statistics.mean(r["peak_memory_bytes"] for r in runs) / MB,
+            test_metric_mean=_mean_or_none((r.test_metrics or {}).get(metric) for r in runs),
+            trainable_params=runs[0].trainable_params, trainable_percent=runs[0].trainable_percent,
+            peak_memory_mb=statistics.mean(r.peak_memory_bytes for r in runs) / MB,
             estimate_mb=statistics.mean(estimates) if estimates else None,
-            train_time_s=statistics.mean(r["train_time_s"] for r in runs),
-            samples_per_s=_mean_or_none(r["samples_per_s"] for r in runs),
-            tokens_per_s=_mean_or_none(r["tokens_per_s"] for r in runs),
-            size_on_disk_mb=statistics.mean(r["size_on_disk_bytes"] for r in runs) / MB,
+            train_time_s=statistics.mean(r.train_time_s for r in runs),
+            samples_per_s=_mean_or_none(r.samples_per_s for r in runs),
+            tokens_per_s=_mean_or_none(r.tokens_per_s for r in runs),
+            size_on_disk_mb=statistics.mean(r.size_on_disk_bytes for r in runs) / MB,
         ))
     return sorted(rows, key=lambda r: -r.metric_mean if greater_is_better else r.metric_mean)
 
@@ -78,21 +78,21 @@ def _mean_or_none(values: Any) -> float | None:
     return None if any(v is None for v in values) else statistics.mean(values)
 
 
-def with_current_estimate(record: dict) -> dict:
+def with_current_estimate(record: CellRecord) -> CellRecord:
     """The record with its memory estimate recomputed by today's `peftkit estimate` from the
     run's own config and data sizes (never from its measurement), so that every row of a table
     is checked against the same estimator, however long ago its run finished. A record whose
     config no longer validates keeps the estimate made when it ran."""
-    from peftkit.estimate import estimate_for  # loads torch
+    from peftkit.memory.estimate import estimate_for  # loads torch
 
-    if record.get("status") != "ok" or not isinstance(record.get("config"), dict):
+    if record.run is None:
         return record
     try:
-        config = RunConfig.model_validate(config_values(record))
-    except (ValidationError, PeftkitError):
+        config = make_config(record.run.config_values())
+    except PeftkitError:
         return record
-    estimate = estimate_for(config, record)
-    return {**record, "estimate": estimate} if "total_bytes" in estimate else record
+    estimate = estimate_for(config, record.run.dump())
+    return record.model_copy(update={"estimate": estimate}) if "total_bytes" in estimate else record
 
 
 def pareto(rows: list[Row], greater_is_better: bool = True) -> list[Row]:
@@ -107,8 +107,7 @@ def pareto(rows: list[Row], greater_is_better: bool = True) -> list[Row]:
     return frontier
 
 
-def record_headline(record: dict) -> str:
-    """The metric a table of such records leads with: its data set's, else its task kind's
+def record_headline(record: RunRecord) -> str:
+    """The metric a table of such runs leads with: its data set's, else its task kind's
     (`tasks.headline_metric`)."""
-    task = TASKS[record.get("task_kind", "classification")]
-    return headline_metric(task, DATASETS.get((record.get("config") or {}).get("task")))
+    return headline_metric(TASKS[record.task_kind], DATASETS.get(record.config.get("task")))

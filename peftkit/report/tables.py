@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from peftkit.config import config_values
+from peftkit.record import CellRecord, RunRecord
 from peftkit.report.rows import Row
 from peftkit.tasks import TASKS
 
@@ -23,13 +23,13 @@ def spread_label(rows: list[Row]) -> str:
     return "mean ± std" if any(r.n > 1 for r in rows) else "one seed"
 
 
-def provenance(records: list[dict]) -> list[str]:
+def provenance(records: list[CellRecord]) -> list[str]:
     """Where the numbers come from: commands, machines, package versions, dates."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    commands = sorted({r["command"] for r in records if r.get("command")})
-    devices = sorted({r["device"] for r in ok})
-    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in ok})
-    dates = sorted(r["finished"][:10] for r in records if r.get("finished"))
+    ok = [r.run for r in records if r.run is not None]
+    commands = sorted({r.command for r in records if r.command})
+    devices = sorted({r.device for r in ok})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r.versions.items()) for r in ok})
+    dates = sorted(r.finished[:10] for r in records if r.finished)
     lines = [f"Command: `{c}`" for c in commands]
     lines += [f"Code: {v}" for v in code_versions(records)]
     lines += [f"Machine: {d}" for d in devices] + [f"Packages: {v}" for v in versions]
@@ -40,44 +40,45 @@ def provenance(records: list[dict]) -> list[str]:
     return [line + "  " for line in lines]
 
 
-def _selection(record: dict) -> str:
+def _selection(record: RunRecord) -> str:
     """Which weights a row reports, as its record says."""
-    chosen = record.get("selection")
-    if not chosen:
+    chosen = record.selection
+    if chosen is None:
         return "best epoch on the validation split it reports (records from before the held-out protocol)"
-    if chosen["select"] == "last":
+    if chosen.select == "last":
         return "the final weights (select: last)"
-    return f"best {chosen['metric']} on a {chosen['on']}; the validation split scored once, at the end"
+    return f"best {chosen.metric} on a {chosen.on}; the validation split scored once, at the end"
 
 
-def _reads_one_vector(record: dict) -> bool:
+def _reads_one_vector(record: RunRecord) -> bool:
     """Whether the row's task head reads one vector per example, where pooling applies."""
-    return TASKS[record.get("task_kind", "classification")].reads_one_vector
+    return TASKS[record.task_kind].reads_one_vector
 
 
-def _pooling(record: dict) -> str:
+def _pooling(record: RunRecord) -> str:
     """How a classification row's head read the model."""
-    pooling = config_values(record)["pooling"]
+    pooling = record.config_values()["pooling"]
     return {"mean": "mean pooling of the last hidden states (pooling: mean)",
             "model": "the model's own pooled vector or last token (pooling: model)"}.get(pooling, pooling)
 
 
-def failures(records: list[dict]) -> list[str]:
+def failures(records: list[CellRecord]) -> list[str]:
     """One line per run that did not finish, with its error: a refused strategy is a result too."""
-    return [f"- {r['strategy']} (seed {r['seed']}): {r.get('error') or 'no error recorded'}"
-            for r in records if r.get("status") != "ok"]
+    return [f"- {r.strategy} (seed {r.seed}): {r.error or 'no error recorded'}" for r in records if r.status != "ok"]
 
 
-def code_versions(records: list[dict]) -> list[str]:
+def code_versions(records: list[CellRecord]) -> list[str]:
     """The code versions behind successful records: a commit, marked when the tree was dirty."""
-    def version(record: dict) -> str:
-        made = record.get("provenance") or {}
-        return made.get("commit", "unknown")[:12] + (" (uncommitted changes)" if made.get("dirty") else "")
+    def version(record: RunRecord) -> str:
+        made = record.provenance
+        if made is None:  # records from before provenance was kept
+            return "unknown"
+        return made.commit[:12] + (" (uncommitted changes)" if made.dirty else "")
 
-    return sorted({version(r) for r in records if r.get("status") == "ok"})
+    return sorted({version(r.run) for r in records if r.run is not None})
 
 
-def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | None = None) -> str:
+def markdown(rows: list[Row], metric: str, title: str, records: list[CellRecord] | None = None) -> str:
     others = list(rows[0].other_metrics) if rows else []
     tested = any(r.test_metric_mean is not None for r in rows)
     header = ["strategy", "trainable", "trainable %", f"{metric} ({spread_label(rows)})", *others,
@@ -99,7 +100,7 @@ def markdown(rows: list[Row], metric: str, title: str, records: list[dict] | Non
     return "\n".join(lines) + "\n"
 
 
-def write_tables(runs_dir: Path, rows: list[Row], metric: str, title: str, records: list[dict]) -> list[Path]:
+def write_tables(runs_dir: Path, rows: list[Row], metric: str, title: str, records: list[CellRecord]) -> list[Path]:
     """results.md (`markdown`), and every row's fields with its estimate ratio as results.csv
     and results.json; returns their paths."""
     (runs_dir / "results.md").write_text(markdown(rows, metric, title, records))

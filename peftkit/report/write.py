@@ -27,16 +27,16 @@ def write_report(runs_dir: Path, metric: str | None = None, title: str | None = 
     if len(versions) > 1 and not allow_mixed:
         raise PeftkitError(f"{runs_dir}/runs.jsonl mixes rows made by {len(versions)} code versions ({', '.join(versions)}): "
                            "re-run the old rows with `peftkit compare`, or pass --allow-mixed to report them anyway")
-    first = next((r for r in records if r.get("status") == "ok"), None)
+    first = next((r.run for r in records if r.run is not None), None)
     if first is None:
         raise PeftkitError(f"{runs_dir} has no successful runs in runs.jsonl: run `peftkit compare --out {runs_dir}` first")
-    task = TASKS[first.get("task_kind", "classification")]
+    task = TASKS[first.task_kind]
     metric = metric or record_headline(first)
     if metric not in task.metrics:
         raise PeftkitError(f"unknown metric '{metric}' for task {task.name}: choose one of {', '.join(task.metrics)}")
     others = tuple(m for m in task.table_metrics if m != metric)
     rows = aggregate(records, metric, others, task.greater_is_better(metric))
-    title = title or f"{first['config']['model']} on {first['config']['task']}: strategies compared"
+    title = title or f"{first.config['model']} on {first.config['task']}: strategies compared"
     written = write_tables(runs_dir, rows, metric, title, records)
     images = write_plots(rows, metric, runs_dir, task.greater_is_better(metric))
     (runs_dir / "results.html").write_text(html_page(title, rows, metric, images, records))

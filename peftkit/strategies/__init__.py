@@ -2,7 +2,7 @@
 importing torch or PEFT (their modules import them when a model is adapted); the generated
 `peft:<method>` strategies register on first use (`load_peft_registry`)."""
 
-from peftkit.strategies.base import STRATEGIES, Strategy, apply_strategy, build_strategy, load_peft_registry, register
-from peftkit.strategies import adapters, freezing, lora, peft_methods  # noqa: F401  (registration side effect)
+from peftkit.strategies.base import STRATEGIES, Strategy, TaskView, register
+from peftkit.strategies.registry import build_strategy, load_peft_registry
 
-__all__ = ["STRATEGIES", "Strategy", "apply_strategy", "build_strategy", "load_peft_registry", "register"]
+__all__ = ["STRATEGIES", "Strategy", "TaskView", "build_strategy", "load_peft_registry", "register"]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 from peftkit.anatomy import Anatomy, encoder_decoder_stacks, inspect_model, is_under
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import Strategy, register, trained_beside
+from peftkit.strategies.base import Strategy, TaskView, register
 from peftkit.strategies.freezing import parse_layer_ranges
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from peftkit.strategies.bottleneck import Adapter
-    from peftkit.tasks.base import Task
 
 # Relative paths inside one layer, per architecture family: (module whose output is the
 # attention sub-layer's h, module whose output is the feed-forward sub-layer's h, module whose
@@ -108,10 +107,10 @@ class BottleneckAdapter(Strategy):
         if self.layers is not None:
             self.layers = parse_layer_ranges(self.layers)
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         """Freeze everything but what the task trains beside (a new head), then add adapters to
         the chosen layers (in place)."""
-        anatomy, beside = inspect_model(model), trained_beside(model, task)
+        anatomy, beside = inspect_model(model), task.trained_beside(model)
         for name, param in model.named_parameters():
             param.requires_grad_(is_under(name, beside))
         width = model.config.get_text_config().hidden_size

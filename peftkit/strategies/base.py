@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import pydantic
 
 from peftkit.anatomy import Anatomy, inspect_model
-from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+class TaskView(Protocol):
+    """What a strategy asks of the task it trains for (every `peftkit.tasks.Task` is one):
+    which modules train beside it (a new classifier head, or nothing for a causal LM's own
+    output layer), PEFT's task type, and whether the task keeps the model's own head and
+    generates text. Strategies own this interface, so they import nothing of the tasks."""
+
+    name: str
+    peft_task_type: str
+    pretrained_head: bool
+    generates_text: bool
+
+    def trained_beside(self, model: nn.Module) -> tuple[str, ...]: ...
 
 # Parameter-name parts that take no weight decay: biases and norms (as transformers' Trainer
 # does), and the scales that mean "unchanged" at 1, PEFT's DoRA magnitudes and IA3 vectors,
@@ -64,18 +76,18 @@ class Strategy:
         "only PEFT adapters (lora, dora, qlora, ia3, peft:<method>) fold into the base weights"
     )
 
-    def check(self, model_config: Any, task: Task | None = None) -> None:
+    def check(self, model_config: Any, task: TaskView | None = None) -> None:
         """Reject an impossible (strategy, architecture) pair from the model's transformers
         config alone (and the task it trains for), before any weights load. Raises
         PeftkitError; the default accepts all."""
 
-    def check_task(self, task: Task) -> None:
+    def check_task(self, task: TaskView) -> None:
         """Refuse a task this strategy cannot train, before any weights load (default: none)."""
 
     def prepare_tokenizer(self, tokenizer: Any, model_config: Any) -> None:
         """Adjust the tokenizer the run trains with and saves (e.g. its padding side)."""
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         """Return the model ready to train (may be a wrapper such as a PeftModel). `task` says
         what trains beside the strategy (default: the task kind the model was built for)."""
         raise NotImplementedError
@@ -112,7 +124,7 @@ class Strategy:
         tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, str(directory / TRAINED_TENSORS))
 
-    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: TaskView) -> nn.Module:
         """Apply the strategy to a freshly loaded base, then put the saved tensors back."""
         from safetensors.torch import load_file
 
@@ -138,15 +150,6 @@ class Strategy:
 TRAINED_TENSORS = "trained_weights.safetensors"
 
 
-def trained_beside(model: nn.Module, task: Task | None) -> tuple[str, ...]:
-    """The modules that train beside any strategy: the task's answer (a new classifier head;
-    nothing for a causal LM, whose output layer is pretrained and often tied to the input
-    embeddings), for the task the model was built for when none is given."""
-    from peftkit.tasks import task_for_model
-
-    return (task or task_for_model(model)).trained_beside(model)
-
-
 def _skips_decay(name: str) -> bool:
     return any(marker in name for marker in NO_DECAY_MARKERS)
 
@@ -157,51 +160,4 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default_factory()  # type: ignore[misc]
 
 
-def load_peft_registry() -> None:
-    """Register every `peft:<method>` strategy (imports PEFT: done only when one is asked for)."""
-    import peftkit.strategies.peft_registry  # noqa: F401  (registration side effect)
-
-
-def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
-    """Validate `options` against the strategy's fields and return the instance."""
-    if name.startswith("peft:") and name not in STRATEGIES:
-        load_peft_registry()
-    cls = STRATEGIES.get(name)
-    if cls is None:
-        own = sorted(n for n in STRATEGIES if not n.startswith("peft:"))
-        raise PeftkitError(
-            f"unknown strategy '{name}'{did_you_mean(name, STRATEGIES)}; choose one of: {', '.join(own)}, "
-            "or peft:<method> for any other PEFT method (`peftkit strategies` lists them)"
-        )
-    options = dict(options or {})
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in options:
-        if key == "pooling" and key not in valid:
-            raise PeftkitError(f"pooling is a run setting, not an option of strategy '{name}', so that every strategy "
-                               "reads the model alike: put `pooling: mean` at the top of the recipe, or --set pooling=mean")
-        if key not in valid:
-            raise PeftkitError(
-                f"strategy '{name}' has no option '{key}'{did_you_mean(key, valid)}; "
-                f"valid options: {', '.join(valid) or 'none'}"
-            )
-    try:
-        return pydantic.TypeAdapter(cls).validate_python(options)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PeftkitError(
-            f"strategy '{name}' option '{where}': {first['msg']} (got {first.get('input')!r})"
-        ) from None
-
-
-def apply_strategy(model: nn.Module, name: str, task: str | None = None, **options: Any) -> nn.Module:
-    """Python API: apply the named strategy with options to a model you loaded with
-    transformers (e.g. `AutoModelForSequenceClassification.from_pretrained(...)` or
-    `AutoModelForCausalLM.from_pretrained(...)`). `task` names the task kind; by default it is
-    the one the model's class was built for."""
-    from peftkit.tasks import resolve_task
-
-    return build_strategy(name, options).apply(model, resolve_task(task)[0] if task else None)
-
-
-__all__ = ["STRATEGIES", "Strategy", "Anatomy", "inspect_model", "register", "build_strategy", "apply_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "TaskView", "Anatomy", "inspect_model", "register"]

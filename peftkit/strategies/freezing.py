@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 from peftkit.anatomy import Anatomy, inspect_model, is_under
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import Strategy, _skips_decay, register, trained_beside
+from peftkit.strategies.base import Strategy, TaskView, _skips_decay, register
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 
 @dataclasses.dataclass
@@ -29,8 +28,8 @@ class Freezing(Strategy):
         """Whether a parameter trains; `beside` are the modules the task trains beside any strategy."""
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
-        anatomy, beside = inspect_model(model), trained_beside(model, task)
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
+        anatomy, beside = inspect_model(model), task.trained_beside(model)
         for name, param in model.named_parameters():
             param.requires_grad_(self.trainable(name, anatomy, beside))
         return model
@@ -87,7 +86,7 @@ class Full(LayerwiseLR):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory / "model")
 
-    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: TaskView) -> nn.Module:
         return type(base).from_pretrained(directory / "model", dtype=base.dtype)
 
 
@@ -123,7 +122,7 @@ class Partial(LayerwiseLR):
             return set(self.layers)
         return set(range(max(anatomy.num_layers - self.trainable_layers, 0), anatomy.num_layers))
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         self._chosen = self.chosen_layers(inspect_model(model))
         return super().apply(model, task)
 
@@ -180,9 +179,9 @@ class BitFit(Freezing):
     def trainable(self, name: str, anatomy: Anatomy, beside: tuple[str, ...]) -> bool:
         return is_under(name, beside) or name.endswith(".bias")
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         """Refuses a model without bias terms (Llama, Mistral, ...), where bitfit would silently be a linear probe."""
-        beside = trained_beside(model, task)
+        beside = task.trained_beside(model)
         if not any(n.endswith(".bias") and not is_under(n, beside) for n, _ in model.named_parameters()):
             raise PeftkitError(f"bitfit: {type(model).__name__} has no bias terms, so only the head would train: "
                                "pick linear-probe for that, or ia3/lora to train something small in the layers")
@@ -200,7 +199,7 @@ class NoTraining(Strategy):
     saves = "nothing"
     merge_refusal = "nothing was trained"
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         for param in model.parameters():
             param.requires_grad_(False)
         return model
@@ -208,5 +207,5 @@ class NoTraining(Strategy):
     def save(self, model: nn.Module, directory: Path) -> None:
         """Nothing to save: the run's record and tokenizer say everything."""
 
-    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: TaskView) -> nn.Module:
         return self.apply(base, task)

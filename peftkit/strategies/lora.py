@@ -11,14 +11,13 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import register
+from peftkit.strategies.base import TaskView, register
 from peftkit.strategies.peft_base import PeftStrategy, layer_targets
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 
 @register("lora")
@@ -73,7 +72,7 @@ class QLoRA(LoRA):
         dtype = compute_dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
         return four_bit_config(self.quant_type, self.double_quant, dtype or torch.float32)
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         # Checkpointing, when asked for, is already on (non-reentrant, so inputs need no

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import Strategy, trained_beside
+from peftkit.strategies.base import Strategy, TaskView
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 
 @dataclasses.dataclass
@@ -45,15 +44,15 @@ class PeftStrategy(Strategy):
         """The method's own PEFT config options for this model."""
         raise NotImplementedError
 
-    def peft_config(self, model: nn.Module, task: Task | None = None) -> Any:
+    def peft_config(self, model: nn.Module, task: TaskView) -> Any:
         """The PEFT config for this model: the task's PEFT task type, and what the task trains
         beside the strategy (a new head) in `modules_to_save`."""
         from peft import TaskType
 
-        return self.config_type(task_type=TaskType[peft_task_type(model, task)],
-                                modules_to_save=list(trained_beside(model, task)) or None, **self.config_options(model))
+        return self.config_type(task_type=TaskType[task.peft_task_type],
+                                modules_to_save=list(task.trained_beside(model)) or None, **self.config_options(model))
 
-    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+    def apply(self, model: nn.Module, task: TaskView) -> nn.Module:
         from peft import get_peft_model
 
         config = self.peft_config(model, task)
@@ -83,7 +82,7 @@ class PeftStrategy(Strategy):
         _portable_model_card(Path(directory) / "README.md", portable_name)
 
 
-    def load(self, base: nn.Module, directory: Path, task: Task | None = None) -> nn.Module:
+    def load(self, base: nn.Module, directory: Path, task: TaskView) -> nn.Module:
         from peft import PeftModel
 
         return self.wrapped(PeftModel.from_pretrained(base, directory))
@@ -104,13 +103,6 @@ def _portable_model_card(path: Path, portable_name: Any) -> None:
     card.data.tags = [f"base_model:adapter:{card.data.base_model}" if tag == f"base_model:adapter:{base}" else tag
                       for tag in card.data.tags or []]
     card.save(str(path))
-
-
-def peft_task_type(model: nn.Module, task: Task | None) -> str:
-    """The PEFT task type (a `peft.TaskType` name) of the task the model is trained for."""
-    from peftkit.tasks import task_for_model
-
-    return (task or task_for_model(model)).peft_task_type
 
 
 def layer_targets(model: nn.Module, target_modules: str | list[str] | None) -> str | list[str] | None:

@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import register
+from peftkit.strategies.base import TaskView, register
 from peftkit.strategies.peft_base import PeftStrategy
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 # Leaf names of the key and value projections (separate, or fused with the query) across families.
 KEY_VALUE_LEAVES = {"k", "v", "key", "value", "k_proj", "v_proj", "key_proj", "value_proj", "k_lin", "v_lin"}
@@ -82,7 +81,7 @@ class PromptLearning(PeftStrategy):
         if self.num_virtual_tokens < 1:
             raise PeftkitError(f"{self.name} needs num_virtual_tokens >= 1, got {self.num_virtual_tokens}")
 
-    def check(self, model_config: Any, task: Task | None = None) -> None:
+    def check(self, model_config: Any, task: TaskView | None = None) -> None:
         if getattr(model_config, "is_encoder_decoder", False) and not (task and task.generates_text):
             raise PeftkitError(
                 f"{self.name} cannot train a {model_config.model_type} classifier: encoder-decoder classifiers find "
@@ -185,7 +184,7 @@ class PrefixTuning(PromptLearning):
     projection: bool = False
     encoder_hidden_size: int | None = None
 
-    def check(self, model_config: Any, task: Task | None = None) -> None:
+    def check(self, model_config: Any, task: TaskView | None = None) -> None:
         super().check(model_config, task)
         _check_takes_key_value_cache(self.name, model_config, ("cache", "past_key_values"))
 

@@ -15,14 +15,13 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from peftkit.anatomy import inspect_model
 from peftkit.errors import PeftkitError
-from peftkit.strategies.base import register, trained_beside
-from peftkit.strategies.peft_base import PeftStrategy, first_line, layer_targets, peft_task_type
+from peftkit.strategies.base import TaskView, register
+from peftkit.strategies.peft_base import PeftStrategy, first_line, layer_targets
 from peftkit.strategies.peft_methods import _check_takes_key_value_cache
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.tasks.base import Task
 
 
 # Config fields peftkit sets itself (task type, head, the model's sizes) or that describe
@@ -66,22 +65,22 @@ class PeftMethod(PeftStrategy):
             raise PeftkitError(f"strategy {self.name} cannot train here: {self.unsupported}")
         self._build(target_modules=None, head=None, task_type="CAUSAL_LM")
 
-    def check(self, model_config: Any, task: Task | None = None) -> None:
+    def check(self, model_config: Any, task: TaskView | None = None) -> None:
         if self.peft_type in PREFIX_LIKE:
             _check_takes_key_value_cache(self.name, model_config)
 
-    def check_task(self, task: Task) -> None:
+    def check_task(self, task: TaskView) -> None:
         if not task.pretrained_head and not _has_modules_to_save(self.config_type):
             raise PeftkitError(f"strategy {self.name} cannot train task '{task.name}': its config has no "
                                "modules_to_save, so the new task head would stay at its random initialization")
         self._build(target_modules=None, head=None, task_type=task.peft_task_type)  # e.g. CPT takes causal LMs only
 
-    def peft_config(self, model: nn.Module, task: Task | None = None) -> Any:
+    def peft_config(self, model: nn.Module, task: TaskView) -> Any:
         targets = getattr(self, "target_modules", None)
         if targets == "auto" and self.peft_type == "LN_TUNING":  # it trains norms, not projections
             targets = _layer_norms(model)
-        return self._build(layer_targets(model, targets), list(trained_beside(model, task)) or None,
-                           peft_task_type(model, task))
+        return self._build(layer_targets(model, targets), list(task.trained_beside(model)) or None,
+                           task.peft_task_type)
 
     def _build(self, target_modules: Any, head: list[str] | None, task_type: str) -> Any:
         options = self.options()

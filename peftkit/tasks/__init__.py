@@ -10,9 +10,9 @@ torch or transformers (a task's heavy imports happen when it runs).
 
 from __future__ import annotations
 
-from peftkit.tasks.base import (DATASETS, TASKS, BuiltinDataset, Task, headline_metric, register_task, resolve_task,
-                                task_for_model)
+from peftkit.tasks.base import (DATASETS, TASKS, BuiltinDataset, Task, headline_metric, load_data, register_task,
+                                resolve_task, task_for_model)
 from peftkit.tasks import classification, qa, seq2seq, sft, token_classification  # noqa: F401  (registration side effect)
 
-__all__ = ["DATASETS", "TASKS", "BuiltinDataset", "Task", "headline_metric", "register_task", "resolve_task",
-           "task_for_model"]
+__all__ = ["DATASETS", "TASKS", "BuiltinDataset", "Task", "headline_metric", "load_data", "register_task",
+           "resolve_task", "task_for_model"]

@@ -13,12 +13,16 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from peftkit.anatomy import unwrap_peft
+from peftkit.data import BuiltinDataset, TaskData, split_off
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.options import TaskOptions
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
+    from peftkit.record import RunRecord
     from peftkit.strategies import Strategy
 
 TASKS: dict[str, Task] = {}
@@ -34,40 +38,6 @@ def register_task(name: str):
         return cls
 
     return wrap
-
-
-@dataclass(frozen=True)
-class BuiltinDataset:
-    """A data set known by name: its task kind, the column options it implies, where the hub
-    keeps it and how the hub's columns map onto ours."""
-
-    kind: str
-    columns: dict[str, Any]                      # RunConfig column options, e.g. {"text_columns": ["sentence"]}
-    hub: tuple[str, ...] | None = None           # datasets.load_dataset arguments; None: local files only
-    hub_columns: dict[str, str] = field(default_factory=dict)  # hub column -> our column
-    label_names: tuple[str, ...] = ()            # classification: the names of integer labels
-    answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
-    hub_test: bool = False                       # the hub's test split is labelled and reported (GLUE's is not)
-    headline: str | None = None                  # the metric its tables lead with, where not the kind's `primary`
-
-
-@dataclass
-class TaskData:
-    """A task's raw splits after column checks, and what the run record keeps about them
-    (`info` is also what reloading a run needs, e.g. the label names). `selection` is the
-    slice held out from the training data to choose the checkpoint on; `test` is scored once
-    at the end, like validation, where the data has one."""
-
-    train: Any
-    validation: Any
-    info: dict[str, Any]
-    test: Any = None
-    selection: Any = None
-
-    def splits(self) -> dict[str, Any]:
-        """The splits there are, by name."""
-        named = {"train": self.train, "selection": self.selection, "validation": self.validation, "test": self.test}
-        return {name: data for name, data in named.items() if data is not None}
 
 
 class Task:
@@ -88,7 +58,7 @@ class Task:
     predicts: ClassVar[bool] = True          # False: `peftkit predict` refuses its runs (they answer through `generate`)
     reads_one_vector: ClassVar[bool] = False  # True: the head reads one vector per example (pooling applies)
     default_max_length: ClassVar[int] = 128
-    column_options: ClassVar[tuple[str, ...]] = ()  # RunConfig fields only this kind reads (its columns, ...)
+    options: ClassVar[type[TaskOptions]] = TaskOptions  # this kind's own option group (peftkit.options.tasks)
     # the keys of a predictions.jsonl line: the input, its reference answers (a list), the model's answer;
     # None: the task saves no per-example answers
     prediction_fields: ClassVar[tuple[str, str, str] | None] = None
@@ -110,7 +80,7 @@ class Task:
                       bytes_per_value: int, device: str, max_new_tokens: int, answer_tokens: int | None = None,
                       eval_answer_tokens: int | None = None, num_beams: int = 1,
                       generation_batch: tuple[int, int] = (1, 1)) -> dict[str, int]:
-        """Memory the task's output layer needs beyond the layers' activations (peftkit.estimate):
+        """Memory the task's output layer needs beyond the layers' activations (peftkit.memory):
         `output_layer` while training, `evaluation_output` while evaluating, and for a
         decoder-only LM `generation_cache` while generating (its keys and values) in batches of
         at most `generation_batch` (rows, prompt tokens); `answer_tokens` bounds the positions of
@@ -118,6 +88,14 @@ class Task:
         beams per example. Default: none (a classifier head keeps one small input, counted with
         the activations)."""
         return {}
+
+    def estimate_options(self, config: RunConfig) -> dict[str, Any]:
+        """This kind's own options that a run's memory estimate reads
+        (`peftkit.memory.estimate.estimate_run`): `max_new_tokens` generated per answer,
+        `num_beams` per example, `max_target_length` (the answer tokens before a run has
+        measured its data; None: every position) and `packing` (training rows filled to
+        max_length). Default: nothing generated, no target length, unpacked rows."""
+        return {"max_new_tokens": 0, "num_beams": 1, "max_target_length": None, "packing": False}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """The most labelled positions of one training example and of one evaluated example
@@ -150,7 +128,6 @@ class Task:
     def hold_out_selection(self, data: TaskData, config: RunConfig) -> None:
         """Move `selection_fraction` of the training examples, drawn with the seed, into the
         selection slice (a task with labels stratifies by them)."""
-        from peftkit.data import split_off
 
         data.train, data.selection = split_off(data.train, config.selection_fraction, config.seed)
 
@@ -174,13 +151,13 @@ class Task:
         """The final metrics of the model as saved on one split, and what it produced (generations)."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+    def predict(self, model: nn.Module, tokenizer: Any, record: RunRecord, examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """What a trained model says about each input (its texts, in `input_fields` order), one
         line each (`peftkit predict`)."""
         raise NotImplementedError
 
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
+    def input_fields(self, record: RunRecord) -> list[str]:
         """The fields one input to `predict` has, in order (a `--file` line's keys)."""
         raise NotImplementedError
 
@@ -294,6 +271,12 @@ def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
     )
 
 
+def load_data(config: RunConfig) -> TaskData:
+    """Load and check the data the config names, as its task reads it."""
+    task, dataset = resolve_task(config.task_name)
+    return task.load_data(config, dataset)
+
+
 def headline_metric(task: Task, dataset: BuiltinDataset | None) -> str:
     """The metric a comparison leads with: the built-in data set's own where it names one
     (open-ended answers are read by ROUGE-L, not exact match), else its task kind's."""
@@ -303,7 +286,6 @@ def headline_metric(task: Task, dataset: BuiltinDataset | None) -> str:
 def task_for_model(model: nn.Module) -> Task:
     """The task kind a loaded model was built for (a PEFT wrapper is looked through); the
     Python API's default when `apply_strategy` is given no task."""
-    from peftkit.anatomy import unwrap_peft
 
     inner = unwrap_peft(model)
     for task in TASKS.values():

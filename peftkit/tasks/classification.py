@@ -16,15 +16,18 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
-from peftkit.data import cap_samples, read_splits, require_columns
+from peftkit.data import cap_samples, read_splits, require_columns, split_off
 from peftkit.errors import PeftkitError
+from peftkit.options import ClassificationOptions
 from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, cut_by_truncation,
                                 register_task, take_truncation_counts)
+from peftkit.anatomy import head_is_one_linear, inspect_model
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
+    from peftkit.record import RunRecord
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -44,12 +47,10 @@ class Classification(Task):
     selects = "accuracy"
     primary = "accuracy"
     table_metrics = ("accuracy", "macro_f1", "mcc")
-    column_options = ("text_columns", "label_column")
+    options = ClassificationOptions
     reads_one_vector = True
 
     def trained_beside(self, model: nn.Module) -> tuple[str, ...]:
-        from peftkit.anatomy import inspect_model
-
         return inspect_model(model).head_modules
 
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
@@ -93,8 +94,6 @@ class Classification(Task):
         """The selection slice keeps each label's share of the training data."""
         from datasets import ClassLabel
 
-        from peftkit.data import split_off
-
         labelled = data.train.cast_column("labels", ClassLabel(names=data.info["label_names"]))
         data.train, data.selection = split_off(labelled, config.selection_fraction, config.seed, stratify="labels")
 
@@ -119,7 +118,6 @@ class Classification(Task):
         trainable layer, it replays that bottom's stored outputs (peftkit.caches.bottom)."""
         import torch
 
-        from peftkit.anatomy import head_is_one_linear, inspect_model
         from peftkit.caches.bottom import INDEX_COLUMN, BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
         from peftkit.caches.features import FeatureDataset, FeatureStore, HeadOnFeatures, cache_key, cached_head_inputs
         from peftkit.trainer import timed_trainer
@@ -176,13 +174,13 @@ class Classification(Task):
             compute_metrics=self.metric_function(prepared.info), preprocess_logits_for_metrics=self.reduce_logits))
         return Evaluation({k: v for k, v in metrics.items() if self.records_metric(k)})
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+    def predict(self, model: nn.Module, tokenizer: Any, record: RunRecord, examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """Each input's predicted label and its probability ("label<TAB>probability"), in
         batches of `eval_batch_size`."""
         import torch
 
-        columns, names = record["data"]["text_columns"], record["data"]["label_names"]
+        columns, names = record.data["text_columns"], record.data["label_names"]
         for example in examples:
             if len(example) != len(columns):
                 raise PeftkitError(f"this run classifies {len(columns)} text(s) per example ({', '.join(columns)}); "
@@ -197,8 +195,8 @@ class Classification(Task):
             lines += [f"{names[int(row.argmax())]}\t{float(row.max()):.4f}" for row in probs]
         return lines
 
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
-        return list(record["data"]["text_columns"])
+    def input_fields(self, record: RunRecord) -> list[str]:
+        return list(record.data["text_columns"])
 
     # What the shared trainer and evaluation take from a kind of classification (a token
     # classifier overrides them): the collator, the metrics, and a reduction of each batch's

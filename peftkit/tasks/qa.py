@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from peftkit.anatomy import inspect_model
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
+from peftkit.options import QAOptions
 from peftkit.tasks.base import DATASETS, BuiltinDataset, Evaluation, Prepared, Task, TaskData, register_task
+from peftkit.text_metrics import squad_scores
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
+    from peftkit.record import RunRecord
 
 DATASETS["squad"] = BuiltinDataset("qa", {"question_column": "question", "context_column": "context",
                                           "answers_column": "answers"}, hub=("rajpurkar/squad",))
@@ -48,7 +52,7 @@ class ExtractiveQA(Task):
     primary = "f1"
     table_metrics = ("f1", "exact_match")
     default_max_length = 384
-    column_options = ("question_column", "context_column", "answers_column", "doc_stride")
+    options = QAOptions
     prediction_fields = ("question", "answers", "prediction")
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
@@ -59,8 +63,6 @@ class ExtractiveQA(Task):
                                "neighbouring windows share doc_stride tokens and each must also move on")
 
     def trained_beside(self, model: nn.Module) -> tuple[str, ...]:
-        from peftkit.anatomy import inspect_model
-
         return inspect_model(model).head_modules
 
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
@@ -131,7 +133,7 @@ class ExtractiveQA(Task):
                        for i, q, p, a in zip(raw["id"], raw["question"], predicted, raw["answers"])]
         return Evaluation({k: v for k, v in metrics.items() if k in self.metrics}, predictions)
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+    def predict(self, model: nn.Module, tokenizer: Any, record: RunRecord, examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """The answer span for each (question, context)."""
         import torch
@@ -153,7 +155,7 @@ class ExtractiveQA(Task):
             ends += list(out.end_logits.float().cpu().numpy())
         return best_answers(starts, ends, features["offset_mapping"], features["example_index"], raw["context"])
 
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
+    def input_fields(self, record: RunRecord) -> list[str]:
         return ["question", "context"]
 
 
@@ -223,7 +225,6 @@ def best_answers(start_logits: list[Any], end_logits: list[Any], offsets: list[l
 def span_metrics(features: Any, raw: Any, keep: list[str] | None = None) -> Any:
     """compute_metrics for Trainer over these windows of these examples: the best answers'
     SQuAD exact match and F1 (the answers are appended to `keep` when given)."""
-    from peftkit.text_metrics import squad_scores
 
     offsets, example_index, contexts = features["offset_mapping"], features["example_index"], raw["context"]
     references = [answers["text"] for answers in raw["answers"]]

@@ -18,14 +18,18 @@ from typing import TYPE_CHECKING, Any
 from peftkit.anatomy import unwrap_peft
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
+from peftkit.memory.sizes import model_sizes
+from peftkit.options import Seq2SeqOptions
 from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Reply, Task, TaskData,
                                 cut_by_truncation, generation_summary, language_model_loss, references_of,
                                 register_task, rows_to_generate, take_truncation_counts)
+from peftkit.tasks.sft import score_generations
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
+    from peftkit.record import RunRecord
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -50,8 +54,7 @@ class SequenceToSequence(Task):
     pretrained_head = True
     generates_text = True
     default_max_length = 512
-    column_options = ("source_column", "target_column", "references_column", "source_prefix", "max_target_length",
-                      "num_beams")
+    options = Seq2SeqOptions
     prediction_fields = ("source", "references", "generated")
 
     def owns(self, model: nn.Module) -> bool:
@@ -72,8 +75,6 @@ class SequenceToSequence(Task):
         and their log-probabilities. Generation keeps, per beam, the encoder's output and every
         decoder layer's cross-attention keys and values over the source and its own over the
         generated tokens."""
-        from peftkit.estimate import model_sizes
-
         h, _, head_dim, kv, _ = model_sizes(config)
         half = bytes_per_value != 4
         train_positions = batch_size * (answer_tokens or seq_len) * config.vocab_size
@@ -85,6 +86,11 @@ class SequenceToSequence(Task):
             * bytes_per_value
         return {"output_layer": train_positions * (12 + (bytes_per_value if half else 0)),
                 "evaluation_output": max(eval_positions * (bytes_per_value + 4 + (4 if half else 0)), generation)}
+
+    def estimate_options(self, config: RunConfig) -> dict[str, Any]:
+        """The tokens and beams it generates, and its targets' length before a run has measured them."""
+        return {**super().estimate_options(config), "max_new_tokens": config.max_new_tokens,
+                "num_beams": config.num_beams or 1, "max_target_length": config.max_target_length}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """The longest target of the training split and of the evaluated ones (selection,
@@ -152,7 +158,6 @@ class SequenceToSequence(Task):
                  split: str = "validation") -> Evaluation:
         """Loss and perplexity over the target tokens, then generation for the sources (the
         first `max_generate_samples`), scored against every reference and kept."""
-        from peftkit.tasks.sft import score_generations
         from peftkit.trainer import evaluate_once, timed_trainer
 
         loss = evaluate_once(lambda scratch: timed_trainer(model, config, scratch, tokenizer, PadPairs(tokenizer, model),
@@ -168,15 +173,15 @@ class SequenceToSequence(Task):
                        for s, r, g in zip(chosen["source"], chosen["references"], replies)]
         return Evaluation(metrics, predictions, generation_summary(replies, config.max_new_tokens, split))
 
-    def predict(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+    def predict(self, model: nn.Module, tokenizer: Any, record: RunRecord, examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """The generated target for each source (the run's `source_prefix` put before it)."""
-        prefix = record["data"].get("source_prefix") or ""
+        prefix = record.data.get("source_prefix") or ""
         return [reply.text for reply in generate(model, tokenizer, [prefix + "\n\n".join(texts) for texts in examples],
                                                  config.max_new_tokens, config.eval_batch_size, config.num_beams,
                                                  config.max_length)]
 
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
+    def input_fields(self, record: RunRecord) -> list[str]:
         return ["source"]
 
     def answer(self, model: nn.Module, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,

@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
-from peftkit.text_metrics import normalize_answer
+from peftkit.memory.generation import kv_cache_bytes
+from peftkit.memory.heads import fused_lm_head_bytes
+from peftkit.options import SftOptions
+from peftkit.text_metrics import bleu_score, normalize_answer, rouge_scores
 from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, Reply, Task, TaskData,
                                 generation_summary, language_model_loss, references_of, register_task,
                                 rows_to_generate, take_truncation_counts)
@@ -33,7 +36,7 @@ from peftkit.tasks.base import (DATASETS, BuiltinDataset, Evaluation, Prepared, 
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
 
 SUMMARY_PROMPT = "Summarize this scientific abstract in one sentence.\n\n{prompt}"
 
@@ -60,8 +63,7 @@ class InstructionTuning(Task):
     pretrained_head = True
     generates_text = True
     default_max_length = 1024
-    column_options = ("messages_column", "prompt_column", "completion_column", "references_column", "prompt_template",
-                      "packing")
+    options = SftOptions
     predicts = False  # its runs answer chat prompts: `peftkit generate`
     prediction_fields = ("prompt", "references", "generated")
 
@@ -72,8 +74,6 @@ class InstructionTuning(Task):
         """TRL's fused LM head scores the answers' positions in tiles, in training and in the
         evaluation loss; generation, a pass of its own, keeps every layer's keys and values for
         the prompts and answers of its largest batch."""
-        from peftkit.estimate import fused_lm_head_bytes, kv_cache_bytes
-
         train_scored = batch_size * min(seq_len, answer_tokens or seq_len)
         eval_scored = eval_batch_size * min(eval_seq_len, eval_answer_tokens or eval_seq_len)
         rows, prompt = generation_batch
@@ -82,6 +82,10 @@ class InstructionTuning(Task):
                 "evaluation_output": fused_lm_head_bytes(config, eval_scored, device, backward=False,
                                                          bytes_per_value=bytes_per_value),
                 "generation_cache": kv_cache_bytes(config, rows, prompt + max_new_tokens, bytes_per_value)}
+
+    def estimate_options(self, config: RunConfig) -> dict[str, Any]:
+        """The answers it generates, and whether its training rows are packed."""
+        return {**super().estimate_options(config), "max_new_tokens": config.max_new_tokens, "packing": config.packing}
 
     def longest_answers(self, prepared: Prepared, config: RunConfig) -> dict[str, int]:
         """Also the answer tokens of the fullest batch: the fused LM head scores only labelled
@@ -491,7 +495,6 @@ def gsm8k_answer(text: str) -> str:
 def score_generations(generated: list[str], references: list[list[str]], answer_format: str = "text") -> dict[str, float]:
     """Exact match (normalized text, or the final number for `gsm8k`), ROUGE-1/2/L and corpus
     BLEU, each against every reference of an example (peftkit.text_metrics)."""
-    from peftkit.text_metrics import bleu_score, rouge_scores
 
     if answer_format == "gsm8k":
         matches = [any(gsm8k_answer(g) == gsm8k_answer(r) != "" for r in refs) for g, refs in zip(generated, references)]

@@ -24,11 +24,13 @@ import numpy as np
 
 from peftkit.data import cap_samples, read_splits, require_columns
 from peftkit.errors import PeftkitError
+from peftkit.options import TokenClassificationOptions
 from peftkit.tasks.base import DATASETS, BuiltinDataset, Prepared, Task, TaskData, register_task, take_truncation_counts
-from peftkit.tasks.classification import Classification
+from peftkit.tasks.classification import MODEL_INPUTS, Classification
 
 if TYPE_CHECKING:
-    from peftkit.config import RunConfig
+    from peftkit.options import RunConfig
+    from peftkit.record import RunRecord
 
 SCHEME = "IOB tags, entities as seqeval's default (conlleval) mode reads them; micro average"
 
@@ -49,7 +51,7 @@ class TokenClassification(Classification):
     primary = "f1"
     table_metrics = ("f1", "precision", "recall")
     default_max_length = 256
-    column_options = ("tokens_column", "tags_column", "tag_names")
+    options = TokenClassificationOptions
     reads_one_vector = False
 
     def load_data(self, config: RunConfig, dataset: BuiltinDataset | None) -> TaskData:
@@ -121,14 +123,14 @@ class TokenClassification(Classification):
     def records_metric(self, name: str) -> bool:
         return name in self.metrics or "/" in name  # and per entity type: PER/f1, PER/precision, ...
 
-    def predict(self, model: Any, tokenizer: Any, record: dict[str, Any], examples: list[list[str]],
+    def predict(self, model: Any, tokenizer: Any, record: RunRecord, examples: list[list[str]],
                 config: RunConfig) -> list[str]:
         """The entities of each sentence (words split on white space), "TYPE: words" joined by
         "; ", or "(no entities)"."""
         import torch
         from seqeval.metrics.sequence_labeling import get_entities
 
-        names = record["data"]["label_names"]
+        names = record.data["label_names"]
         lines = []
         for first in range(0, len(examples), config.eval_batch_size):
             sentences = [example[0].split() for example in examples[first: first + config.eval_batch_size]]
@@ -145,7 +147,7 @@ class TokenClassification(Classification):
                 lines.append("; ".join(entities) or "(no entities)")
         return lines
 
-    def input_fields(self, record: dict[str, Any]) -> list[str]:
+    def input_fields(self, record: RunRecord) -> list[str]:
         return ["text"]
 
 
@@ -189,7 +191,6 @@ class PadWithLabels:
 
     def __call__(self, features: list[dict]) -> dict:
         from peftkit.caches.bottom import INDEX_COLUMN
-        from peftkit.tasks.classification import MODEL_INPUTS
 
         keep = (*MODEL_INPUTS, "labels", INDEX_COLUMN)
         return self.pad([{k: v for k, v in f.items() if k in keep} for f in features])

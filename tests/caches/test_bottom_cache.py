@@ -8,11 +8,12 @@ import torch
 
 import peftkit
 from peftkit.caches.bottom import BottomOutputs, BottomReplay, compute_bottom_outputs, frozen_bottom
-from peftkit.config import make_config
-from peftkit.data import load_data
+from peftkit.resolve import make_config
+from peftkit.tasks import load_data
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.strategies import build_strategy
 from peftkit.tasks.classification import PadToLongest, tokenize
+from peftkit.tasks import TASKS
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def model_with(model_name, strategy, options=None, **config_overrides):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = value
-    return build_strategy(strategy, options or {}).apply(model), tokenizer
+    return build_strategy(strategy, options or {}).apply(model, TASKS["classification"]), tokenizer
 
 
 def test_frozen_bottom_is_below_the_lowest_trainable_layer():

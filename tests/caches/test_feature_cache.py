@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftkit.tasks import TASKS
 from peftkit.caches.features import FeatureStore, cache_key, cached_head_inputs
-from peftkit.config import make_config
-from peftkit.data import load_data
+from peftkit.resolve import make_config
+from peftkit.tasks import load_data
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 from peftkit.pooling import read_with
 from peftkit.tasks.classification import PadToLongest, tokenize
@@ -83,11 +84,11 @@ def test_linear_probe_run_trains_on_cached_features(tmp_path, data_dir):
 
     result = peftkit.train({"model": "tiny-bert", "task": "sst2", "data_dir": data_dir, "strategy": "linear-probe",
                             "max_train_samples": 64, "max_eval_samples": 48, "epochs": 2, "output_dir": tmp_path / "run"})
-    assert result.record["cached_features"] is True and result.record["frozen_features"] == "computed"
-    again = peftkit.train({**result.record["config"], "output_dir": str(tmp_path / "again")})
-    assert again.record["frozen_features"] == "loaded"  # an identical run reads them back, and says so
-    uncached = peftkit.train({**result.record["config"], "cache_features": False, "output_dir": str(tmp_path / "run2")})
-    assert uncached.record["cached_features"] is False
+    assert result.record.cached_features is True and result.record.frozen_features == "computed"
+    again = peftkit.train({**result.record.config, "output_dir": str(tmp_path / "again")})
+    assert again.record.frozen_features == "loaded"  # an identical run reads them back, and says so
+    uncached = peftkit.train({**result.record.config, "cache_features": False, "output_dir": str(tmp_path / "run2")})
+    assert uncached.record.cached_features is False
 
 
 def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir):
@@ -97,7 +98,7 @@ def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir
 
     source, tokenizer, dataset, _ = setup("tiny-bert", data_dir)
     torch.manual_seed(0)
-    model = read_with("mean", load_for_classification(source, ["a", "b"], tokenizer), build_strategy("linear-probe").apply).eval()
+    model = read_with("mean", load_for_classification(source, ["a", "b"], tokenizer), lambda plain: build_strategy("linear-probe").apply(plain, TASKS["classification"])).eval()
     collate = PadToLongest(tokenizer)
     features = cached_head_inputs(FeatureStore(), model, source.path, tokenizer, dataset, collate, 64, batch_size=16, variant="mean")
     torch.manual_seed(0)

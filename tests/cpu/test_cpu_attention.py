@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from peftkit.tasks import TASKS
 from peftkit.cpu.attention import FP32_SDPA, can_use_fp32_cpu_attention, fp32_sdpa_attention, use_fp32_cpu_attention
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
 
@@ -107,7 +108,7 @@ def test_eager_models_keep_their_attention():
     ({"dtype": "bf16", "attn_implementation": "sdpa"}, False),  # sdpa asked for by name: its own precision
 ])
 def test_runs_switch_only_under_half_precision_with_attention_auto(tmp_path, options, switched):
-    from peftkit.config import make_config
+    from peftkit.resolve import make_config
     from peftkit.run import load_base
     from peftkit.tasks import resolve_task
 
@@ -126,7 +127,7 @@ def test_activation_term_adds_what_the_fp32_attention_keeps(model, strategy):
     the switched model, by what the estimate adds for attention auto over sdpa: the fp32 q, k,
     v and output on Llama's fused kernel; nothing on BERT, whose attention dropout takes SDPA's
     math path, which computes in fp32 anyway."""
-    from peftkit.estimate import estimate
+    from peftkit.memory.estimate import estimate
     from peftkit.measure import saved_for_backward
     from peftkit.models import keep_trainable_fp32, load_model_config
     from peftkit.strategies import build_strategy
@@ -138,7 +139,8 @@ def test_activation_term_adds_what_the_fp32_attention_keeps(model, strategy):
         built.prepare_tokenizer(tokenizer, load_model_config(source))
         torch.manual_seed(0)
         net = keep_trainable_fp32(built.apply(load_for_classification(source, ["a", "b"], tokenizer,
-                                                                      dtype=torch.bfloat16))).train()
+                                                                      dtype=torch.bfloat16),
+                                              TASKS["classification"])).train()
         assert not switch or use_fp32_cpu_attention(net)
         ids = torch.randint(10, 200, (4, 24))
         with torch.autocast("cpu", dtype=torch.bfloat16):

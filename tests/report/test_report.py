@@ -8,6 +8,7 @@ import json
 import pytest
 
 from peftkit.compare import append_run
+from peftkit.record import CellRecord
 from peftkit.report.rows import aggregate, pareto
 from peftkit.report.write import write_report
 from test_compare import fake
@@ -17,7 +18,7 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     records = [fake("full", 0, 0.90, 10000), fake("full", 1, 0.88, 10000), fake("lora", 0, 0.86, 100),
                fake("probe", 0, 0.70, 10), fake("bad", 0, 0.60, 1000),
                {"strategy": "prefix-tuning", "seed": 0, "status": "failed", "error": "error: prefix-tuning cannot train X"}]
-    ordered = aggregate(records, "accuracy")
+    ordered = aggregate([CellRecord.model_validate(r) for r in records], "accuracy")
     assert [r.strategy for r in ordered] == ["full", "lora", "probe", "bad"]  # best first
     rows = {r.strategy: r for r in ordered}
     assert rows["lora"].metric_std is None and rows["lora"].metric_text == "0.8600"  # one seed: no made-up spread
@@ -25,11 +26,12 @@ def test_report_aggregates_seeds_and_finds_the_pareto_frontier(tmp_path):
     assert rows["full"].metric_std == pytest.approx(0.0141421, abs=1e-6)
     assert rows["full"].estimate_ratio == pytest.approx(0.5)
     assert [r.strategy for r in pareto(list(rows.values()))] == ["probe", "lora", "full"]
-    by_loss = aggregate([fake("big", 0, 1.2, 1000), fake("small", 0, 1.5, 10), fake("worse", 0, 1.9, 100)],
+    by_loss = aggregate([CellRecord.model_validate(fake(*row)) for row in (("big", 0, 1.2, 1000), ("small", 0, 1.5, 10),
+                                                                           ("worse", 0, 1.9, 100))],
                         "accuracy", greater_is_better=False)  # read the values as a loss: lower is better
     assert [r.strategy for r in pareto(by_loss, greater_is_better=False)] == ["small", "big"]
     for record in records:
-        append_run(tmp_path, record)
+        append_run(tmp_path, CellRecord.model_validate(record))
     paths = write_report(tmp_path)
     assert {p.name for p in paths} >= {"results.md", "results.csv", "results.json", "results.html", "metric_vs_params.png"}
     text = (tmp_path / "results.md").read_text()
@@ -47,7 +49,7 @@ def test_an_open_ended_instruction_table_leads_with_rouge_l(tmp_path):
         record = fake(strategy, 0, 0.0, 100)
         record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
                       metrics=dict(zip(("exact_match", "rouge_l", "perplexity"), scores)))
-        append_run(tmp_path, record)
+        append_run(tmp_path, CellRecord.model_validate(record))
     write_report(tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "| rouge_l (one seed) | exact_match | perplexity |" in text
@@ -64,7 +66,8 @@ def test_a_one_seed_table_says_so_and_its_legend_sits_below_the_points(tmp_path)
     from peftkit.report.plots import _legend_below, write_plots
     from peftkit.report.tables import markdown
 
-    rows = aggregate([fake("full", 0, 0.90, 10000), fake("lora", 0, 0.86, 100)], "accuracy")
+    rows = aggregate([CellRecord.model_validate(fake("full", 0, 0.90, 10000)),
+                      CellRecord.model_validate(fake("lora", 0, 0.86, 100))], "accuracy")
     text = markdown(rows, "accuracy", "t")
     assert "accuracy (one seed)" in text and "±" not in text
     assert (tmp_path / "metric_vs_params.png") in write_plots(rows, "accuracy", tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from peftkit.compare import append_run
+from peftkit.record import CellRecord
 from peftkit.report.write import write_report
 from test_compare import fake
 
@@ -21,7 +22,7 @@ def test_the_report_sets_each_rows_generations_for_the_same_prompts_side_by_side
         record = fake(strategy, seed, 0.0, 100)
         record.update(task_kind="sft", config={"model": "tiny-llama", "task": "dolly"},
                       metrics={"exact_match": 0.0, "rouge_l": rouge, "perplexity": 5.0})
-        append_run(tmp_path, record)
+        append_run(tmp_path, CellRecord.model_validate(record))
     (tmp_path / "runs" / "lora-seed0").mkdir(parents=True)
     (tmp_path / "runs" / "lora-seed0" / "predictions.jsonl").write_text(predictions(
         [("Name a fruit.", "An apple."), ("Only lora saw this.", "x"), ("Why?", "Because\nof <b>it</b>.")]))
@@ -49,7 +50,7 @@ def test_question_answering_rows_are_set_side_by_side_by_their_own_keys(tmp_path
         record = fake(strategy, 0, 0.0, 100)
         record.update(task_kind="qa", config={"model": "tiny-bert", "task": "squad"},
                       metrics={"f1": f1, "exact_match": f1 - 0.1, "loss": 1.0})
-        append_run(tmp_path, record)
+        append_run(tmp_path, CellRecord.model_validate(record))
         (tmp_path / "runs" / f"{strategy}-seed0").mkdir(parents=True)
         (tmp_path / "runs" / f"{strategy}-seed0" / "predictions.jsonl").write_text(json.dumps(
             {"id": "q1", "question": "Who wrote it?", "prediction": f"{strategy}'s span", "answers": ["Ann", "Ann", "A. B."]}))
@@ -59,7 +60,7 @@ def test_question_answering_rows_are_set_side_by_side_by_their_own_keys(tmp_path
     assert text.index("**full**: full's span") < text.index("**lora**: lora's span")
     classification = tmp_path / "classification"
     classification.mkdir()
-    append_run(classification, fake("full", 0, 0.9, 100))
+    append_run(classification, CellRecord.model_validate(fake("full", 0, 0.9, 100)))
     (classification / "runs" / "full-seed0").mkdir(parents=True)
     (classification / "runs" / "full-seed0" / "predictions.jsonl").write_text('{"prompt": "p", "generated": "g"}\n')
     write_report(classification)
