@@ -14,6 +14,7 @@ from transformers import (AutoModelForSequenceClassification, BartConfig, BitsAn
                           GPT2Config, T5Config)
 
 import peftkit
+from peftkit.tasks import task_for_model
 from peftkit.errors import PeftkitError
 from peftkit.inference import evaluate_run
 from peftkit.measure import count_parameters
@@ -37,7 +38,7 @@ def base_model(model_name: str, quantization=None):
 
 
 def adapted(model_name: str, **options):
-    model = build_strategy("adapter", options).apply(base_model(model_name))
+    model = build_strategy("adapter", options).apply(adapted_model := base_model(model_name), task_for_model(adapted_model))
     return model.eval()
 
 
@@ -100,7 +101,7 @@ def test_counts_match_hand_arithmetic():
 
 
 def test_gpt2_conv1d_projections():
-    model = build_strategy("adapter", {"variant": "houlsby"}).apply(tiny_gpt2())
+    model = build_strategy("adapter", {"variant": "houlsby"}).apply(adapted_model := tiny_gpt2(), task_for_model(adapted_model))
     expected = {"score.weight": 2 * H}
     for i in range(L):
         expected |= adapter_params(f"transformer.h.{i}.adapter_attention") | adapter_params(f"transformer.h.{i}.adapter_ffn")
@@ -111,7 +112,7 @@ def test_t5_adapts_both_stacks_after_their_last_sublayer():
     # an encoder-decoder gets adapters in its encoder and its decoder, as AdapterHub places them;
     # T5's feed-forward is the last sub-layer: 1 in the encoder (after self-attention), 2 in the
     # decoder (after self-attention and cross-attention).
-    model = build_strategy("adapter", {"variant": "pfeiffer", "init": "bert"}).apply(tiny_t5())
+    model = build_strategy("adapter", {"variant": "pfeiffer", "init": "bert"}).apply(adapted_model := tiny_t5(), task_for_model(adapted_model))
     expected = {n: p.numel() for n, p in model.named_parameters() if n.startswith("classification_head.")}
     assert len(expected) == 4
     for stack in ("encoder", "decoder"):
@@ -127,11 +128,11 @@ def test_t5_adapts_both_stacks_after_their_last_sublayer():
 
 
 def test_layers_of_an_encoder_decoder_count_in_each_stack():
-    model = build_strategy("adapter", {"variant": "houlsby", "layers": "1"}).apply(tiny_t5())
+    model = build_strategy("adapter", {"variant": "houlsby", "layers": "1"}).apply(adapted_model := tiny_t5(), task_for_model(adapted_model))
     adapted = sorted({n.split(".adapter_")[0] for n in trainable(model) if ".adapter_" in n})
     assert adapted == ["transformer.decoder.block.1", "transformer.encoder.block.1"]
     with pytest.raises(PeftkitError, match=r"adapter layers \[2\] do not exist: the model has layers 0-1"):
-        build_strategy("adapter", {"layers": "2"}).apply(tiny_t5())
+        build_strategy("adapter", {"layers": "2"}).apply(adapted_model := tiny_t5(), task_for_model(adapted_model))
 
 
 @pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
@@ -146,7 +147,9 @@ def test_zero_up_init_leaves_logits_unchanged_and_bert_init_changes_them(model_n
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_t5])
 def test_zero_up_init_leaves_gpt2_and_t5_unchanged(make):
     before = token_logits(make())
-    assert torch.equal(token_logits(build_strategy("adapter", {"variant": "houlsby", "init": "zero-up"}).apply(make())), before)
+    base = make()
+    adapted_model = build_strategy("adapter", {"variant": "houlsby", "init": "zero-up"}).apply(base, task_for_model(base))
+    assert torch.equal(token_logits(adapted_model), before)
 
 
 def bottleneck(adapter, v: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -259,7 +262,7 @@ def test_each_variant_on_distilbert(variant):
     # DistilBERT is post-LN: its feed-forward sub-layer gives LN(x + h), h = ffn(x) after its
     # dropout; its attention output projection has no dropout after it, so houlsby reads out_lin.
     base, model = tiny_distilbert(), build_strategy("adapter", {"variant": variant, "init": "bert", "scaling": 0.5})
-    model = model.apply(tiny_distilbert())
+    model = model.apply(adapted_model := tiny_distilbert(), task_for_model(adapted_model))
     expected = {n: p.numel() for n, p in model.named_parameters() if n.startswith(("pre_classifier.", "classifier."))}
     for i in range(L):
         for name in WHERE[variant]:
@@ -293,7 +296,7 @@ def test_unmapped_architecture_names_what_it_looked_for():
 def test_4bit_base_gets_float32_adapters_that_learn():
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
-    model = build_strategy("adapter", {"init": "bert"}).apply(base_model("tiny-llama", quantization))
+    model = build_strategy("adapter", {"init": "bert"}).apply(adapted_model := base_model("tiny-llama", quantization), task_for_model(adapted_model))
     layer = model.model.layers[0]
     assert type(layer.mlp.down_proj.weight).__name__ == "Params4bit"
     assert {p.dtype for p in layer.adapter_ffn.parameters()} == {torch.float32}
@@ -327,7 +330,7 @@ def test_minilm_pfeiffer_counts_and_zero_up_is_a_no_op():
     torch.manual_seed(0)
     before = logits(load_for_classification(source, ["neg", "pos"], tokenizer).eval(), tokenizer)
     torch.manual_seed(0)
-    model = build_strategy("adapter", {"init": "zero-up"}).apply(load_for_classification(source, ["neg", "pos"], tokenizer))
+    model = build_strategy("adapter", {"init": "zero-up"}).apply(adapted_model := load_for_classification(source, ["neg", "pos"], tokenizer), task_for_model(adapted_model))
     model.eval()
     assert count_parameters(model)[0] == 6 * (384 * 24 + 24 + 24 * 384 + 384) + 770
     assert torch.equal(logits(model, tokenizer), before)

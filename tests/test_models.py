@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from peftkit.tasks import task_for_model
 from peftkit.errors import PeftkitError
 from peftkit.models import resolve_model
 
@@ -130,7 +131,7 @@ def test_lora_under_autocast_takes_its_input_as_it_comes(strategy):
     source = resolve_model("tiny-bert")
     torch.manual_seed(0)
     net = build_strategy(strategy, {"dropout": 0.1}).apply(
-        load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16))
+        adapted_model := load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16), task_for_model(adapted_model))
     net = keep_trainable_fp32(net)
     use_cpu_dropout(net)
     ids = torch.randint(10, 200, (4, 24))
@@ -177,7 +178,7 @@ def test_ready_for_training_casts_trained_tensors_to_fp32_and_skips_the_upcast_o
 
     source = resolve_model("tiny-bert")
     net = ready_for_training(build_strategy("lora").apply(
-        load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16)), half_precision)
+        adapted_model := load_for_classification(source, ["a", "b"], load_tokenizer(source), dtype=torch.bfloat16), task_for_model(adapted_model)), half_precision)
     trained = [p for p in net.parameters() if p.requires_grad]
     adapted = [m for m in net.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert trained and all(p.dtype == torch.float32 for p in trained)

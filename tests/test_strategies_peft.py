@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import peftkit
+from peftkit.tasks import task_for_model
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.measure import count_parameters
@@ -169,7 +170,7 @@ def test_ia3_and_loha_on_t5(tiny_t5):
     # layer.1) and the decoder's (self-attention layer.0, cross-attention layer.1, FFN layer.2).
     # ia3 rescales the feed-forward output it finds last (the decoder's FFN).
     stem = "base_model.model.transformer"
-    ia3 = build_strategy("ia3").apply(tiny_t5())
+    ia3 = build_strategy("ia3").apply(adapted_model := tiny_t5(), task_for_model(adapted_model))
     kv = {f"{stack}.block.{i}.layer.{sub}.{kind}.{p}.ia3_l.default": 64 for i in range(2) for p in "kv"
           for stack, sub, kind in (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))}
     ffn = {f"decoder.block.{i}.layer.2.DenseReluDense.wo.ia3_l.default": 128 for i in range(2)}
@@ -179,7 +180,7 @@ def test_ia3_and_loha_on_t5(tiny_t5):
 
     # loha: 8 attention projections per decoder block and 4 per encoder block (64x64: 16*128 = 2048
     # each), both stacks' FFNs (64x128, 128x64: 16*192 = 3072 each)
-    loha_model = build_strategy("peft:loha").apply(tiny_t5())
+    loha_model = build_strategy("peft:loha").apply(adapted_model := tiny_t5(), task_for_model(adapted_model))
     assert count_parameters(loha_model)[0] == 2 * (4 * 2048 + 2 * 3072) + 2 * (8 * 2048 + 2 * 3072) + 4290
 
 
@@ -223,7 +224,7 @@ def test_prefix_tuning_trains_and_padding_does_not_leak(tmp_path, data_dir, mode
     both = logits(trained, tokenizer, ("a gripping , funny film that never lets go", "dull"))
     alone = logits(trained, tokenizer, ("dull",))
     assert torch.allclose(both[1], alone[0], atol=1e-5)
-    fresh = build_strategy("prefix-tuning").apply(load_run(run)[1].get_base_model())
+    fresh = build_strategy("prefix-tuning").apply(adapted_model := load_run(run)[1].get_base_model(), task_for_model(adapted_model))
     assert not torch.allclose(logits(fresh, tokenizer), logits(trained, tokenizer))  # the trained prefix matters
     assert record.trainable_params > 0
 

@@ -104,6 +104,6 @@ def test_a_partial_run_replays_its_bottom_and_learns_the_same(data_dir, tmp_path
                               "output_dir": str(tmp_path / out)}).record
 
     replayed, computed = run(True, "replayed"), run(False, "computed")
-    assert replayed["cached_bottom_layers"] == 1 and computed["cached_bottom_layers"] == 0
-    assert replayed["metrics"]["loss"] == pytest.approx(computed["metrics"]["loss"], abs=1e-4)
-    assert replayed["metrics"]["accuracy"] == computed["metrics"]["accuracy"]
+    assert replayed.cached_bottom_layers == 1 and computed.cached_bottom_layers == 0
+    assert replayed.metrics["loss"] == pytest.approx(computed.metrics["loss"], abs=1e-4)
+    assert replayed.metrics["accuracy"] == computed.metrics["accuracy"]
