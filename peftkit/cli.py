@@ -22,7 +22,7 @@ import typer
 from peftkit.checkpoints import checkpoint_root, complete_checkpoints
 from peftkit.data import split_files
 from peftkit.errors import PeftkitError
-from peftkit.flags import NO_DEFAULT, check_values, option_fields, with_options
+from peftkit.flags import NO_DEFAULT, SCHEMA_DEFAULT, check_values, option_fields, with_options
 from peftkit.memory.meta import load_config
 from peftkit.preflight import check_against_model, check_device
 from peftkit.record import read_record
@@ -308,7 +308,7 @@ def _applies(build: Callable, name: str, task: Any) -> str:
 
 @app.command()
 @user_errors
-@with_options(["model", "task", "data_dir"], defaults={"model": "minilm", "task": "sst2"})
+@with_options(["model", "task", "data_dir"], defaults={"model": SCHEMA_DEFAULT, "task": SCHEMA_DEFAULT})
 def compare(
     options: dict[str, Any],
     strategies: str = typer.Option(..., help="Comma-separated strategies, e.g. full,lora,bitfit."),

@@ -32,7 +32,7 @@ from peftkit.errors import PeftkitError
 from peftkit.options import RunConfig
 from peftkit.provenance import code_version, config_hash
 from peftkit.recipes import apply_overrides, load_recipe
-from peftkit.record import CellRecord, read_cell, read_record
+from peftkit.record import CellRecord, cell_key, read_cell, read_record
 from peftkit.resolve import make_config
 
 RUNS_FILE = "runs.jsonl"
@@ -52,7 +52,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.strategy}/seed{self.seed}"
+        return cell_key(self.strategy, self.seed)
 
 
 def plan(model: str, task: str, strategies: list[str], seeds: list[int], out: Path, recipe_dir: Path | None,

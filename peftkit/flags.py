@@ -17,10 +17,11 @@ import typer
 from pydantic.fields import FieldInfo
 
 from peftkit.errors import PeftkitError
-from peftkit.options import CommonOptions, StrategySpec, TaskOptions
+from peftkit.options import CommonOptions, StrategySpec
 from peftkit.tasks import TASKS
 
-NO_DEFAULT: Any = object()
+NO_DEFAULT: Any = object()  # a command's own default for a flag: it is required
+SCHEMA_DEFAULT: Any = object()  # a command's own default for a flag: the schema's default, given when left out
 
 
 def schema_groups() -> list[tuple[str, dict[str, FieldInfo]]]:
@@ -34,7 +35,7 @@ def schema_groups() -> list[tuple[str, dict[str, FieldInfo]]]:
             readers.setdefault(name, []).append(task.name)
     seen: set[str] = set()
     for task in tasks:
-        own = {n: f for n, f in task.options.model_fields.items() if n not in seen and task.options is not TaskOptions}
+        own = {n: f for n, f in task.options.model_fields.items() if n not in seen}
         seen |= set(own)
         by_readers: dict[str, dict[str, FieldInfo]] = {}
         for name, field in own.items():
@@ -92,8 +93,11 @@ def help_text(label: str, field: FieldInfo, extra: str = "", default: Any = NO_D
 
 def parameter(name: str, label: str, field: FieldInfo, *, default: Any = None, extra_help: str = "") -> inspect.Parameter:
     """The typer option of one schema field; `default` None means "not given" (the recipe's
-    or the schema's value stands), NO_DEFAULT makes the flag required."""
+    or the schema's value stands), NO_DEFAULT makes the flag required, SCHEMA_DEFAULT gives the
+    schema's default when it is left out."""
     kind, _ = _flag_type(field.annotation)
+    if default is SCHEMA_DEFAULT:
+        default = _default_of(field)
     flags = flag_names(name, field)
     if kind is bool:
         flags = [f"{flags[0]}/--no-{flags[0].removeprefix('--')}"]
@@ -120,7 +124,8 @@ def with_options(names: list[str] | None = None, *, into: str = "options", defau
                  extra_help: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
     """Decorate a command with one flag per run option in `names` (None: every option of every
     group). The command receives the options that were given as a dict in its `into` argument;
-    `defaults` gives a flag a default of its own (NO_DEFAULT: required) instead of "not given"."""
+    `defaults` gives a flag a default of its own (NO_DEFAULT: required; SCHEMA_DEFAULT: the
+    schema's) instead of "not given"."""
     defaults, extra_help = defaults or {}, extra_help or {}
 
     def decorate(command: Callable) -> Callable:

@@ -3,7 +3,6 @@ afterwards, all together, by `peftkit.resolve.make_config`."""
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ def _check_plain_keys(keys: list[str], strategy_name: Any, run_options: set[str]
     cls = STRATEGIES.get(strategy_name) if isinstance(strategy_name, str) else None
     if cls is None:
         return  # peft:<method> and unknown names are checked where the strategy is built
-    options = {f.name for f in dataclasses.fields(cls)}
+    options = set(cls.option_names())
 
     def best(key: str, names: Any) -> tuple[float, str]:
         return max(((difflib.SequenceMatcher(None, key, n).ratio(), n) for n in names), default=(0.0, ""))

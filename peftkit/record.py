@@ -184,6 +184,11 @@ def current_config(recorded: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def cell_key(strategy: str, seed: int) -> str:
+    """How a comparison names one (strategy, seed) cell: its runs.jsonl lines and its plan."""
+    return f"{strategy}/seed{seed}"
+
+
 class CellRecord(_Strict):
     """One line of `peftkit compare`'s runs.jsonl: a (strategy, seed) cell, how it ended, and
     for an ok cell its run's record, whose fields sit on the line beside the cell's (`line`)."""
@@ -204,8 +209,8 @@ class CellRecord(_Strict):
 
     @property
     def key(self) -> str:
-        """The cell's key in a comparison (`peftkit.compare.Cell.key`)."""
-        return f"{self.strategy}/seed{self.seed}"
+        """The cell's key in a comparison (`cell_key`)."""
+        return cell_key(self.strategy, self.seed)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,14 +10,11 @@ task does have and the closest key.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Iterable
 from typing import Any
 
 import pydantic
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.options import CommonOptions, GenerationOptions, RunConfig, StrategySpec, config_class
 from peftkit.record import RunRecord
 from peftkit.sources import declared_pooling
@@ -122,13 +119,11 @@ def unknown_option(key: str, task: Task, strategy: Any) -> str:
     task's runs take (the common options, the task's own, the strategy's)."""
     name = strategy.get("name") if isinstance(strategy, dict) else strategy if isinstance(strategy, str) else "lora"
     cls = STRATEGIES.get(name) if isinstance(name, str) else None
-    strategy_options = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+    strategy_options = cls.option_names() if cls is not None else []
     own = list(task.options.model_fields)
-    groups = ["the common options (`peftkit train --help`)",
-              f"task {task.name}'s ({_listed(own)})" if own else f"task {task.name}'s (none)",
+    groups = ["the common options (`peftkit train --help`)", f"task {task.name}'s ({_listed(own)})",
               f"strategy {name}'s ({_listed(strategy_options)})" if cls is not None else "the strategy's"]
-    close = _closest(key, [*CommonOptions.model_fields, *own, *strategy_options])
-    hint = f" (did you mean '{close}'?)" if close else ""
+    hint = did_you_mean(key, [*CommonOptions.model_fields, *own, *strategy_options])
     return f"unknown option '{key}'{hint}: runs of task {task.name} take {', '.join(groups[:-1])} and {groups[-1]}"
 
 
@@ -136,17 +131,11 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names) or "none"
 
 
-def _closest(key: str, names: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
 def explain(err: pydantic.ValidationError, task: Task | None, prefix: str = "") -> str:
-    """One line for the first problem in a pydantic error, with a suggestion for typos."""
+    """One line for the first problem in a pydantic error, with what the option means (a key
+    of no group never gets here: `make_config` answers it with the groups there are)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
-    if first["type"] == "extra_forbidden" and task is not None:
-        return unknown_option(str(first["loc"][-1]), task, None)
     message = first["msg"].removeprefix("Value error, ")
     field = config_class(task.options).model_fields.get(str(first["loc"][0])) if task and first["loc"] else None
     meaning = f" ({loc}: {_first_sentence(field.description)})" if field is not None and field.description else ""

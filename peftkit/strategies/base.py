@@ -141,6 +141,11 @@ class Strategy:
         return dataclasses.asdict(self)
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """The names of the strategy's options (its dataclass fields), in order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def main_options(cls) -> str:
         """A short `name=default` summary of the options, for the strategies table."""
         parts = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls)]

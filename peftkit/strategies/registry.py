@@ -4,13 +4,11 @@ name and options (validated against its dataclass fields), registering the gener
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pydantic
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.strategies import adapters, freezing, lora, peft_methods  # noqa: F401  (registration side effect)
 from peftkit.strategies.base import STRATEGIES, Strategy
 
 
@@ -31,7 +29,7 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
             "or peft:<method> for any other PEFT method (`peftkit strategies` lists them)"
         )
     options = dict(options or {})
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = cls.option_names()
     for key in options:
         if key == "pooling" and key not in valid:
             raise PeftkitError(f"pooling is a run setting, not an option of strategy '{name}', so that every strategy "
