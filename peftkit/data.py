@@ -32,6 +32,7 @@ class BuiltinDataset:
     answer_format: str = "text"                  # sft: how a reference answer is read ("text", "gsm8k")
     hub_test: bool = False                       # the hub's test split is labelled and reported (GLUE's is not)
     headline: str | None = None                  # the metric its tables lead with, where not the kind's `primary`
+    directory: str | None = None                 # its folder under --data-dir, where not its name (sst2-pref: sst2-chat)
 
 
 @dataclass
@@ -68,12 +69,13 @@ def split_files(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, 
         raise PeftkitError(f"task '{config.task}' is a task kind, not a data set: give your own data with "
                            "--train-file/--validation-file, or name a built-in data set")
     elif config.data_dir is not None:
-        directory = Path(config.data_dir) / str(config.task)
+        folder = dataset.directory or str(config.task).rsplit(":", 1)[-1]  # KIND:DATA-SET names the set last
+        directory = Path(config.data_dir) / folder
         files = {split: directory / f"{split}.jsonl" for split in SPLITS}
         for split, path in files.items():
             if not path.is_file():
                 raise PeftkitError(
-                    f"no {split} file at {path}: --data-dir must hold {config.task}/train.jsonl and {config.task}/validation.jsonl"
+                    f"no {split} file at {path}: --data-dir must hold {folder}/train.jsonl and {folder}/validation.jsonl"
                 )
         files |= {split: directory / f"{split}.jsonl" for split in OPTIONAL_SPLITS if (directory / f"{split}.jsonl").is_file()}
     else:

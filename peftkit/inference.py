@@ -21,7 +21,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None) -> dict[str, Any]:
     config = config_from_record(read_record(run_dir), data_dir=data_dir)
     task, dataset = resolve_task(config.task_name)
     data = task.load_data(config, dataset)
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
     from peftkit.trainer import autocast_for
 
     config, model, tokenizer, record = load_run(run_dir, data_dir=data_dir)
@@ -53,7 +53,7 @@ def predict_inputs(run_dir: Path, texts: list[str] | None, path: Path | None) ->
 
 def predict(run_dir: Path, examples: list[list[str]]) -> list[str]:
     """The run's answer for each input (its texts), one line each (a label and its probability, ...)."""
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
     from peftkit.trainer import autocast_for
 
     config, model, tokenizer, record = load_run(run_dir)
@@ -88,7 +88,7 @@ def generate_answers(run_dir: Path, conversations: list[list[dict[str, str]]],
     """Greedy answers of an instruction-tuned run, one `Reply` per conversation (each ends
     with a user turn), and the `max_new_tokens` they were generated under."""
     check_generates(run_dir)  # before any weights load
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
     from peftkit.trainer import autocast_for
 
     config, model, tokenizer, record = load_run(run_dir)

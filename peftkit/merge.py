@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.loading import merged_model
 from peftkit.outputs import check_replaceable, check_writable, write_directory
 from peftkit.record import RunRecord, read_record
 from peftkit.resolve import make_config
-from peftkit.strategies.peft_base import first_line
 
 MERGE_NOTE = "merge.json"
 DTYPES = ("fp32", "bf16", "fp16")
@@ -52,18 +52,13 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: s
     """Merge the run's adapter into its base, in `dtype` (default: the dtype the run's
     weights had), and write the checkpoint to `output_dir` (staged, then renamed into place).
     Returns the note saved there as merge.json."""
-    from peftkit.run import load_run, package_versions
+    from peftkit.run import package_versions
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     record = check_merge(run_dir, output_dir, overwrite, dtype)
-    config, model, tokenizer, _ = load_run(run_dir, quantized=False,
-                                           **({"dtype": dtype, "precision": dtype} if dtype else {}))
+    config, merged, tokenizer = merged_model(run_dir, **({"dtype": dtype, "precision": dtype} if dtype else {}))
     strategy = config.build_strategy()
     quantized = strategy.quantization_config(None) is not None or config.quantization != "none"
-    try:
-        merged = model.merge_and_unload()
-    except (NotImplementedError, ValueError) as err:  # PEFT: a method or layer without a merge
-        raise PeftkitError(f"strategy {strategy.name} cannot be merged: {first_line(err)}") from None
     saved_dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
 
     note = {

@@ -24,22 +24,21 @@ from peftkit.checkpoints import (checkpoint_root, load_progress, load_selection,
                                  resume_point)
 from peftkit.options import RunConfig
 from peftkit.cpu.allocator import set_mmap_threshold
-from peftkit.cpu.attention import use_fp32_cpu_attention
 from peftkit.cpu.dropout import use_cpu_dropout
 from peftkit.errors import PeftkitError
+from peftkit.loading import base_quantization, load_base, starting_source
 from peftkit.measure import PeakMemory, count_parameters, size_on_disk, trainable_line
 from peftkit.memory.meta import meta_model
-from peftkit.models import (four_bit_config, keep_4bit_training_layout, keep_trainable_fp32, load_model_config,
-                             load_tokenizer, ready_for_training, resolve_model)
+from peftkit.models import load_model_config, load_tokenizer, ready_for_training, resolve_model
 from peftkit.pooling import read_with
 from peftkit.preflight import check_against_model, check_device
 from peftkit.outputs import check_writable, write_directory
 from peftkit.provenance import code_version, config_hash
 from peftkit.record import RUN_RECORD, RunRecord, read_record
-from peftkit.resolve import config_from_record, make_config
+from peftkit.resolve import make_config
 from peftkit.tasks import resolve_task
 from peftkit.tasks.base import PREDICTIONS
-from peftkit.trainer import KeepBestTrainable, autocast_for, torch_dtype
+from peftkit.trainer import KeepBestTrainable, autocast_for
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "seqeval",
             "sacrebleu", "rouge-score")
@@ -69,7 +68,7 @@ def train(config: RunConfig | dict[str, Any]) -> RunResult:
     resume_from = resume_point(config, output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(config, device)
-    source = resolve_model(config.model)
+    source = starting_source(config, resolve_model(config.model))
     model_config = load_model_config(source)
     check_against_model(config, model_config)
     strategy.check(model_config, task)
@@ -291,35 +290,6 @@ def _write_outputs(output_dir: Path, record: RunRecord, model: nn.Module, strate
     write_directory(output_dir, write, RUN_RECORD)
 
 
-def weight_options(config: RunConfig) -> dict[str, Any]:
-    """How the base's weights load: its `dtype`, and the attention kernel (None: transformers' choice)."""
-    attention = None if config.attn_implementation == "auto" else config.attn_implementation
-    return {"dtype": torch_dtype(config.weights_dtype()), "attn_implementation": attention}
-
-
-def load_base(config: RunConfig, task: Any, source: Any, info: dict[str, Any], tokenizer: Any,
-              quantization: Any) -> nn.Module:
-    """The task's base model as `weight_options` load it; with `attn_implementation` auto on a
-    CPU computing in bf16/fp16, its SDPA attention computes in fp32 (`peftkit.cpu.attention`:
-    several times faster there than bf16's)."""
-    model = task.load_model(source, info, tokenizer, quantization, **weight_options(config))
-    if config.attn_implementation == "auto" and not torch.cuda.is_available() and config.compute_precision() != "fp32":
-        use_fp32_cpu_attention(model)
-    return model
-
-
-def base_quantization(config: RunConfig, strategy: Any) -> Any | None:
-    """How the frozen base loads: as the strategy demands (qlora), else as the run's
-    `quantization` option says (4-bit NF4/FP4 with double quantization), else unquantized.
-    4-bit layers compute in the weights' dtype when it is half precision, else in the run's."""
-    weights = config.weights_dtype()
-    dtype = torch_dtype(weights if weights != "fp32" else config.compute_precision())
-    own = strategy.quantization_config(dtype)
-    if own is not None or config.quantization == "none":
-        return own
-    return four_bit_config(config.quantization, True, dtype)
-
-
 def package_versions() -> dict[str, str]:
     """Python and the versions of the packages that decide a run's numbers."""
     versions = {"python": platform.python_version()}
@@ -346,22 +316,3 @@ def _cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
-
-
-def load_run(run_dir: Path, *, quantized: bool = True, **overrides: Any) -> tuple[RunConfig, nn.Module, Any, RunRecord]:
-    """Reload a finished run: (config, model in eval mode, tokenizer, record). `quantized=False`
-    puts a QLoRA run's adapter on the unquantized base (what `peftkit merge` folds it into)."""
-    record = read_record(run_dir)
-    config = config_from_record(record, **overrides)
-    strategy = config.build_strategy()
-    task = config.task_kind
-    source = resolve_model(config.model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    quantization = base_quantization(config, strategy) if quantized else None
-    base = load_base(config, task, source, record.data, tokenizer, quantization)
-    model = read_with(config.pooling, base, lambda plain: strategy.load(plain, Path(run_dir), task))
-    model = keep_4bit_training_layout(keep_trainable_fp32(model))
-    model.eval()
-    return config, model, tokenizer, record

@@ -280,13 +280,13 @@ def _fusable(groups: list[dict]) -> bool | None:
 
 def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: bool | None = None,
                        args_class: type | None = None, label_names: tuple[str, ...] = ("labels",), **extra: Any) -> Any:
-    """TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` fields) from
-    a RunConfig; checkpoints go to `scratch_dir` (the run saves its own outputs). `label_names`: the batch's
+    """TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` fields, which
+    also override these defaults) from a RunConfig; checkpoints go to `scratch_dir` (the run saves its own outputs). `label_names`: the batch's
     targets (extractive QA has two: the answer's start and end positions)."""
     from transformers import TrainingArguments
 
     group_by_length = config.group_by_length if group_by_length is None else group_by_length
-    return (args_class or TrainingArguments)(
+    defaults = dict(
         output_dir=scratch_dir,
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
@@ -315,5 +315,5 @@ def training_arguments(config: RunConfig, scratch_dir: str, group_by_length: boo
         use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on CPU unless told the run is on CPU
         torch_compile=config.torch_compile,
         **precision_flags(config.compute_precision()),
-        **extra,
     )
+    return (args_class or TrainingArguments)(**{**defaults, **extra})

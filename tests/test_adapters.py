@@ -19,7 +19,7 @@ from peftkit.errors import PeftkitError
 from peftkit.inference import evaluate_run
 from peftkit.measure import count_parameters
 from peftkit.models import load_for_classification, load_tokenizer, resolve_model
-from peftkit.run import load_run
+from peftkit.loading import load_run
 from peftkit.strategies import build_strategy
 from peftkit.tasks import TASKS
 

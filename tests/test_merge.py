@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 import peftkit
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_run
-from peftkit.run import load_run
+from peftkit.loading import load_run
 from test_cli import assert_clean_failure, invoke
 
 TEXTS = ["a gripping , funny film", "dull and far too long", "the cast is good but the script is a mess",

@@ -136,7 +136,7 @@ def test_strategies_train_reload_and_answer(tmp_path, data_dir, strategy):
 def test_prompt_tuning_reads_the_answer_at_the_real_tokens(tmp_path, data_dir):
     """PEFT puts the virtual tokens first; the answer positions must move with them, or the
     loss trains the model on the token `num_virtual_tokens` before the answer."""
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
 
     result = train({"model": "tiny-bert", "task": "squad", "strategy": {"name": "prompt-tuning", "num_virtual_tokens": 4},
                     "data_dir": str(data_dir), "max_length": 128, "max_train_samples": 8, "max_eval_samples": 4,

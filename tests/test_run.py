@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit.inference import evaluate_run, predict
-from peftkit.run import load_run
+from peftkit.loading import load_run
 
 BASE = {"model": "tiny-bert", "task": "sst2", "max_train_samples": 64, "max_eval_samples": 48,
         "epochs": 1, "batch_size": 16}
@@ -150,7 +150,7 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_fp32(tmp_path, data_dir, stra
     import peftkit.models
     from peftkit.models import load_for_classification, load_tokenizer, resolve_model
     from peftkit.models import keep_trainable_fp32
-    from peftkit.run import weight_options
+    from peftkit.loading import weight_options
     from peftkit.resolve import make_config
     from peftkit.strategies import build_strategy
 

@@ -73,7 +73,7 @@ def test_adapters_and_prompts_apply_to_an_encoder_decoder(jsonl, tmp_path, strat
 
 
 def test_lora_reaches_both_stacks_of_an_encoder_decoder(jsonl, tmp_path):
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
 
     result = seq2seq_run(jsonl, tmp_path, strategy="lora", epochs=1)
     _, model, _, _ = load_run(result.output_dir)

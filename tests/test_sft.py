@@ -13,7 +13,7 @@ import peftkit
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_run
 from peftkit.models import load_tokenizer, resolve_model
-from peftkit.run import load_run
+from peftkit.loading import load_run
 from peftkit.tasks.sft import generate, gsm8k_answer, score_generations, set_chat_template, tokenize_conversation
 from test_cli import assert_clean_failure, invoke
 

@@ -14,7 +14,7 @@ from peftkit.tasks import task_for_model
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.measure import count_parameters
-from peftkit.run import load_run
+from peftkit.loading import load_run
 from peftkit.strategies import STRATEGIES, build_strategy, load_peft_registry
 from test_strategies import ARCH, L, load, trainable
 

@@ -183,7 +183,7 @@ def test_cached_token_features_are_the_heads_inputs_at_first_sub_tokens(data_dir
 
 
 def test_prompt_tuning_returns_logits_for_the_real_tokens_only(tmp_path, data_dir):
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
 
     result = train({"model": "tiny-bert", "task": "conll2003", "strategy": "prompt-tuning", "data_dir": str(data_dir),
                     "max_train_samples": 16, "max_eval_samples": 8, "epochs": 1, "output_dir": str(tmp_path / "pt")})

@@ -101,7 +101,7 @@ def measure(checkpoint: Path, strategy_name: str, settings: dict) -> dict:
     from peftkit.memory.estimate import estimate_run
     from peftkit.measure import PeakMemory
     from peftkit.models import load_causal_lm, load_tokenizer, ready_for_training, resolve_model
-    from peftkit.run import base_quantization, weight_options
+    from peftkit.loading import base_quantization, weight_options
     from peftkit.tasks.sft import _sft_trainer
     from peftkit.trainer import build_optimizer
 

@@ -108,6 +108,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     encoder-decoder `seq_len` is the source's length and the answer tokens the target's."""
     eval_batch_size, eval_seq_len = eval_batch_size or batch_size, eval_seq_len or seq_len
     generation_batch = generation_batch or (eval_batch_size, eval_seq_len)
+    task = resolve_task(task)[0] if isinstance(task, str) else task
+    batch_size, eval_batch_size = batch_size * task.rows_per_example, eval_batch_size * task.rows_per_example
     if dtype == "auto":
         dtype = "fp32" if native_precision(device) == "fp32" else "bf16"
     precision = precision or dtype
@@ -117,7 +119,6 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
     if optimizer not in OPTIMIZERS:
         raise PeftkitError(f"unknown optimizer '{optimizer}': choose one of {', '.join(OPTIMIZERS)}")
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
-    task = resolve_task(task)[0] if isinstance(task, str) else task
     task.check_strategy(strategy)
     if quantization not in ("none", "nf4", "fp4"):
         raise PeftkitError(f"unknown quantization '{quantization}': choose none, nf4 or fp4")
@@ -145,6 +146,8 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
                        gradient_checkpointing, device, answer_tokens, eval_answer_tokens, attention_bytes),
         **task.output_memory(config, batch_size, seq_len, eval_batch_size, eval_seq_len, values_bytes, device,
                              max_new_tokens, answer_tokens, eval_answer_tokens, num_beams, generation_batch),
+        # a frozen copy for methods that hold the policy to a reference an adapter cannot stand in for
+        "reference_model": weight_bytes(meta, False, DTYPE_BYTES[dtype], False) if task.keeps_reference(strategy) else 0,
         "runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0,
         "cached_features": 4 * feature_rows * model_sizes(config)[0] if strategy.frozen_below_head and head_is_one_linear(meta) else 0,
     }
@@ -155,11 +158,12 @@ def estimate(model: str, strategy: Strategy | str, batch_size: int = 4, seq_len:
         terms["generation_forward"] = evaluation.evaluation_bytes(meta, config, strategy, rows * num_beams, prompt,
                                                                   values_bytes)
     total = sum(p.numel() for p in meta.parameters())  # logical values, 4-bit ones included
-    settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size, "seq_len": seq_len,
-                "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
+    per_example = task.rows_per_example  # the settings say the batch in examples, as given
+    settings = {"model": model, "task": task.name, "strategy": strategy.name, "batch_size": batch_size // per_example,
+                "seq_len": seq_len, "dtype": dtype, "precision": precision, "attn_implementation": attn_implementation,
                 "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "device": device,
                 "quantization": getattr(strategy, "quant_type", "nf4") if quantized and quantization == "none" else quantization,
-                "eval_batch_size": eval_batch_size, "eval_seq_len": eval_seq_len, "answer_tokens": answer_tokens,
+                "eval_batch_size": eval_batch_size // per_example, "eval_seq_len": eval_seq_len, "answer_tokens": answer_tokens,
                 "num_beams": num_beams, "accumulates_gradients": accumulates_gradients}
     return Estimate(terms, trainable, total, settings)
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from peftkit.options.common import CommonOptions, StrategySpec
 from peftkit.options.run import RunConfig, config_class
-from peftkit.options.tasks import (ClassificationOptions, GenerationOptions, QAOptions, ReferencesOptions,
-                                   Seq2SeqOptions, SftOptions, TaskOptions, TokenClassificationOptions)
+from peftkit.options.tasks import (ChatTemplateOptions, ClassificationOptions, ConversationOptions, DpoOptions,
+                                   GenerationOptions, GrpoOptions, InitFromOptions, KtoOptions, OrpoOptions,
+                                   PairedOptions, PreferenceOptions, QAOptions, ReferencesOptions, RewardOptions,
+                                   Seq2SeqOptions, SftOptions, SimpoOptions, TaskOptions, TokenClassificationOptions)
 
-__all__ = ["ClassificationOptions", "CommonOptions", "GenerationOptions", "QAOptions", "ReferencesOptions",
-           "RunConfig", "Seq2SeqOptions", "SftOptions", "StrategySpec", "TaskOptions", "TokenClassificationOptions",
-           "config_class"]
+__all__ = ["ChatTemplateOptions", "ClassificationOptions", "CommonOptions", "ConversationOptions", "DpoOptions",
+           "GenerationOptions", "GrpoOptions", "InitFromOptions", "KtoOptions", "OrpoOptions", "PairedOptions",
+           "PreferenceOptions", "QAOptions", "ReferencesOptions", "RewardOptions", "RunConfig", "Seq2SeqOptions",
+           "SftOptions", "SimpoOptions", "StrategySpec", "TaskOptions", "TokenClassificationOptions", "config_class"]

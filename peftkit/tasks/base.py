@@ -58,6 +58,9 @@ class Task:
     predicts: ClassVar[bool] = True          # False: `peftkit predict` refuses its runs (they answer through `generate`)
     reads_one_vector: ClassVar[bool] = False  # True: the head reads one vector per example (pooling applies)
     default_max_length: ClassVar[int] = 128
+    rows_per_example: ClassVar[int] = 1      # sequences one example puts in a batch (a preference pair: 2)
+    reads: ClassVar[str] = ""                # the form of data it reads (default: its name): kinds that read the same
+                                             # form take each other's data sets as KIND:DATA-SET (dpo, kto: "pairs")
     options: ClassVar[type[TaskOptions]] = TaskOptions  # this kind's own option group (peftkit.options.tasks)
     # the keys of a predictions.jsonl line: the input, its reference answers (a list), the model's answer;
     # None: the task saves no per-example answers
@@ -72,6 +75,11 @@ class Task:
             raise PeftkitError(f"strategy '{strategy.name}' trains nothing, and task '{self.name}' adds a new, "
                                "untrained head: there is no untuned model to evaluate; pick a strategy that trains")
         strategy.check_task(self)
+
+    def keeps_reference(self, strategy: Strategy) -> bool:
+        """Whether training holds a frozen copy of the model beside it (a reference model the
+        strategy's adapter cannot stand in for; the estimate counts it). Default: no."""
+        return False
 
     def check_config(self, config: RunConfig, strategy: Strategy) -> None:
         """Refuse options that mean nothing together for this task (default: accept all)."""
@@ -174,6 +182,7 @@ class Prepared:
     splits: dict[str, Any]
     raw: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # TaskData.info
+    scratch: dict[str, Any] = field(default_factory=dict)  # what a task computes once for its evaluation, unrecorded
 
     @property
     def train(self) -> Any:
@@ -259,7 +268,19 @@ def generation_summary(replies: list[Reply], max_new_tokens: int, split: str) ->
 
 
 def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
-    """`--task` as a kind (`classification`, `sft`, ...) or a built-in data set (`sst2`, ...)."""
+    """`--task` as a kind (`classification`, `sft`, ...), a built-in data set (`sst2`, ...), or
+    a kind and a data set of another kind that reads the same form of data
+    (`kto:hh-rlhf-harmless`, `grpo:sst2-chat`)."""
+    if ":" in name:
+        kind, _, data_set = name.partition(":")
+        task, dataset = resolve_task(kind)[0], resolve_task(data_set)[1]
+        if dataset is None:
+            raise PeftkitError(f"task '{name}': '{data_set}' is not a built-in data set (KIND:DATA-SET names one)")
+        if _form(task) != _form(TASKS[dataset.kind]):
+            kinds = [other for other, t in TASKS.items() if _form(t) == _form(TASKS[dataset.kind])]
+            raise PeftkitError(f"task '{name}': {kind} cannot read data set {data_set}, made for {dataset.kind}; "
+                               f"kinds that can: {', '.join(kinds)}")
+        return task, dataset
     if name in DATASETS:
         dataset = DATASETS[name]
         return TASKS[dataset.kind], dataset
@@ -271,6 +292,10 @@ def resolve_task(name: str) -> tuple[Task, BuiltinDataset | None]:
     )
 
 
+def _form(task: Task) -> str:
+    return task.reads or task.name
+
+
 def load_data(config: RunConfig) -> TaskData:
     """Load and check the data the config names, as its task reads it."""
     task, dataset = resolve_task(config.task_name)
@@ -280,7 +305,8 @@ def load_data(config: RunConfig) -> TaskData:
 def headline_metric(task: Task, dataset: BuiltinDataset | None) -> str:
     """The metric a comparison leads with: the built-in data set's own where it names one
     (open-ended answers are read by ROUGE-L, not exact match), else its task kind's."""
-    return dataset.headline if dataset is not None and dataset.headline else task.primary
+    own = dataset is not None and dataset.headline in task.metrics
+    return dataset.headline if own else task.primary
 
 
 def task_for_model(model: nn.Module) -> Task:

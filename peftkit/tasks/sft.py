@@ -65,6 +65,7 @@ class InstructionTuning(Task):
     default_max_length = 1024
     options = SftOptions
     predicts = False  # its runs answer chat prompts: `peftkit generate`
+    reads = "conversations"  # grpo takes its data sets (grpo:sst2-chat)
     prediction_fields = ("prompt", "references", "generated")
 
     def output_memory(self, config: Any, batch_size: int, seq_len: int, eval_batch_size: int, eval_seq_len: int,

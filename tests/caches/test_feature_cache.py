@@ -93,7 +93,7 @@ def test_linear_probe_run_trains_on_cached_features(tmp_path, data_dir):
 
 def test_mean_pooling_features_reproduce_the_model_and_reload(tmp_path, data_dir):
     import peftkit
-    from peftkit.run import load_run
+    from peftkit.loading import load_run
     from peftkit.strategies import build_strategy
 
     source, tokenizer, dataset, _ = setup("tiny-bert", data_dir)

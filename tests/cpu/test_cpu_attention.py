@@ -109,7 +109,7 @@ def test_eager_models_keep_their_attention():
 ])
 def test_runs_switch_only_under_half_precision_with_attention_auto(tmp_path, options, switched):
     from peftkit.resolve import make_config
-    from peftkit.run import load_base
+    from peftkit.loading import load_base
     from peftkit.tasks import resolve_task
 
     config = make_config({"model": "tiny-bert", "task": "sst2", "strategy": "lora", "output_dir": str(tmp_path),
