@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from peftkit.tasks.base import (DATASETS, TASKS, BuiltinDataset, Task, headline_metric, load_data, register_task,
                                 resolve_task, task_for_model)
-from peftkit.tasks import classification, grpo, preference, qa, seq2seq, sft, token_classification  # noqa: F401  (registration side effect)
+from peftkit.tasks import classification, grpo, preference, qa, reward, seq2seq, sft, token_classification  # noqa: F401  (registration side effect)
 
 __all__ = ["DATASETS", "TASKS", "BuiltinDataset", "Task", "headline_metric", "load_data", "register_task",
            "resolve_task", "task_for_model"]
