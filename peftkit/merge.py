@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.loading import merged_model
 from peftkit.outputs import check_replaceable, check_writable, write_directory
 from peftkit.record import RunRecord, read_record
 from peftkit.resolve import make_config
@@ -52,6 +51,7 @@ def merge_run(run_dir: Path, output_dir: Path, overwrite: bool = False, dtype: s
     """Merge the run's adapter into its base, in `dtype` (default: the dtype the run's
     weights had), and write the checkpoint to `output_dir` (staged, then renamed into place).
     Returns the note saved there as merge.json."""
+    from peftkit.loading import merged_model  # torch, transformers: not for check_merge's fast refusals
     from peftkit.run import package_versions
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)

@@ -31,6 +31,9 @@ EXPECTED = {
     ("minilm", "sft"): "refuses", ("minilm", "seq2seq"): "refuses",
     ("smollm2-135m", "classification"): "loads", ("smollm2-135m", "token-classification"): "loads",
     ("smollm2-135m", "qa"): "loads", ("smollm2-135m", "sft"): "loads", ("smollm2-135m", "seq2seq"): "refuses",
+    ("minilm", "reward"): "loads", ("smollm2-135m", "reward"): "loads",
+    **{(model, kind): "refuses" if model == "minilm" else "loads" for model in ("minilm", "smollm2-135m")
+       for kind in ("dpo", "kto", "orpo", "simpo", "grpo")},  # causal-LM kinds: an encoder has no LM head
 }
 
 
