@@ -115,7 +115,7 @@ def test_sft_then_dpo_the_sft_model_is_the_reference(tmp_path, data_dir):
         ours = reply_logps(dpo_model, pairs, 8, reference=True)
     assert ours["chosen"] == pytest.approx(theirs["chosen"], abs=1e-4)
     assert ours["rejected"] == pytest.approx(theirs["rejected"], abs=1e-4)
-    base = reply_logps(load_run(sft)[1].get_base_model(), pairs, 8)
+    base = reply_logps(sft_model, pairs, 8, reference=True)  # the SFT adapter disabled: the untuned base
     assert base["chosen"] != pytest.approx(theirs["chosen"], abs=1e-4)  # the SFT adapter did change the model
 
 
