@@ -59,6 +59,11 @@ SPLITS = ("train", "validation")
 OPTIONAL_SPLITS = ("test",)  # read when present; scored once at the end
 
 
+def data_set_name(task: str) -> str:
+    """The built-in data set a `--task` names: itself, or the part after KIND: (`kto:hh-rlhf-harmless`)."""
+    return task.partition(":")[2] or task
+
+
 def split_files(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, Path] | None:
     """The file each split is read from, each checked to exist and be of a format peftkit
     reads (no library loads: `train` answers a wrong path at once); None: the hub's copy."""
@@ -69,7 +74,7 @@ def split_files(config: RunConfig, dataset: BuiltinDataset | None) -> dict[str, 
         raise PeftkitError(f"task '{config.task}' is a task kind, not a data set: give your own data with "
                            "--train-file/--validation-file, or name a built-in data set")
     elif config.data_dir is not None:
-        folder = dataset.directory or str(config.task).rsplit(":", 1)[-1]  # KIND:DATA-SET names the set last
+        folder = dataset.directory or data_set_name(str(config.task))
         directory = Path(config.data_dir) / folder
         files = {split: directory / f"{split}.jsonl" for split in SPLITS}
         for split, path in files.items():

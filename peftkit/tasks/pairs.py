@@ -13,9 +13,9 @@ prompt + reply stop sharing tokens.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from peftkit.data import BuiltinDataset, TaskData, cap_samples, read_splits, require_columns
+from peftkit.data import BuiltinDataset, TaskData, cap_samples, data_set_name, read_splits, require_columns
 from peftkit.errors import PeftkitError
 from peftkit.tasks.base import DATASETS
 
@@ -40,7 +40,7 @@ def load_pairs(config: Any, dataset: BuiltinDataset | None) -> TaskData:
     """Checked splits of `prompt`, `chosen` and `rejected` in one form (said as it loads);
     identical pairs are counted (`identical_pairs` in the record) and said."""
     splits = cap_samples(read_splits(config, dataset), config)
-    derive = DERIVED.get(config.task_name.rsplit(":", 1)[-1]) if dataset is not None and config.train_file is None else None
+    derive = DERIVED.get(data_set_name(config.task_name)) if dataset is not None and config.train_file is None else None
     if derive is not None:
         splits = {name: split.map(derive, remove_columns=split.column_names) for name, split in splits.items()}
     columns = {key: getattr(config, f"{key}_column") or key for key in COLUMNS}
@@ -115,6 +115,8 @@ def tokenize_pair(tokenizer: Any, pair: dict[str, Any]) -> dict[str, list[int]]:
     """`prompt_ids`, `chosen_ids` and `rejected_ids` as TRL's DPO tokenizes a pair: each reply
     from where the prompt alone and prompt + reply stop sharing tokens (a standard pair's
     replies end with the end-of-text token)."""
+    from trl.data_utils import common_prefix_length
+
     def ids(messages: Any, generation_prompt: bool = False) -> list[int]:
         if isinstance(messages, str):
             return tokenizer(messages, add_special_tokens=False)["input_ids"]
@@ -126,13 +128,12 @@ def tokenize_pair(tokenizer: Any, pair: dict[str, Any]) -> dict[str, list[int]]:
     prompt = ids(pair["prompt"], generation_prompt=True)
     whole = {key: ids(pair["prompt"] + pair[key] + end) if standard else ids(pair["prompt"] + pair[key])
              for key in ("chosen", "rejected")}
-    shared = min(_common_prefix(prompt, whole["chosen"]), _common_prefix(prompt, whole["rejected"]))
+    shared = min(common_prefix_length(prompt, whole["chosen"]), common_prefix_length(prompt, whole["rejected"]))
     return {"prompt_ids": prompt[:shared], "chosen_ids": whole["chosen"][shared:],
             "rejected_ids": whole["rejected"][shared:]}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def margin_summary(margins: Sequence[float]) -> tuple[float, float]:
+    """Of per-pair margins (chosen minus rejected): the share where the chosen reply wins
+    (strictly: a tie does not) and the mean margin."""
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)

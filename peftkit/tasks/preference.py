@@ -32,7 +32,7 @@ from peftkit.memory.heads import fused_lm_head_bytes
 from peftkit.options import DpoOptions, KtoOptions, OrpoOptions, SimpoOptions
 from peftkit.tasks.base import (Evaluation, Prepared, Reply, Task, generation_summary, register_task,
                                 rows_to_generate)
-from peftkit.tasks.pairs import load_pairs, prompt_messages, reply_text, tokenize_pair
+from peftkit.tasks.pairs import load_pairs, margin_summary, prompt_messages, reply_text, tokenize_pair
 from peftkit.tasks.sft import encode_prompts, generate, largest_generation_batch, score_generations, set_chat_template
 
 if TYPE_CHECKING:
@@ -47,14 +47,16 @@ TRL_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 
 @dataclass(frozen=True)
 class Method:
-    """A preference method: where TRL keeps its trainer and config, its default beta, and
-    whether it holds the policy to a reference model."""
+    """A preference method: where TRL keeps its trainer and config, its default beta, whether
+    it holds the policy to a reference model, and whether its collator needs the data reduced
+    to the columns it tokenized."""
 
     module: str
     trainer: str
     config: str
     default_beta: float
     reference: bool
+    pads_every_column: bool = False  # its collator pads whatever columns the data has (TRL's experimental ones)
 
     def classes(self) -> tuple[type, type]:
         """TRL's trainer and config classes; one line if the installed TRL lacks them."""
@@ -87,9 +89,13 @@ class PreferenceTuning(Task):
     prediction_fields = ("prompt", "references", "generated")
     method: ClassVar[Method]
 
+    def beta(self, config: RunConfig) -> float:
+        """The run's beta, else the method's own default (TRL's)."""
+        return config.beta or self.method.default_beta
+
     def trl_settings(self, config: RunConfig) -> dict[str, Any]:
         """The method's own TRL config fields, from the run's options."""
-        return {"beta": config.beta or self.method.default_beta}
+        return {"beta": self.beta(config), **({"remove_unused_columns": True} if self.method.pads_every_column else {})}
 
     def keeps_reference(self, strategy: Any) -> bool:
         """Whether training holds a second, frozen copy of the model (a reference the adapter
@@ -98,8 +104,6 @@ class PreferenceTuning(Task):
 
     def check_config(self, config: RunConfig, strategy: Any) -> None:
         self.method.classes()  # the installed TRL has the trainer, or one line now
-        if strategy.name in ("prompt-tuning", "prefix-tuning", "p-tuning") and self.keeps_reference(strategy):
-            raise PeftkitError(f"{strategy.name} with {self.name} needs a reference without the virtual tokens")
 
     def estimate_options(self, config: RunConfig) -> dict[str, Any]:
         return {**super().estimate_options(config), "max_new_tokens": config.max_new_tokens}
@@ -171,11 +175,9 @@ class PreferenceTuning(Task):
         args = training_arguments(config, scratch_dir, group_by_length=False, args_class=config_class,
                                   max_length=config.max_length, **self.trl_settings(config))
         raw = {name: split.select_columns(["prompt", "chosen", "rejected"]) for name, split in prepared.raw.items()}
-        extra = {"ref_model": None} if self.method.reference else {}
         return TimedPreferenceTrainer(model=model, args=args, train_dataset=self.trl_data(raw["train"]),
                                       eval_dataset=self.trl_data(raw["selection"]) if "selection" in raw else None,
-                                      processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks,
-                                      **extra)
+                                      processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks)
 
     def trl_data(self, pairs: Any) -> Any:
         """The data as the method's TRL trainer reads it (pairs, for all but KTO)."""
@@ -188,7 +190,7 @@ class PreferenceTuning(Task):
         metrics = likelihood_preference(logps)
         if self.method.reference:
             reference = prepared.scratch.get(f"reference:{split}", logps)  # untrained: the model is the reference
-            metrics |= implicit_rewards(logps, reference, config.beta or self.method.default_beta)
+            metrics |= implicit_rewards(logps, reference, self.beta(config))
         return metrics
 
     def evaluate(self, model: nn.Module, config: RunConfig, prepared: Prepared, tokenizer: Any,
@@ -269,19 +271,18 @@ def likelihood_preference(logps: dict[str, list[float]]) -> dict[str, float]:
     def mean(side: str, i: int) -> float:
         return logps[side][i] / max(logps[f"{side}_tokens"][i], 1)
 
-    differences = [mean("chosen", i) - mean("rejected", i) for i in range(len(logps["chosen"]))]
-    return {"likelihood_accuracy": sum(d > 0 for d in differences) / len(differences),
-            "likelihood_margin": sum(differences) / len(differences)}
+    share, mean_difference = margin_summary([mean("chosen", i) - mean("rejected", i) for i in range(len(logps["chosen"]))])
+    return {"likelihood_accuracy": share, "likelihood_margin": mean_difference}
 
 
 def implicit_rewards(logps: dict[str, list[float]], reference: dict[str, list[float]], beta: float) -> dict[str, float]:
     """DPO's implicit reward of each reply, beta x (log p - log p_ref) over its tokens: the share
     of pairs where the chosen reply's is higher (`reward_accuracy`, as TRL's
     rewards/accuracies) and the mean difference (`reward_margin`, TRL's rewards/margins)."""
-    margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in
-               zip(logps["chosen"], logps["rejected"], reference["chosen"], reference["rejected"])]
-    return {"reward_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "reward_margin": sum(margins) / len(margins)}
+    share, mean_margin = margin_summary([beta * ((c - rc) - (r - rr)) for c, r, rc, rr in
+                                         zip(logps["chosen"], logps["rejected"], reference["chosen"],
+                                             reference["rejected"])])
+    return {"reward_accuracy": share, "reward_margin": mean_margin}
 
 
 @register_task("dpo")
@@ -326,19 +327,18 @@ class KahnemanTversky(PreferenceTuning):
 class OddsRatioPreference(PreferenceTuning):
     description = "preference pairs -> ORPO (SFT loss + odds ratio, no reference model)"
     options = OrpoOptions
-    method = Method("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig", default_beta=0.1, reference=False)
-
-    def trl_settings(self, config: RunConfig) -> dict[str, Any]:
-        return {**super().trl_settings(config), "remove_unused_columns": True}  # its collator pads every column
+    method = Method("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig", default_beta=0.1, reference=False,
+                    pads_every_column=True)
 
 
 @register_task("simpo")
 class SimplePreference(PreferenceTuning):
     description = "preference pairs -> SimPO (length-normalized rewards, no reference model)"
     options = SimpoOptions
-    method = Method("trl.experimental.cpo", "CPOTrainer", "CPOConfig", default_beta=2.0, reference=False)
+    method = Method("trl.experimental.cpo", "CPOTrainer", "CPOConfig", default_beta=2.0, reference=False,
+                    pads_every_column=True)
 
     def trl_settings(self, config: RunConfig) -> dict[str, Any]:
         return {**super().trl_settings(config), "loss_type": "simpo", "simpo_gamma": config.simpo_gamma,
-                "cpo_alpha": config.cpo_alpha, "remove_unused_columns": True}  # its collator pads every column
+                "cpo_alpha": config.cpo_alpha}
 

@@ -25,7 +25,7 @@ from peftkit.anatomy import inspect_model
 from peftkit.data import BuiltinDataset, TaskData
 from peftkit.options import RewardOptions
 from peftkit.tasks.base import Evaluation, Prepared, Task, register_task, take_truncation_counts
-from peftkit.tasks.pairs import load_pairs, prompt_messages
+from peftkit.tasks.pairs import load_pairs, margin_summary, prompt_messages
 from peftkit.tasks.sft import set_chat_template
 
 if TYPE_CHECKING:
@@ -201,8 +201,8 @@ def pair_metrics(chosen: Any, rejected: Any) -> dict[str, float]:
     """Over every pair: the share whose chosen reply scores strictly higher (a tie does not),
     the mean margin chosen - rejected, and the mean loss -log sigmoid(margin)."""
     margins = np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
-    return {"accuracy": float((margins > 0).mean()), "margin": float(margins.mean()),
-            "loss": float(np.logaddexp(0.0, -margins).mean())}
+    accuracy, margin = margin_summary(margins.tolist())
+    return {"accuracy": accuracy, "margin": margin, "loss": float(np.logaddexp(0.0, -margins).mean())}
 
 
 def score_sequences(model: nn.Module, tokenizer: Any, sequences: list[list[int]], batch_size: int) -> list[float]:
