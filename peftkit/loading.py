@@ -132,18 +132,11 @@ def check_init_from(run_dir: Path, config: Any) -> Any:
             resolve_model(config.model).path:
         raise PeftkitError(f"init_from {run_dir} trained model {record.config.get('model')}, and this run is of "
                            f"{config.model}: give --model {record.config.get('model')}")
-    if record.task_kind == "reward":
-        raise PeftkitError(f"init_from {run_dir} is a reward model (a one-score head): start from an sft, preference "
-                           "or grpo run")
-    if config.task_kind.model_class != "AutoModelForCausalLM" or not _causal(record):
+    causal = [name for name, task in TASKS.items() if task.model_class == "AutoModelForCausalLM"]
+    if record.task_kind not in causal:  # a classifier's or reward model's head is no LM head to continue from
         raise PeftkitError(f"init_from {run_dir} is a {record.task_kind} run: start from a run of a causal LM task "
-                           "(sft, dpo, kto, orpo, simpo, grpo)")
+                           f"({', '.join(causal)})")
     if record.saved_as not in ("peft", "whole-model"):
         raise PeftkitError(f"init_from {run_dir} saved its strategy's own tensors ({record.config['strategy']['name']}), "
                            "which plain transformers weights cannot hold: start from a PEFT or fine-tuning run")
     return record
-
-
-def _causal(record: RunRecord) -> bool:
-    task = TASKS.get(record.task_kind)
-    return task is not None and task.model_class == "AutoModelForCausalLM"

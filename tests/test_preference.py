@@ -161,3 +161,14 @@ def test_orpo_and_simpo_train_smollm2(tmp_path, data_dir, task):
 def test_the_chat_template_is_saved_with_the_run(tmp_path, data_dir):
     result = peftkit.train(tiny(tmp_path, data_dir, strategy="none"))
     assert (result.output_dir / "chat_template.jinja").read_text() == CHATML
+
+
+def test_init_from_a_run_without_an_lm_head_is_refused(tmp_path, data_dir):
+    classifier = peftkit.train({"model": "tiny-llama", "task": "sst2", "strategy": "lora", "data_dir": data_dir,
+                                "max_train_samples": 16, "max_eval_samples": 8, "epochs": 1,
+                                "output_dir": tmp_path / "classifier"})
+    out = tmp_path / "out"
+    result = invoke("train", "--model", "tiny-llama", "--task", "sst2-pref", "--data-dir", data_dir,
+                    "--set", f"chat_template={CHATML}", "--set", f"init_from={classifier.output_dir}",
+                    "--output-dir", out)
+    assert_clean_failure(result, "is a classification run: start from a run of a causal LM task (sft, grpo, dpo", out)
